@@ -1,0 +1,183 @@
+"""Get a model into a graph: loading from a directory and `torch.export` capture.
+
+Hugging Face models are wrapped so that the captured program has the signature
+`(input_ids, attention_mask) -> logits` (causal LMs) or `-> last_hidden_state` (encoders):
+one tensor in, one tensor out, the same for every architecture. Labels strip the wrapper's
+attribute name, so they equal the model's own module paths.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+from subfit_fx.errors import CaptureError, InputError, ModelLoadError
+
+__all__ = ["WRAPPED_PREFIX", "HFWrapper", "capture", "example_inputs", "is_causal_lm", "load_model"]
+
+WRAPPED_PREFIX = "hf."
+
+
+class HFWrapper(torch.nn.Module):
+    """`(input_ids, attention_mask) -> tensor` view of a Hugging Face model.
+
+    Example:
+        >>> from subfit_fx.zoo import tiny_model
+        >>> w = HFWrapper(tiny_model("llama"))
+        >>> w(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)).shape
+        torch.Size([2, 4, 128])
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.hf = model
+        self.causal = is_causal_lm(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.causal:
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """True for a Hugging Face causal LM (has an LM head and generates), False for encoders.
+
+    Example:
+        >>> from subfit_fx.zoo import tiny_model
+        >>> is_causal_lm(tiny_model("gpt2")), is_causal_lm(tiny_model("bert"))
+        (True, False)
+    """
+    if isinstance(model, HFWrapper):
+        return model.causal
+    return isinstance(model, tf.PreTrainedModel) and model.can_generate()
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """Load a local Hugging Face model directory in eval mode, from safetensors only.
+
+    Causal LMs load with their LM head, other models (BERT family) as encoders.
+
+    Example:
+        >>> model = load_model("runs/reference")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model path '{path}' does not exist; pass a local Hugging Face model "
+                             "directory (one holding config.json and *.safetensors)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelLoadError(f"'{path}' is not a model directory (no config.json); pass the folder "
+                             "written by save_pretrained()")
+    try:
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise ModelLoadError(f"cannot read '{path / 'config.json'}': {_first_line(exc)}; "
+                             "fix or regenerate the config") from exc
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"'{path}' has no *.safetensors weights; subfit_fx never unpickles "
+                             "weights: re-save the model with save_pretrained(safe_serialization=True)")
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    cls = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load weights from '{path}': {_first_line(exc)}; the "
+                             "safetensors files may be corrupt: re-save or re-download them") from exc
+    return model.eval()
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
+    """Token ids and an all-ones attention mask shaped (batch, seq) for a Hugging Face model.
+
+    Example:
+        >>> from subfit_fx.zoo import tiny_model
+        >>> ids, mask = example_inputs(tiny_model("llama"))
+        >>> tuple(ids.shape)
+        (2, 8)
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "vocab_size", None) is None:
+        raise InputError(f"cannot make example inputs for {type(model).__name__}: it has no "
+                         "Hugging Face config; pass example_inputs=(...) to capture()")
+    max_pos = max_positions(model) or seq
+    seq = max(2, min(seq, max_pos))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (max(2, batch), seq), generator=gen)
+    return ids, torch.ones_like(ids)
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model accepts, from its config (None when unbounded or unknown).
+
+    Example:
+        >>> from subfit_fx.zoo import tiny_model
+        >>> max_positions(tiny_model("gpt2"))
+        128
+    """
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple | None = None) -> torch.export.ExportedProgram:
+    """Capture `model` with non-strict `torch.export`, batch and sequence dimensions dynamic.
+
+    A Hugging Face model is wrapped in `HFWrapper` first; for other modules pass
+    `example_inputs` (every tensor of rank >= 2 gets dynamic dims 0 and 1; use batch >= 2 and
+    seq >= 2 or export specializes them to 1).
+
+    Example:
+        >>> from subfit_fx.zoo import tiny_model
+        >>> ep = capture(tiny_model("llama"))
+        >>> [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        ['input_ids', 'attention_mask']
+    """
+    module = model
+    if isinstance(model, tf.PreTrainedModel):
+        module = HFWrapper(model)
+    if isinstance(module, HFWrapper):
+        inputs = example_inputs if example_inputs is not None else globals()["example_inputs"](module.hf)
+        limit = max_positions(module.hf)
+    else:
+        if example_inputs is None:
+            raise InputError(f"capture() needs example_inputs for {type(model).__name__} (not a "
+                             "Hugging Face model): pass a tuple of tensors matching its forward()")
+        inputs, limit = tuple(example_inputs), None
+    module.eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=2, max=limit) if limit else torch.export.Dim("seq", min=2)
+    dynamic = tuple({0: batch, 1: seq} if isinstance(t, torch.Tensor) and t.dim() >= 2 else None
+                    for t in inputs)
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                           f"{_first_line(exc)}; pass example_inputs matching forward() or remove "
+                           "data-dependent Python control flow from the model") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON object from `path` (a clear error when missing or malformed).
+
+    Example:
+        >>> read_json(Path("recipe.json"))  # doctest: +SKIP
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"'{path}' does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                             "regenerate it") from exc

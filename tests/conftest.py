@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random-init models, captured once per session."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers
+
+from subfit_fx import capture
+from subfit_fx.zoo import tiny_model
+
+transformers.logging.set_verbosity_error()
+torch.manual_seed(0)
+
+
+@functools.cache
+def captured(arch: str, layers: int = 2, hidden: int = 64):
+    """(model, ExportedProgram) for a tiny `arch`, cached across tests (treat as read-only)."""
+    model = tiny_model(arch, hidden=hidden, layers=layers)
+    return model, capture(model)
+
+
+@pytest.fixture
+def tokens():
+    """A (2, 12) batch of token ids with left padding in the first row."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (2, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids, mask

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from subfit_fx.cli import main
+
+
+def test_inspect_json_builtin(capsys):
+    assert main(["inspect", "builtin:gpt2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["branches"]) == 8
+    assert data["branches"][0] == {"label": "transformer.h.0.attn", "kind": "attention", "layer": 0,
+                                   "params": data["branches"][0]["params"]}
+    assert data["block_params"] == sum(b["params"] for b in data["branches"])
+    assert data["total_params"] > data["block_params"]
+
+
+def test_inspect_table_default(capsys):
+    assert main(["inspect"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.3.mlp" in out and "8 branches" in out
+
+
+def test_inspect_saved_model_dir(tmp_path, capsys):
+    from subfit_fx.zoo import tiny_model
+
+    tiny_model("bert").save_pretrained(tmp_path / "bert")
+    assert main(["inspect", str(tmp_path / "bert"), "--json"]) == 0
+    labels = [b["label"] for b in json.loads(capsys.readouterr().out)["branches"]]
+    assert labels[1] == "encoder.layer.0.intermediate+output"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["inspect", "/definitely/missing"], "does not exist"),
+    (["inspect", "."], "not a model directory"),
+    (["inspect", "builtin:nope"], "unknown built-in model"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_input_is_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_subprocess_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "subfit_fx", "inspect", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("subfit-fx: error:") and "Traceback" not in proc.stderr
