@@ -68,6 +68,7 @@ class Branch:
     param_names: tuple[str, ...]  # state_dict keys of the parameters only this branch uses
     params: int
     width: int  # size of the last dimension of x and y
+    norm_params: int = 0  # owned parameters on the way to `normalized` (kept by a bypass that reads it)
 
     @property
     def input_node(self) -> str:
@@ -302,16 +303,22 @@ def analyze_graph(graph: fx.Graph, param_nodes: dict[str, tuple[str, int]]) -> l
         owned = _owned_params(nodes, body, param_nodes)
         matmuls = [n for n in body_nodes if n.target in MATMUL_OPS]
         label = _label(matmuls, fallback=f"branch_{len(branches)}")
+        normalized = _normalized_input(nodes, body, skip)
+        norm_params = 0
+        if normalized:
+            region = (reach.anc(normalized) & body) | {normalized}
+            norm_params = sum(param_nodes[p][1] for p in _owned_params(nodes, region, owned))
         digits = [int(part) for part in label.split(".") if part.isdigit()]
         layer = digits[0] if digits else attention_seen
         attention_seen += kind == "attention"
         branches.append(Branch(
             label=label, kind=kind, layer=layer, skip=skip, output=out, consumer=consumer,
-            normalized=_normalized_input(nodes, body, skip),
+            normalized=normalized,
             body=tuple(n.name for n in body_nodes),
             param_names=tuple(sorted(param_nodes[p][0] for p in owned)),
             params=sum(param_nodes[p][1] for p in owned),
             width=int(_tensor_val(nodes[out]).shape[-1]),
+            norm_params=norm_params,
         ))
     return branches
 

@@ -156,11 +156,15 @@ def capture(model: torch.nn.Module, example_inputs: tuple | None = None) -> torc
                     for t in inputs)
     try:
         with torch.no_grad():
-            return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+            ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                            f"{_first_line(exc)}; pass example_inputs matching forward() or remove "
                            "data-dependent Python control flow from the model") from exc
+    # Unused outputs of the model (BERT's pooler, for example) are dead weight in every later step.
+    from subfit_fx.passes.dead_code import clean_program
+
+    return clean_program(ep)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,9 +20,14 @@ from subfit_fx.errors import SubfitError
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # deprecation chatter from torch/transformers internals is not actionable for CLI users
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 __all__ = ["build_parser", "main"]
 
@@ -62,7 +67,60 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"inspect": _cmd_inspect}
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from subfit_fx.atomic import check_output
+    from subfit_fx.compress import compress
+    from subfit_fx.selection import check_sparsity
+
+    # Fail in seconds, before any long work, on what can be checked up front.
+    target = check_sparsity(args.sparsity)
+    check_output(Path(args.out), args.force)
+    options = {k: v for k, v in {
+        "score": args.score, "bypass_input": args.bypass_input, "attention_rank": args.attention_rank,
+        "ffn_basis": args.ffn_basis, "ridge": args.ridge, "rescore_every": args.rescore_every,
+        "sequential": args.sequential or None}.items() if v is not None}
+    print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
+    compressed = compress(args.model, args.calib, target, args.method, samples=args.samples,
+                          seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                          skip_first=args.skip_first, holdout=args.holdout, **options)
+    out = compressed.save(args.out, force=args.force)
+    r = compressed.report
+    print(f"replaced {len(r.replaced)} of {len(r.branches)} branches; sparsity {r.sparsity_actual:.2%} of "
+          f"block parameters; parameters {r.params_before:,} -> {r.params_after:,}; "
+          f"KV cache kept {r.kv_fraction_kept:.0%}")
+    print(r.selection_map())
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
+    from subfit_fx.methods import METHODS
+
+    p = sub.add_parser("compress", help="compress a model to a parameter budget")
+    p.add_argument("model", help="a local Hugging Face model directory or builtin:ARCH")
+    p.add_argument("--calib", required=True, help="calibration text file (UTF-8)")
+    p.add_argument("--sparsity", default="0.25", help="fraction of block parameters to remove, 0 < s < 0.9")
+    p.add_argument("--method", default="subfit", choices=sorted(METHODS), help="policy (default subfit)")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sequence sampling (default 0)")
+    p.add_argument("--skip-first", action="store_true", help="leave the first token out of statistics")
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction of sequences held out for scoring")
+    p.add_argument("--score", help="SubFit score: fit_residual (default), rotation, magnitude, holdout")
+    p.add_argument("--bypass-input", choices=("normalized", "stream"), help="bypass input (SubFit)")
+    p.add_argument("--attention-rank", type=int, help="rank of attention bypasses (default width/8)")
+    p.add_argument("--ffn-basis", type=int, help="size of the shared FFN basis (default width/2)")
+    p.add_argument("--ridge", type=float, help="relative ridge strength (default 1e-3)")
+    p.add_argument("--rescore-every", type=int, help="re-score after every k choices")
+    p.add_argument("--sequential", action="store_true", help="sequential error-correcting fits")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"inspect": _cmd_inspect, "compress": _cmd_compress}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=BUILTIN_DEFAULT,
                    help=f"a local Hugging Face model directory or builtin:ARCH (default {BUILTIN_DEFAULT})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_compress_parser(sub)
     for register in _EXTRA_PARSERS:
         register(sub)
     return parser

@@ -1,0 +1,88 @@
+"""Outputs appear complete or not at all: write into a temporary sibling, rename into place.
+
+Example:
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> with atomic_dir(root / "out") as tmp:
+    ...     _ = (tmp / "a.txt").write_text("x")
+    >>> sorted(p.name for p in (root / "out").iterdir())
+    ['a.txt']
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from subfit_fx.errors import InputError, OutputExistsError
+
+__all__ = ["atomic_dir", "atomic_file", "check_output"]
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Refuse an existing output unless `force`; check the parent is a writable directory.
+
+    Example:
+        >>> check_output(Path("/nonexistent-dir/x"), force=False)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.InputError: ...
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"output '{path}' already exists; pass --force to replace it or choose "
+                                "another path")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write '{path}': directory '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write '{path}': directory '{parent}' is not writable; choose a "
+                         "writable location")
+
+
+@contextmanager
+def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path`, on error it vanishes.
+
+    Example:
+        >>> with atomic_dir(Path("out")) as tmp: ...  # doctest: +SKIP
+    """
+    path = Path(path)
+    check_output(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling file path; on success it replaces `path`, on error it is removed.
+
+    Example:
+        >>> with atomic_file(Path("model.onnx")) as tmp: ...  # doctest: +SKIP
+    """
+    path = Path(path)
+    check_output(path, force)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,163 @@
+"""The one-call API: `compress(model, calib, sparsity)` -> `Compressed`, and `load(dir)`.
+
+Example:
+    >>> from subfit_fx.zoo import tiny_model
+    >>> calib = torch.randint(0, 128, (8, 16))
+    >>> c = compress(tiny_model("llama", layers=4), calib, sparsity=0.25, progress=False)
+    >>> abs(c.report.sparsity_actual - 0.25) < 0.2
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from subfit_fx.atomic import atomic_dir
+from subfit_fx.branches import count_block_params, count_params, find_branches
+from subfit_fx.calibrate import prepare
+from subfit_fx.capture import capture, is_causal_lm, max_positions
+from subfit_fx.data import Batch, load_tokenizer, split_batches, text_batches, token_batches
+from subfit_fx.errors import InputError
+from subfit_fx.methods import METHODS, PolicyContext
+from subfit_fx.models import resolve_model
+from subfit_fx.recipe import Recipe
+from subfit_fx.report import Report, build_report
+from subfit_fx.rewrite import apply_recipe
+from subfit_fx.selection import check_sparsity
+
+__all__ = ["Compressed", "calibration_batches", "compress", "load"]
+
+
+class Compressed:
+    """A compressed model: the rewritten program, the recipe that made it, and its report."""
+
+    def __init__(self, program: torch.export.ExportedProgram, recipe: Recipe, report: Report,
+                 base_model: torch.nn.Module) -> None:
+        self.program = program
+        self.recipe = recipe
+        self.report = report
+        self.base_model = base_model
+
+    def module(self) -> torch.nn.Module:
+        """A runnable module: `(input_ids, attention_mask) -> logits / last_hidden_state`."""
+        return self.program.module()
+
+    def save(self, directory: str | Path, force: bool = False) -> Path:
+        """Write recipe.json, weights.safetensors, report.json and report.md atomically.
+
+        Example:
+            >>> compressed.save("out/llama-25")  # doctest: +SKIP
+        """
+        directory = Path(directory)
+        with atomic_dir(directory, force=force) as tmp:
+            self.recipe.save(tmp)
+            (tmp / "report.json").write_text(json.dumps(self.report.to_json(), indent=2, sort_keys=True) + "\n")
+            (tmp / "report.md").write_text(self.report.to_markdown())
+            for hook in SAVE_HOOKS:
+                hook(self, tmp)
+        return directory
+
+
+# Extra writers run inside the atomic save (the HTML report registers here).
+SAVE_HOOKS: list[Any] = []
+
+
+def calibration_batches(calib: Any, model: torch.nn.Module, *, model_path: str | None = None, samples: int = 64,
+                        seq_len: int = 256, batch_size: int = 8, seed: int = 0,
+                        tokenizer: Any = None) -> list[Batch]:
+    """Token batches from a text file path, an (N, L) id tensor, or (ids, mask) batches.
+
+    Example:
+        >>> len(calibration_batches(torch.zeros(4, 8, dtype=torch.long), None, batch_size=2))
+        2
+    """
+    if isinstance(calib, str | Path):
+        tok = tokenizer or load_tokenizer(model, model_path)
+        return text_batches(calib, tok, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                            max_len=max_positions(model) if model is not None else None)
+    if isinstance(calib, torch.Tensor):
+        limit = max_positions(model) if model is not None else None
+        if limit is not None and calib.shape[-1] > limit:
+            raise InputError(f"calibration sequences have {calib.shape[-1]} tokens, more than the model's "
+                             f"{limit} positions; use shorter sequences")
+    return token_batches(calib, batch_size)
+
+
+def _resolve(model: Any) -> tuple[torch.nn.Module, str | None]:
+    if isinstance(model, str | Path):
+        spec = str(model)
+        resolved = resolve_model(spec)
+        return resolved, spec if spec.startswith("builtin:") else str(Path(spec).resolve())
+    if isinstance(model, torch.nn.Module):
+        return model.eval(), None
+    raise InputError(f"model must be an nn.Module, a model directory or builtin:ARCH, not {type(model).__name__}")
+
+
+def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *, samples: int = 64,
+             seq_len: int = 256, batch_size: int = 8, seed: int = 0, skip_first: bool = False,
+             holdout: float = 0.0, tokenizer: Any = None, progress: bool = True, **options: Any) -> Compressed:
+    """Compress `model` to `sparsity` (net fraction of transformer-block parameters) with `method`.
+
+    `calib`: a text file (tokenized with the model's tokenizer, chunked into `samples`
+    sequences of `seq_len`), an (N, L) token tensor, or a list of (ids, mask) batches.
+    `options` go to the method (for SubFit: see `SubfitOptions`).
+
+    Example:
+        >>> from subfit_fx.zoo import tiny_model
+        >>> c = compress(tiny_model("gpt2", layers=4), torch.randint(0, 128, (4, 16)), 0.3, progress=False)
+        >>> len(c.recipe.replacements) > 0
+        True
+    """
+    target = check_sparsity(sparsity)
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    module, spec = _resolve(model)
+    batches = calibration_batches(calib, module, model_path=spec, samples=samples, seq_len=seq_len,
+                                  batch_size=batch_size, seed=seed, tokenizer=tokenizer)
+    fit_batches, held = split_batches(batches, holdout)
+    if holdout and not held:
+        raise InputError("holdout needs at least two calibration sequences; pass more --samples")
+    torch.manual_seed(seed)
+    ep = capture(module)
+    branches = find_branches(ep)
+    block = count_block_params(ep, branches)
+    session = prepare(ep, branches, skip_first=skip_first, progress=progress)
+    if holdout:
+        options = {**options, "holdout": holdout}
+    ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), options)
+    recipe = METHODS[method](ctx)
+    recipe.base_model = spec
+    recipe.options = {**recipe.options, "samples": samples, "seq_len": seq_len, "seed": seed,
+                      "skip_first": skip_first, "holdout": holdout, "method": method}
+    program = apply_recipe(ep, recipe, check=False)
+    report = build_report(method, target, recipe, branches, block, count_params(ep), count_params(program),
+                          ctx.scores, recipe.options, ctx.notes)
+    return Compressed(program, recipe, report, module)
+
+
+def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compressed:
+    """Re-apply a saved recipe to its base model (or `model`) without re-calibration.
+
+    Example:
+        >>> c = load("out/llama-25")  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    recipe = Recipe.load(directory)
+    if model is None:
+        if recipe.base_model is None:
+            raise InputError(f"recipe in '{directory}' was made from an in-memory model; pass it: "
+                             "load(dir, model=...)")
+        model = resolve_model(recipe.base_model)
+    ep = capture(model)
+    program = apply_recipe(ep, recipe)
+    report_path = directory / "report.json"
+    if report_path.is_file():
+        data = json.loads(report_path.read_text())
+        report = Report(**{k: v for k, v in data.items() if k in Report.__dataclass_fields__})
+    else:
+        report = Report(method=recipe.method, sparsity_target=float(recipe.options.get("sparsity", 0.0)))
+    return Compressed(program, recipe, report, model)

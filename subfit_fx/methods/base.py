@@ -1,0 +1,130 @@
+"""What every policy gets (`PolicyContext`) and shared helpers (held-out loss, fits per branch).
+
+Example:
+    >>> issubclass(PolicyContext, object)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from subfit_fx.branches import Branch
+from subfit_fx.calibrate import Session
+from subfit_fx.data import Batch
+from subfit_fx.fit import Fit, head_on_basis, reduced_rank, removal, ridge, shared_basis
+from subfit_fx.stats import BranchStats
+
+__all__ = ["PolicyContext", "default_ranks", "dense_reference", "fit_branch", "heldout_loss", "kept_norm_params"]
+
+
+@dataclass
+class PolicyContext:
+    """Inputs of a policy: a probed session, calibration batches (fit and held-out parts), the
+    parameter budget, and the method's options."""
+
+    session: Session
+    batches: list[Batch]
+    holdout: list[Batch]
+    block_params: int
+    target: float
+    causal: bool
+    options: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> score name -> value
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def branches(self) -> list[Branch]:
+        """All branches in graph order."""
+        return self.session.branches
+
+    def record_score(self, label: str, name: str, value: float) -> None:
+        """Keep a score for the report."""
+        self.scores.setdefault(label, {})[name] = float(value)
+
+
+@torch.no_grad()
+def dense_reference(session: Session, batches: list[Batch]) -> list[torch.Tensor]:
+    """Outputs of the session's graph with no replacement (the dense model) for `batches`."""
+    session.clear_replacements()
+    return [session.forward(b) for b in batches]
+
+
+@torch.no_grad()
+def heldout_loss(session: Session, batches: list[Batch], causal: bool,
+                 reference: list[torch.Tensor] | None = None) -> float:
+    """Loss of the session's current graph on held-out batches: next-token NLL for causal LMs,
+    output MSE relative to the dense reference's energy for encoders.
+
+    Example:
+        >>> heldout_loss(session, held, causal=True)  # doctest: +SKIP
+    """
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        ids, mask = batch
+        out = session.forward(batch)
+        if causal:
+            logits, labels = out[:, :-1].float(), ids[:, 1:]
+            valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                    reduction="none")
+            total += float(nll[valid.reshape(-1)].sum())
+            count += float(valid.sum())
+        else:
+            ref = reference[i] if reference is not None else out
+            keep = mask > 0
+            total += float(((out - ref)[keep] ** 2).sum())
+            count += float((ref[keep] ** 2).sum())
+    return total / max(count, 1e-30)
+
+
+def kept_norm_params(branch: Branch, input_kind: str) -> int:
+    """Parameters a bypass keeps alive by reading the branch's normalized input (the norm's weight).
+
+    Example:
+        >>> kept_norm_params(branch, "stream")  # doctest: +SKIP
+        0
+    """
+    return branch.norm_params if input_kind == "normalized" and branch.normalized else 0
+
+
+def default_ranks(width: int, options: dict[str, Any]) -> tuple[int, int]:
+    """(attention rank, FFN basis size) from options, defaulting to width/8 and width/2.
+
+    Example:
+        >>> default_ranks(256, {})
+        (32, 128)
+    """
+    rank = options.get("attention_rank") or max(1, width // 8)
+    basis = options.get("ffn_basis") or max(1, width // 2)
+    return int(rank), int(basis)
+
+
+def fit_branch(branch: Branch, stats: BranchStats, form: str, input_kind: str, *, rank: int = 0,
+               basis: torch.Tensor | None = None, lam: float = 1e-3) -> Fit:
+    """Fit one branch's bypass of the given form from its statistics.
+
+    Example:
+        >>> fit_branch(b, stats, "lowrank", "normalized", rank=8)  # doctest: +SKIP
+    """
+    gram, cross, y_sq = stats.gram[input_kind], stats.cross[input_kind], stats.scalars["y_sq"]
+    if form == "remove":
+        return removal(gram, y_sq, branch.width)
+    if form == "linear":
+        return ridge(gram, cross, y_sq, lam)
+    if form == "lowrank":
+        return reduced_rank(gram, cross, y_sq, rank, lam)
+    if form == "shared":
+        assert basis is not None
+        return head_on_basis(gram, cross, y_sq, basis, lam)
+    raise ValueError(form)
+
+
+def basis_for(stats: dict[str, BranchStats], labels: list[str], input_kind: str, size: int,
+              lam: float) -> torch.Tensor:
+    """Shared FFN input basis fitted on the given branches' statistics."""
+    return shared_basis([stats[label].gram[input_kind] for label in labels],
+                        [stats[label].cross[input_kind] for label in labels], size, lam)

@@ -1,0 +1,211 @@
+"""SubFit: score every attention and FFN branch, replace the least useful ones (any depth) by
+fitted bypasses (low-rank for attention, a shared basis for FFN), to the parameter budget.
+
+Example:
+    >>> SubfitOptions(score="rotation").score
+    'rotation'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from subfit_fx.errors import InputError
+from subfit_fx.fit import Fit
+from subfit_fx.methods.base import (
+    PolicyContext,
+    basis_for,
+    default_ranks,
+    dense_reference,
+    fit_branch,
+    heldout_loss,
+    kept_norm_params,
+)
+from subfit_fx.recipe import Recipe, recipe_from_fits
+from subfit_fx.scores import SCORES
+from subfit_fx.selection import Candidate, select
+from subfit_fx.stats import BranchStats
+
+__all__ = ["SubfitOptions", "subfit"]
+
+SCORE_CHOICES = (*SCORES, "holdout")
+
+
+@dataclass(frozen=True)
+class SubfitOptions:
+    """Options of the SubFit policy; validated on construction with messages that say the fix."""
+
+    score: str = "fit_residual"
+    bypass_input: str = "normalized"
+    attention_rank: int | None = None  # default: width // 8
+    ffn_basis: int | None = None  # default: width // 2
+    ridge: float = 1e-3
+    rescore_every: int | None = None
+    sequential: bool = False
+    holdout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_CHOICES:
+            raise InputError(f"unknown score {self.score!r}; choose one of {', '.join(SCORE_CHOICES)}")
+        if self.bypass_input not in ("normalized", "stream"):
+            raise InputError(f"bypass_input {self.bypass_input!r} is invalid; use 'normalized' or 'stream'")
+        for name in ("attention_rank", "ffn_basis", "rescore_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{name}={value!r} must be a positive integer")
+        if not 0 <= self.ridge < 10:
+            raise InputError(f"ridge={self.ridge} must be in [0, 10) (a fraction of the mean input energy)")
+        if not 0 <= self.holdout < 1:
+            raise InputError(f"holdout={self.holdout} must be a fraction in [0, 1)")
+        if self.score == "holdout" and self.holdout == 0:
+            raise InputError("score='holdout' needs held-out data: pass holdout=0.25 (a fraction of the "
+                             "calibration sequences)")
+
+
+class _Fitter:
+    """Candidate bypass fits for every branch, from one set of statistics."""
+
+    def __init__(self, ctx: PolicyContext, opts: SubfitOptions) -> None:
+        self.ctx, self.opts = ctx, opts
+        self.width = ctx.branches[0].width
+        self.rank, self.basis_size = default_ranks(self.width, asdict(opts))
+        self.basis: torch.Tensor | None = None
+
+    def fits(self, stats: dict[str, BranchStats], ffn_labels: list[str]) -> dict[str, Fit]:
+        inp = self.opts.bypass_input
+        ffns = [label for label in ffn_labels if label in stats]
+        if ffns:
+            self.basis = basis_for(stats, ffns, inp, self.basis_size, self.opts.ridge)
+        out = {}
+        for label, s in stats.items():
+            b = self.ctx.session.by_label[label]
+            if b.kind == "attention":
+                out[label] = fit_branch(b, s, "lowrank", inp, rank=self.rank, lam=self.opts.ridge)
+            else:
+                out[label] = fit_branch(b, s, "shared", inp, basis=self.basis, lam=self.opts.ridge)
+        return out
+
+    @property
+    def basis_params(self) -> int:
+        return self.width * min(self.basis_size, self.width)
+
+
+def _score(ctx: PolicyContext, opts: SubfitOptions, stats: dict[str, BranchStats], fits: dict[str, Fit],
+           holdout_scores: Callable[[dict[str, Fit]], dict[str, float]] | None) -> dict[str, float]:
+    for label, s in stats.items():
+        for name, fn in SCORES.items():
+            ctx.record_score(label, name, fn(s, fits[label]))
+    if opts.score == "holdout":
+        assert holdout_scores is not None
+        values = holdout_scores(fits)
+        for label, v in values.items():
+            ctx.record_score(label, "holdout", v)
+        return values
+    return {label: ctx.scores[label][opts.score] for label in stats}
+
+
+def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: _Fitter, chosen: list[str],
+                      fits: dict[str, Fit]) -> dict[str, Fit]:
+    """Refit chosen bypasses in depth order on inputs from the compressed model, with the dense
+    stream as target: t = (x + y)_dense - x~, so each bypass also repairs upstream drift."""
+    session = ctx.session
+    order = [b.label for b in ctx.branches if b.label in chosen]
+    session.clear_replacements()
+    for label in order:
+        session.probes[label].record = True
+    dense: dict[str, list[torch.Tensor]] = {label: [] for label in order}
+
+    def keep(_batch, _out) -> None:
+        for label in order:
+            dense[label].append(session.probes[label].recorded)
+
+    try:
+        session.run(ctx.batches, "sequential: dense targets", keep)
+    finally:
+        for label in order:
+            session.probes[label].record = False
+            session.probes[label].recorded = None
+    refit: dict[str, Fit] = {}
+    for label in order:
+        stream = iter(dense[label])
+        stats = session.calibrate(ctx.batches, [label], (opts.bypass_input,), desc=f"sequential: {label}",
+                                  targets={label: lambda x, _y, s=stream: next(s) - x})
+        b = session.by_label[label]
+        refit[label] = fit_branch(b, stats[label], fits[label].form, opts.bypass_input, rank=fitter.rank,
+                                  basis=fitter.basis, lam=opts.ridge)
+        session.set_replacement(label, refit[label], opts.bypass_input)
+        dense[label] = []
+    session.clear_replacements()
+    return refit
+
+
+def subfit(ctx: PolicyContext) -> Recipe:
+    """The SubFit policy: a Recipe of non-contiguous single-branch bypasses at the budget.
+
+    Example:
+        >>> recipe = subfit(ctx)  # doctest: +SKIP
+    """
+    opts = SubfitOptions(**{k: v for k, v in ctx.options.items() if k in SubfitOptions.__dataclass_fields__})
+    session = ctx.session
+    fitter = _Fitter(ctx, opts)
+    all_ffn = [b.label for b in ctx.branches if b.kind == "ffn"]
+    stats = session.calibrate(ctx.batches, inputs=(opts.bypass_input,), desc="calibrate")
+    dense_stats = dict(stats)
+
+    holdout_scores = None
+    if opts.score == "holdout":
+        reference = None if ctx.causal else dense_reference(session, ctx.holdout)
+
+        def holdout_scores(fits: dict[str, Fit]) -> dict[str, float]:
+            base = heldout_loss(session, ctx.holdout, ctx.causal, reference)
+            out = {}
+            for label, fit in fits.items():
+                session.set_replacement(label, fit, opts.bypass_input)
+                out[label] = max(heldout_loss(session, ctx.holdout, ctx.causal, reference) - base, 0.0)
+                session.set_replacement(label, None)
+            return out
+
+    chosen: list[str] = []
+    fits = fitter.fits(stats, all_ffn)
+    scores = _score(ctx, opts, stats, fits, holdout_scores)
+    def cost(label: str) -> int:
+        return fits[label].params + kept_norm_params(session.by_label[label], opts.bypass_input)
+
+    while True:
+        candidates = [Candidate(label, scores[label], session.by_label[label].params, cost(label),
+                                "ffn_basis" if fits[label].form == "shared" else None)
+                      for label in stats if label not in chosen]
+        already = [Candidate(label, 0.0, session.by_label[label].params, cost(label),
+                             "ffn_basis" if fits[label].form == "shared" else None) for label in chosen]
+        picks = select(candidates, ctx.block_params, ctx.target, {"ffn_basis": fitter.basis_params},
+                       already=already, limit=opts.rescore_every)
+        chosen += picks
+        if not picks or opts.rescore_every is None:
+            break
+        # Re-score the rest with the chosen branches replaced (compounding errors).
+        for label in chosen:
+            session.set_replacement(label, fits[label], opts.bypass_input)
+        remaining = [b.label for b in ctx.branches if b.label not in chosen]
+        if not remaining:
+            break
+        stats = {**stats, **session.calibrate(ctx.batches, remaining, (opts.bypass_input,), desc="re-score")}
+        new_fits = fitter.fits({label: stats[label] for label in remaining}, all_ffn and
+                               [label for label in all_ffn if label in remaining])
+        fits.update(new_fits)
+        scores.update(_score(ctx, opts, {label: stats[label] for label in remaining}, new_fits, holdout_scores))
+        session.clear_replacements()
+    session.clear_replacements()
+
+    # Final fits: the FFN basis is fitted on the chosen FFNs only (dense statistics).
+    chosen_ffn = [label for label in chosen if session.by_label[label].kind == "ffn"]
+    final = fitter.fits({label: dense_stats[label] for label in chosen}, chosen_ffn)
+    if opts.sequential and chosen:
+        final = _sequential_refit(ctx, opts, fitter, chosen, final)
+    for label, fit in final.items():
+        ctx.record_score(label, "fit_error_relative",
+                         fit.error / max(float(dense_stats[label].scalars["y_sq"]), 1e-30))
+    return recipe_from_fits("subfit", ctx.branches, final, {label: opts.bypass_input for label in final},
+                            options={"sparsity": ctx.target, **asdict(opts)})

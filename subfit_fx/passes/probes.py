@@ -1,0 +1,146 @@
+"""Probes: one module per residual branch, inserted as a graph node right before the branch's
+residual add. A probe sees the stream x, the bypass inputs and the branch output y in one call.
+
+- observing: accumulates `BranchStats` (nothing else is stored) and returns y itself, so the
+  instrumented graph's outputs are bitwise equal to the original's;
+- replacing: returns a bypass g(z) (or zeros: removal) instead of y, which lets policies
+  evaluate candidate recipes and fit sequentially without rebuilding the graph;
+- recording: keeps the current batch's stream after the branch (dense targets for sequential
+  error-correcting fits).
+
+Example:
+    >>> from subfit_fx import capture, find_branches
+    >>> from subfit_fx.zoo import tiny_model
+    >>> ep = capture(tiny_model("llama"))
+    >>> gm, probes = insert_probes(ep, find_branches(ep))
+    >>> len(probes)
+    4
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from subfit_fx.branches import Branch
+from subfit_fx.stats import BranchStats
+
+__all__ = ["BranchProbe", "InsertProbesPass", "ProbeContext", "insert_probes"]
+
+
+class ProbeContext:
+    """State shared by all probes of one graph: which tokens count, per batch."""
+
+    def __init__(self, skip_first: bool = False) -> None:
+        self.skip_first = skip_first
+        self.token_mask: torch.Tensor | None = None  # (batch, seq) bool
+
+    def set_batch(self, attention_mask: torch.Tensor | None) -> None:
+        """Declare the mask of the next forward: padding (0) is excluded from statistics."""
+        if attention_mask is None:
+            self.token_mask = None
+            return
+        keep = attention_mask.bool()
+        if self.skip_first:
+            # the first real token of each row (attention sink, massive activations)
+            first = (attention_mask.long().cumsum(1) == 1) & keep
+            keep = keep & ~first
+        self.token_mask = keep
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of `t` (batch, seq, width) that count, flattened to (tokens, width)."""
+        if self.token_mask is None or self.token_mask.shape != t.shape[:2]:
+            return t.reshape(-1, t.shape[-1])
+        return t[self.token_mask]
+
+
+class BranchProbe(torch.nn.Module):
+    """Observer / switch for one branch (see module docstring)."""
+
+    def __init__(self, branch: Branch, context: ProbeContext) -> None:
+        super().__init__()
+        self.branch = branch
+        self.context = context
+        self.stats: BranchStats | None = None
+        self.observe_inputs: tuple[str, ...] = ()
+        self.target_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.replacement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.record = False
+        self.recorded: torch.Tensor | None = None
+
+    def start_observing(self, inputs: tuple[str, ...] = ("normalized",),
+                        target_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                        ) -> None:
+        """Reset and start accumulating statistics for the given bypass-input kinds.
+
+        `target_fn(x, y)` overrides the regression target (default: y itself).
+        """
+        width = self.branch.width
+        self.stats = BranchStats.empty(width, width, inputs)
+        self.observe_inputs = inputs
+        self.target_fn = target_fn
+
+    def stop_observing(self) -> BranchStats | None:
+        """Stop accumulating and hand back the statistics."""
+        stats, self.stats, self.observe_inputs, self.target_fn = self.stats, None, (), None
+        return stats
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.stats is not None:
+            sel = self.context.select
+            target = self.target_fn(x, y) if self.target_fn is not None else y
+            inputs = {"normalized": sel(z), "stream": sel(x)}
+            self.stats.update(sel(x), {k: inputs[k] for k in self.observe_inputs}, sel(target))
+        out = y if self.replacement is None else self.replacement(x, z)
+        if self.record:
+            self.recorded = (x + out).detach()
+        return out
+
+
+class InsertProbesPass(PassBase):
+    """Insert a `BranchProbe` call before each branch's residual add (on `ep.module()`-style
+    GraphModules); the add then reads the probe's output instead of y."""
+
+    def __init__(self, branches: list[Branch], context: ProbeContext | None = None) -> None:
+        super().__init__()
+        self.branches = branches
+        self.context = context or ProbeContext()
+        self.probes: dict[str, BranchProbe] = {}
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        nodes = {n.name: n for n in graph_module.graph.nodes}
+        for i, b in enumerate(self.branches):
+            probe = BranchProbe(b, self.context)
+            name = f"subfit_probe_{i}"
+            graph_module.add_submodule(name, probe)
+            self.probes[b.label] = probe
+            consumer, y = nodes[b.consumer], nodes[b.output]
+            z = nodes[b.normalized] if b.normalized else nodes[b.skip]
+            with graph_module.graph.inserting_before(consumer):
+                node = graph_module.graph.call_module(name, (nodes[b.skip], z, y))
+            node.meta["val"] = y.meta.get("val")
+            consumer.replace_input_with(y, node)
+        graph_module.graph.lint()
+        graph_module.recompile()
+        return PassResult(graph_module, True)
+
+
+def insert_probes(ep: torch.export.ExportedProgram, branches: list[Branch],
+                  context: ProbeContext | None = None) -> tuple[fx.GraphModule, dict[str, BranchProbe]]:
+    """A runnable copy of `ep` with a probe on every branch; returns (module, probes by label).
+
+    Example:
+        >>> from subfit_fx import capture, find_branches
+        >>> from subfit_fx.zoo import tiny_model
+        >>> ep = capture(tiny_model("gpt2"))
+        >>> gm, probes = insert_probes(ep, find_branches(ep))
+        >>> sorted(probes)[0]
+        'transformer.h.0.attn'
+    """
+    gm = ep.module()
+    pass_ = InsertProbesPass(branches, context)
+    pass_(gm)
+    return gm, pass_.probes

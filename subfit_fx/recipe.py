@@ -1,0 +1,220 @@
+"""The Recipe: what to replace, with what. Every method (SubFit and each baseline) is a policy
+that produces one; `subfit_fx.rewrite.apply_recipe` applies any Recipe to any capture of the
+model. A Recipe saves as JSON + safetensors and re-applies without re-calibration.
+
+Example:
+    >>> r = Recipe(method="subfit", branches=[], replacements=[Replacement(("h.0.attn",), "remove")])
+    >>> r.replaced_labels()
+    ['h.0.attn']
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from subfit_fx.branches import Branch
+from subfit_fx.errors import ModelLoadError, RecipeMismatchError
+from subfit_fx.fit import Fit
+
+__all__ = ["FORMAT", "Recipe", "Replacement", "recipe_from_fits"]
+
+FORMAT = "subfit-fx-recipe/1"
+
+
+@dataclass
+class Replacement:
+    """One replaced span: a single branch (SubFit) or a run of consecutive branches covering whole
+    layers (layer-level baselines). `action` "remove" deletes it; "bypass" adds
+    `chain(input)` where chain is `layers`, linear maps given as (weight key, bias key or None)
+    into `Recipe.tensors`."""
+
+    labels: tuple[str, ...]
+    action: str  # "remove" | "bypass"
+    form: str = "remove"  # "remove" | "linear" | "lowrank" | "shared"
+    input: str = "normalized"  # "normalized" | "stream"
+    layers: list[tuple[str, str | None]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # fit error, rank, ridge (report only)
+
+    def is_span(self) -> bool:
+        """True for a multi-branch (layer-level) replacement."""
+        return len(self.labels) > 1
+
+
+@dataclass
+class Recipe:
+    """The plan for one model. `branches` records every branch (label, kind, layer, params, width)
+    of the model it was made for, so a mismatch is caught before any computation."""
+
+    method: str
+    branches: list[dict[str, Any]]
+    replacements: list[Replacement]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_model: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def replaced_labels(self) -> list[str]:
+        """Labels of all replaced branches, in recipe order."""
+        return [label for r in self.replacements for label in r.labels]
+
+    def removed_attention_labels(self) -> list[str]:
+        """Attention branches whose computation (and KV cache) the recipe removes."""
+        kinds = {b["label"]: b["kind"] for b in self.branches}
+        return [label for label in self.replaced_labels() if kinds.get(label) == "attention"]
+
+    def bypass_params(self) -> int:
+        """Parameters the recipe adds (each tensor counted once, so a shared basis counts once)."""
+        used = {key for r in self.replacements for w, b in r.layers for key in (w, b) if key}
+        return sum(self.tensors[k].numel() for k in used)
+
+    def kept_params(self, branches: list[Branch]) -> int:
+        """Parameters of replaced branches that stay in use: norms feeding single-branch bypasses
+        that read the normalized input.
+
+        Example:
+            >>> Recipe("m", [], []).kept_params([])
+            0
+        """
+        by_label = {b.label: b for b in branches}
+        return sum(by_label[r.labels[0]].norm_params for r in self.replacements
+                   if r.action == "bypass" and not r.is_span() and r.input == "normalized"
+                   and by_label[r.labels[0]].normalized)
+
+    def check_against(self, branches: list[Branch]) -> None:
+        """Raise `RecipeMismatchError` unless the recipe fits a model with these branches.
+
+        Example:
+            >>> Recipe("x", [{"label": "a", "width": 4}], []).check_against([])  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            subfit_fx.errors.RecipeMismatchError: ...
+        """
+        found = {b.label: b for b in branches}
+        missing = [b["label"] for b in self.branches if b["label"] not in found]
+        if missing or len(found) != len(self.branches):
+            raise RecipeMismatchError(
+                f"recipe was made for another model: branch labels differ (e.g. {missing[:2] or sorted(found)[:2]});"
+                " apply it to the model named in recipe.json or compress this model again")
+        for b in self.branches:
+            if found[b["label"]].width != b["width"] or found[b["label"]].params != b["params"]:
+                raise RecipeMismatchError(
+                    f"recipe branch '{b['label']}' has width {b['width']} / {b['params']} params but "
+                    f"the model's has {found[b['label']].width} / {found[b['label']].params}; apply it "
+                    "to the model it was made for")
+        for r in self.replacements:
+            width = found[r.labels[0]].width
+            for w_key, b_key in r.layers:
+                if w_key not in self.tensors or (b_key and b_key not in self.tensors):
+                    raise RecipeMismatchError(f"recipe tensor '{w_key}' is missing from the weights file; "
+                                              "the recipe directory is incomplete: compress again")
+            if r.layers:
+                first, last = self.tensors[r.layers[0][0]], self.tensors[r.layers[-1][0]]
+                if first.shape[1] != width or last.shape[0] != width:
+                    raise RecipeMismatchError(
+                        f"bypass of '{r.labels[0]}' maps {first.shape[1]} -> {last.shape[0]} features but "
+                        f"the model's stream has {width}; apply the recipe to the model it was made for")
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-able part (weights are stored separately)."""
+        return {
+            "format": FORMAT, "method": self.method, "base_model": self.base_model,
+            "options": self.options, "branches": self.branches,
+            "replacements": [{**asdict(r), "labels": list(r.labels),
+                              "layers": [list(pair) for pair in r.layers]} for r in self.replacements],
+            "tensors": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
+        }
+
+    def save(self, directory: Path) -> None:
+        """Write `recipe.json` and `weights.safetensors` into an existing directory.
+
+        Example:
+            >>> Recipe("subfit", [], []).save(Path("out"))  # doctest: +SKIP
+        """
+        directory = Path(directory)
+        (directory / "recipe.json").write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in sorted(self.tensors.items())}
+        save_file(tensors, str(directory / "weights.safetensors"), metadata={"format": FORMAT})
+
+    @classmethod
+    def load(cls, directory: Path) -> Recipe:
+        """Read a recipe directory (safetensors only; nothing is unpickled).
+
+        Example:
+            >>> Recipe.load(Path("out"))  # doctest: +SKIP
+        """
+        directory = Path(directory)
+        path = directory / "recipe.json"
+        if not path.is_file():
+            raise ModelLoadError(f"'{directory}' holds no recipe.json; pass a directory written by "
+                                 "'subfit-fx compress' or Compressed.save()")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"'{path}' is not valid JSON ({exc.msg}); compress again") from exc
+        if data.get("format") != FORMAT:
+            raise ModelLoadError(f"'{path}' has format {data.get('format')!r}, expected {FORMAT!r}; "
+                                 "re-create it with this version of subfit_fx")
+        try:
+            tensors = load_file(str(directory / "weights.safetensors")) if data["tensors"] else {}
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read '{directory / 'weights.safetensors'}' ({exc}); the file "
+                                 "is corrupt or truncated: compress again") from exc
+        replacements = [Replacement(labels=tuple(r["labels"]), action=r["action"], form=r["form"],
+                                    input=r["input"], layers=[tuple(p) for p in r["layers"]], info=r["info"])
+                        for r in data["replacements"]]
+        return cls(method=data["method"], branches=data["branches"], replacements=replacements,
+                   tensors=tensors, base_model=data.get("base_model"), options=data.get("options", {}))
+
+
+def branch_records(branches: list[Branch]) -> list[dict[str, Any]]:
+    """The per-branch identity a Recipe keeps (label, kind, layer, params, width).
+
+    Example:
+        >>> branch_records([])
+        []
+    """
+    return [{"label": b.label, "kind": b.kind, "layer": b.layer, "params": b.params, "width": b.width}
+            for b in branches]
+
+
+def recipe_from_fits(method: str, branches: list[Branch], fits: dict[str, Fit], inputs: dict[str, str],
+                     options: dict[str, Any] | None = None) -> Recipe:
+    """Build a Recipe of single-branch replacements from fits (shared layers stored once).
+
+    Example:
+        >>> recipe_from_fits("subfit", [], {}, {}).replacements
+        []
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    shared_keys: dict[int, str] = {}
+    replacements = []
+    order = {b.label: i for i, b in enumerate(branches)}
+    for i, label in enumerate(sorted(fits, key=order.__getitem__)):
+        fit = fits[label]
+        layers: list[tuple[str, str | None]] = []
+        for j, (weight, bias) in enumerate(fit.layers):
+            if j in fit.shared:
+                key = shared_keys.setdefault(id(weight), f"shared{len(shared_keys)}.weight")
+                tensors[key] = weight
+                layers.append((key, None))
+                continue
+            w_key = f"r{i}.{j}.weight"
+            tensors[w_key] = weight
+            b_key = None
+            if bias is not None:
+                b_key = f"r{i}.{j}.bias"
+                tensors[b_key] = bias
+            layers.append((w_key, b_key))
+        action = "remove" if fit.form == "remove" else "bypass"
+        info = {"fit_error": fit.error, "ridge": fit.ridge, "params": fit.params}
+        if fit.form in ("lowrank", "shared"):
+            info["rank"] = int(fit.layers[0][0].shape[0])
+        replacements.append(Replacement((label,), action, fit.form, inputs.get(label, "normalized"), layers, info))
+    return Recipe(method, branch_records(branches), replacements, tensors, options=options or {})

@@ -1,0 +1,97 @@
+"""Parameter-budgeted, non-contiguous greedy selection (METHOD.md "Sparsity accounting").
+
+sparsity = (params of replaced branches - params of bypasses) / params of all blocks.
+
+Example:
+    >>> cands = [Candidate("a", 0.1, 100, 10), Candidate("b", 0.5, 100, 10), Candidate("c", 0.2, 50, 0)]
+    >>> select(cands, block_params=1000, target=0.1)
+    ['a', 'c']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from subfit_fx.errors import InputError
+
+__all__ = ["Candidate", "check_sparsity", "select", "sparsity_of"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A replaceable branch: its score (damage), its parameters and its bypass's parameters.
+    `group` names a one-time cost (e.g. a shared FFN basis) paid when the first member is chosen."""
+
+    label: str
+    score: float
+    params: int
+    bypass_params: int
+    group: str | None = None
+
+    @property
+    def saved(self) -> int:
+        """Net parameters saved by replacing this branch (group cost not included)."""
+        return self.params - self.bypass_params
+
+
+def check_sparsity(sparsity: object) -> float:
+    """Validate a target sparsity: a number with 0 < s < 0.9.
+
+    Example:
+        >>> check_sparsity("0.25")
+        0.25
+    """
+    try:
+        value = float(sparsity)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"sparsity {sparsity!r} is not a number; pass a fraction such as 0.25") from None
+    if not 0.0 < value < 0.9:
+        raise InputError(f"sparsity {value} is out of range; pass a fraction with 0 < sparsity < 0.9 "
+                         "(e.g. 0.25 for 25 % of block parameters)")
+    return value
+
+
+def sparsity_of(chosen: list[Candidate], block_params: int, group_costs: dict[str, int] | None = None) -> float:
+    """Net sparsity of a selection, group costs included once per group used.
+
+    Example:
+        >>> sparsity_of([Candidate("a", 0, 100, 10, "g")], 1000, {"g": 40})
+        0.05
+    """
+    groups = {c.group for c in chosen if c.group}
+    cost = sum((group_costs or {}).get(g, 0) for g in groups)
+    return (sum(c.saved for c in chosen) - cost) / block_params
+
+
+def select(candidates: list[Candidate], block_params: int, target: float,
+           group_costs: dict[str, int] | None = None, already: list[Candidate] | None = None,
+           limit: int | None = None) -> list[str]:
+    """Greedy by score per net parameter saved, until the net sparsity reaches `target` (the
+    last choice overshoots by less than one branch). `already` chosen candidates count toward the
+    budget; `limit` caps how many are added in this call (for re-scoring every k choices).
+
+    Example:
+        >>> select([Candidate("a", 0.3, 10, 0), Candidate("b", 0.1, 10, 0)], 100, 0.1)
+        ['b']
+    """
+    group_costs = group_costs or {}
+    chosen = list(already or [])
+    picked: list[str] = []
+    pool = [c for c in candidates if c.saved > 0 and c.label not in {a.label for a in chosen}]
+
+    def cost_rate(c: Candidate) -> float:
+        used = {a.group for a in chosen}
+        extra = group_costs.get(c.group, 0) if c.group and c.group not in used else 0
+        net = c.saved - extra
+        return c.score / net if net > 0 else float("inf")
+
+    while pool and sparsity_of(chosen, block_params, group_costs) < target:
+        if limit is not None and len(picked) >= limit:
+            break
+        best = min(pool, key=lambda c: (cost_rate(c), c.label))
+        if cost_rate(best) == float("inf"):
+            break
+        chosen.append(best)
+        picked.append(best.label)
+        pool.remove(best)
+    return picked

@@ -1,0 +1,130 @@
+"""Additive sufficient statistics of one residual branch (METHOD.md), accumulated in float64.
+
+For bypass input z (with a bias column, z~ = [z, 1]), stream x and branch output (or target) y:
+G = sum z~^T z~, C = sum z~^T y, plus the scalar sums the scores need. Two batches give exactly
+the statistics of their concatenation (up to float64 rounding), and ranks can all-reduce them.
+
+Example:
+    >>> x, z, y = torch.randn(10, 4), torch.randn(10, 4), torch.randn(10, 4)
+    >>> s = BranchStats.empty(4, 4); s.update(x, {"normalized": z}, y)
+    >>> int(s.tokens), tuple(s.gram["normalized"].shape)
+    (10, (5, 5))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SCALARS", "BranchStats"]
+
+# Per-token sums used by the scores (all from the same pass).
+SCALARS = ("y_sq", "x_sq", "out_sq", "cos_sum", "angle_sum", "ratio_sum")
+
+
+@dataclass
+class BranchStats:
+    """Sufficient statistics of one branch. `gram` / `cross` are keyed by bypass-input kind."""
+
+    width_in: int
+    width_out: int
+    tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)
+    scalars: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, width_in: int, width_out: int, inputs: tuple[str, ...] = ("normalized",)) -> BranchStats:
+        """Zero statistics for inputs of width `width_in` and outputs of width `width_out`.
+
+        Example:
+            >>> BranchStats.empty(8, 8, ("normalized", "stream")).gram["stream"].shape
+            torch.Size([9, 9])
+        """
+        f64 = torch.float64
+        return cls(
+            width_in, width_out,
+            gram={k: torch.zeros(width_in + 1, width_in + 1, dtype=f64) for k in inputs},
+            cross={k: torch.zeros(width_in + 1, width_out, dtype=f64) for k in inputs},
+            scalars={k: torch.zeros((), dtype=f64) for k in SCALARS},
+        )
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        """Add tokens: rows of `x` (stream), `inputs[kind]` (bypass inputs) and `y` (target).
+
+        All are 2-D (tokens, width); padding must already be dropped.
+
+        Example:
+            >>> s = BranchStats.empty(2, 2); s.update(torch.ones(3, 2), {"normalized": torch.ones(3, 2)},
+            ...                                        torch.ones(3, 2))
+            >>> float(s.scalars["y_sq"])
+            6.0
+        """
+        x, y = x.double(), y.double()
+        ones = torch.ones(x.shape[0], 1, dtype=torch.float64)
+        for kind, z in inputs.items():
+            zt = torch.cat([z.double(), ones], dim=1)
+            self.gram[kind] += zt.T @ zt
+            self.cross[kind] += zt.T @ y
+        out = x + y
+        x_norm, y_norm, out_norm = x.norm(dim=1), y.norm(dim=1), out.norm(dim=1)
+        cos = ((x * out).sum(1) / (x_norm * out_norm).clamp_min(1e-30)).clamp(-1, 1)
+        s = self.scalars
+        s["y_sq"] += (y_norm**2).sum()
+        s["x_sq"] += (x_norm**2).sum()
+        s["out_sq"] += (out_norm**2).sum()
+        s["cos_sum"] += cos.sum()
+        s["angle_sum"] += (torch.arccos(cos) / torch.pi).sum()
+        s["ratio_sum"] += (y_norm / x_norm.clamp_min(1e-30)).sum()
+        self.tokens += x.shape[0]
+
+    def add_(self, other: BranchStats) -> BranchStats:
+        """Accumulate `other` into self (statistics are additive) and return self.
+
+        Example:
+            >>> a = BranchStats.empty(2, 2); b = BranchStats.empty(2, 2)
+            >>> int(a.add_(b).tokens)
+            0
+        """
+        for kind in self.gram:
+            self.gram[kind] += other.gram[kind]
+            self.cross[kind] += other.cross[kind]
+        for key in self.scalars:
+            self.scalars[key] += other.scalars[key]
+        self.tokens += other.tokens
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All statistics as a flat name -> tensor dict (for all-reduce and serialization).
+
+        Example:
+            >>> sorted(BranchStats.empty(2, 2).tensors())[:2]
+            ['cross.normalized', 'gram.normalized']
+        """
+        out = {"tokens": self.tokens}
+        out.update({f"gram.{k}": v for k, v in self.gram.items()})
+        out.update({f"cross.{k}": v for k, v in self.cross.items()})
+        out.update({f"scalar.{k}": v for k, v in self.scalars.items()})
+        return out
+
+    def is_finite(self) -> bool:
+        """False when any statistic holds NaN or Inf (non-finite activations).
+
+        Example:
+            >>> BranchStats.empty(2, 2).is_finite()
+            True
+        """
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+
+    def mean(self, key: str) -> float:
+        """Per-token mean of one scalar sum (e.g. `cos_sum`).
+
+        Example:
+            >>> s = BranchStats.empty(2, 2); s.update(torch.ones(2, 2), {"normalized": torch.ones(2, 2)},
+            ...                                        torch.zeros(2, 2))
+            >>> s.mean("cos_sum")
+            1.0
+        """
+        return float(self.scalars[key] / self.tokens.clamp_min(1))
