@@ -142,11 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_parser(sub)
     for register in _EXTRA_PARSERS:
         register(sub)
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, COMMANDS)
     return parser
 
 
 # Other modules add their subcommands here (keeps this file free of their imports).
 _EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
+# Modules with `register(subparsers, commands)` that add subcommands (imported lazily).
+COMMAND_MODULES: list[str] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
