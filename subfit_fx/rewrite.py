@@ -58,54 +58,91 @@ def _safe(key: str) -> str:
 
 
 class _Builder:
-    """Adds recipe tensors as parameters of one program and builds linear chains from them."""
+    """Builds bypass nodes (linear chains, adds) in one graph; subclasses decide how a recipe
+    tensor becomes a graph value (a lifted placeholder, or a `get_attr` of a GraphModule)."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, recipe: Recipe) -> None:
-        self.ep, self.recipe = ep, recipe
-        self.graph = ep.graph_module.graph
-        self.placeholders: dict[str, fx.Node] = {}
-        first_ph = next(n for n in self.graph.nodes if n.op == "placeholder")
-        self.fake_mode = detect_fake_mode([n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"])
-        self.insert_before = first_ph
-        self.new_specs: list[InputSpec] = []
+    def __init__(self, graph: fx.Graph, recipe: Recipe) -> None:
+        self.graph, self.recipe = graph, recipe
+        self.values: dict[str, fx.Node] = {}
+        vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+        self.fake_mode = detect_fake_mode(vals)
+
+    def _tensor(self, key: str, dtype: torch.dtype) -> torch.nn.Parameter:
+        return torch.nn.Parameter(self.recipe.tensors[key].detach().to(dtype).contiguous(), requires_grad=False)
+
+    def _new_value(self, key: str, value: torch.nn.Parameter) -> fx.Node:
+        raise NotImplementedError
 
     def param(self, key: str, dtype: torch.dtype) -> fx.Node:
-        if key in self.placeholders:
-            return self.placeholders[key]
-        value = torch.nn.Parameter(self.recipe.tensors[key].detach().to(dtype).contiguous(), requires_grad=False)
-        target = f"subfit.{key}"
-        with self.graph.inserting_before(self.insert_before):
-            node = self.graph.placeholder(_safe(key))
-        node.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True)
-        self.ep.state_dict[target] = value
-        self.new_specs.append(InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target, None))
-        self.placeholders[key] = node
+        if key not in self.values:
+            value = self._tensor(key, dtype)
+            node = self._new_value(key, value)
+            if self.fake_mode is not None:
+                node.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True)
+            self.values[key] = node
+        return self.values[key]
+
+    def _call(self, target: object, args: tuple, before: fx.Node) -> fx.Node:
+        with self.graph.inserting_before(before):
+            node = self.graph.call_function(target, args)
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                node.meta["val"] = target(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
+        node.meta["nn_module_stack"] = {}
         return node
 
     def chain(self, z: fx.Node, layers: list[tuple[str, str | None]], before: fx.Node) -> fx.Node:
-        dtype = z.meta["val"].dtype
+        val = z.meta.get("val")
+        dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
         out = z
         for w_key, b_key in layers:
-            w, b = self.param(w_key, dtype), self.param(b_key, dtype) if b_key else None
-            with self.graph.inserting_before(before):
-                node = self.graph.call_function(aten.linear.default, (out, w, b) if b is not None else (out, w))
-            with self.fake_mode:
-                node.meta["val"] = aten.linear.default(out.meta["val"], w.meta["val"],
-                                                       b.meta["val"] if b is not None else None)
-            node.meta["nn_module_stack"] = {}
-            out = node
+            w = self.param(w_key, dtype)
+            args = (out, w, self.param(b_key, dtype)) if b_key else (out, w)
+            out = self._call(aten.linear.default, args, before)
         return out
 
     def add(self, a: fx.Node, b: fx.Node, before: fx.Node) -> fx.Node:
-        with self.graph.inserting_before(before):
-            node = self.graph.call_function(aten.add.Tensor, (a, b))
-        with self.fake_mode:
-            node.meta["val"] = aten.add.Tensor(a.meta["val"], b.meta["val"])
+        return self._call(aten.add.Tensor, (a, b), before)
+
+    def finish(self) -> None:
+        """Called once after all replacements."""
+
+
+class _ProgramBuilder(_Builder):
+    """Recipe tensors become lifted PARAMETER placeholders with specs and state_dict entries."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, recipe: Recipe) -> None:
+        super().__init__(ep.graph_module.graph, recipe)
+        self.ep = ep
+        self.first_placeholder = next(n for n in self.graph.nodes if n.op == "placeholder")
+        self.new_specs: list[InputSpec] = []
+
+    def _new_value(self, key: str, value: torch.nn.Parameter) -> fx.Node:
+        target = f"subfit.{key}"
+        with self.graph.inserting_before(self.first_placeholder):
+            node = self.graph.placeholder(_safe(key))
+        self.ep.state_dict[target] = value
+        self.new_specs.append(InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target, None))
         return node
 
     def finish(self) -> None:
-        sig = self.ep.graph_signature
-        sig.input_specs[:0] = self.new_specs
+        # parameter placeholders come first, in the order of their specs
+        self.ep.graph_signature.input_specs[:0] = self.new_specs
+
+
+class _ModuleBuilder(_Builder):
+    """Recipe tensors become parameters of a GraphModule, read with `get_attr`."""
+
+    def __init__(self, gm: fx.GraphModule, recipe: Recipe) -> None:
+        super().__init__(gm.graph, recipe)
+        self.gm = gm
+
+    def _new_value(self, key: str, value: torch.nn.Parameter) -> fx.Node:
+        name = _safe(key)
+        self.gm.register_parameter(name, value)
+        first = next(n for n in self.graph.nodes if n.op != "placeholder")
+        with self.graph.inserting_before(first):
+            return self.graph.get_attr(name)
 
 
 def _input_node(r: Replacement, branch: Branch, nodes: dict[str, fx.Node]) -> fx.Node:
@@ -139,6 +176,21 @@ def _replace_span(builder: _Builder, r: Replacement, first: Branch, last: Branch
     end.replace_all_uses_with(new)
 
 
+def _apply(builder: _Builder, recipe: Recipe, branches: dict[str, Branch]) -> None:
+    nodes = {n.name: n for n in builder.graph.nodes}
+    for r in recipe.replacements:
+        missing = [label for label in r.labels if label not in branches]
+        if missing:
+            raise RecipeMismatchError(f"recipe replaces '{missing[0]}', which this model does not have; "
+                                      "apply the recipe to the model it was made for")
+        if r.is_span():
+            _replace_span(builder, r, branches[r.labels[0]], branches[r.labels[-1]], nodes)
+        else:
+            _replace_single(builder, r, branches[r.labels[0]], nodes)
+    builder.finish()
+    eliminate_dead_code(builder.graph)
+
+
 def apply_recipe(ep: torch.export.ExportedProgram, recipe: Recipe, *, check: bool = True,
                  inplace: bool = False) -> torch.export.ExportedProgram:
     """Return a program in which the recipe's branches are removed or bypassed.
@@ -153,22 +205,9 @@ def apply_recipe(ep: torch.export.ExportedProgram, recipe: Recipe, *, check: boo
     if check:
         recipe.check_against(list(branches.values()))
     ep = ep if inplace else copy.deepcopy(ep)
-    graph = ep.graph_module.graph
-    nodes = {n.name: n for n in graph.nodes}
-    builder = _Builder(ep, recipe)
-    for r in recipe.replacements:
-        missing = [label for label in r.labels if label not in branches]
-        if missing:
-            raise RecipeMismatchError(f"recipe replaces '{missing[0]}', which this model does not have; "
-                                      "apply the recipe to the model it was made for")
-        if r.is_span():
-            _replace_span(builder, r, branches[r.labels[0]], branches[r.labels[-1]], nodes)
-        else:
-            _replace_single(builder, r, branches[r.labels[0]], nodes)
-    builder.finish()
-    eliminate_dead_code(graph)
+    _apply(_ProgramBuilder(ep, recipe), recipe, branches)
     drop_unused_inputs(ep)
-    graph.lint()
+    ep.graph_module.graph.lint()
     ep.graph_module.recompile()
     ep.validate()
     return ep

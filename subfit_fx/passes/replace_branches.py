@@ -1,0 +1,51 @@
+"""Rewrite pass: apply a Recipe to a GraphModule (the `PassBase` face of `subfit_fx.rewrite`).
+
+Example:
+    >>> from subfit_fx import capture, find_branches
+    >>> from subfit_fx.recipe import Recipe, Replacement, branch_records
+    >>> from subfit_fx.zoo import tiny_model
+    >>> ep = capture(tiny_model("llama"))
+    >>> recipe = Recipe("manual", branch_records(find_branches(ep)), [Replacement(("model.layers.1.mlp",), "remove")])
+    >>> ReplaceBranchesPass(recipe)(ep.module()).modified
+    True
+"""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from subfit_fx.branches import analyze_graph, param_nodes_of_module
+from subfit_fx.recipe import Recipe
+from subfit_fx.rewrite import _apply, _ModuleBuilder
+
+__all__ = ["ReplaceBranchesPass"]
+
+
+class ReplaceBranchesPass(PassBase):
+    """Rewrite pass (`PassBase`): apply a Recipe to a GraphModule such as `ep.module()`.
+
+    Bypass weights become parameters of the module; dead code and unused parameters go. Runs in
+    `torch.fx.passes.infra.pass_manager.PassManager` next to anyone's passes.
+
+    Example:
+        >>> gm = ReplaceBranchesPass(recipe)(ep.module()).graph_module  # doctest: +SKIP
+    """
+
+    def __init__(self, recipe: Recipe, check: bool = True) -> None:
+        super().__init__()
+        self.recipe, self.check = recipe, check
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        branches = analyze_graph(graph_module.graph, param_nodes_of_module(graph_module))
+        if self.check:  # before any mutation: a mismatched recipe leaves the module untouched
+            self.recipe.check_against(branches)
+        _apply(_ModuleBuilder(graph_module, self.recipe), self.recipe, {b.label: b for b in branches})
+        used = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
+        for name, _ in list(graph_module.named_parameters()):
+            if name not in used and "." not in name:
+                delattr(graph_module, name)
+        graph_module.delete_all_unused_submodules()
+        graph_module.graph.lint()
+        graph_module.recompile()
+        return PassResult(graph_module, True)
