@@ -62,12 +62,20 @@ class BranchStats:
             >>> float(s.scalars["y_sq"])
             6.0
         """
+        # Rows in chunks: float64 temporaries stay a few MB however large the batch.
+        for start in range(0, x.shape[0], self.CHUNK):
+            rows = slice(start, start + self.CHUNK)
+            self._update_rows(x[rows], {k: z[rows] for k, z in inputs.items()}, y[rows])
+
+    CHUNK = 256
+
+    def _update_rows(self, x: torch.Tensor, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
         ones = torch.ones(x.shape[0], 1, dtype=torch.float64)
         for kind, z in inputs.items():
             zt = torch.cat([z.double(), ones], dim=1)
-            self.gram[kind] += zt.T @ zt
-            self.cross[kind] += zt.T @ y
+            self.gram[kind].addmm_(zt.T, zt)
+            self.cross[kind].addmm_(zt.T, y)
         out = x + y
         x_norm, y_norm, out_norm = x.norm(dim=1), y.norm(dim=1), out.norm(dim=1)
         cos = ((x * out).sum(1) / (x_norm * out_norm).clamp_min(1e-30)).clamp(-1, 1)

@@ -92,8 +92,9 @@ class BranchProbe(torch.nn.Module):
         if self.stats is not None:
             sel = self.context.select
             target = self.target_fn(x, y) if self.target_fn is not None else y
-            inputs = {"normalized": sel(z), "stream": sel(x)}
-            self.stats.update(sel(x), {k: inputs[k] for k in self.observe_inputs}, sel(target))
+            xs = sel(x)
+            inputs = {k: xs if k == "stream" else sel(z) for k in self.observe_inputs}
+            self.stats.update(xs, inputs, sel(target))
         out = y if self.replacement is None else self.replacement(x, z)
         if self.record:
             self.recorded = (x + out).detach()

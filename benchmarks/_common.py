@@ -1,0 +1,43 @@
+"""Helpers shared by benchmark scripts: result files with the exact command, medians."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def command_line() -> str:
+    """The exact command that produced a result, for the results file."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write docs/results/NAME.json and NAME.md (with the command and machine) and return both paths."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"command": command_line(), "machine": machine(), **data}
+    json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md_path.write_text(f"{markdown.rstrip()}\n\nCommand: `{data['command']}`  \n"
+                       f"Machine: {data['machine']}\n")
+    return json_path, md_path
+
+
+def median(values: list[float]) -> float:
+    """Median of a list of timings."""
+    return statistics.median(values)
