@@ -95,6 +95,22 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from subfit_fx.demo import run_demo
+
+    run_demo(Path(args.out), sparsity=float(args.sparsity), baseline=args.baseline)
+    return 0
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo: train, compress, evaluate, export, benchmark")
+    p.add_argument("--out", default="demo-output", help="report directory (default demo-output, replaced)")
+    p.add_argument("--sparsity", default="0.25", help="target sparsity (default 0.25)")
+    p.add_argument("--baseline", default="blockpruner", help="baseline to compare with (default blockpruner)")
+
+
 def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     from subfit_fx.methods import METHODS
 
@@ -120,7 +136,8 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"inspect": _cmd_inspect, "compress": _cmd_compress}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "inspect": _cmd_inspect, "compress": _cmd_compress, "demo": _cmd_demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a local Hugging Face model directory or builtin:ARCH (default {BUILTIN_DEFAULT})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_compress_parser(sub)
+    _add_demo_parser(sub)
     for register in _EXTRA_PARSERS:
         register(sub)
     import importlib

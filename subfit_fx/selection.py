@@ -27,6 +27,12 @@ class Candidate:
     params: int
     bypass_params: int
     group: str | None = None
+    branch: str | None = None  # candidates of one branch (alternative forms) exclude each other
+
+    @property
+    def key(self) -> str:
+        """The branch this candidate replaces."""
+        return self.branch or self.label
 
     @property
     def saved(self) -> int:
@@ -77,7 +83,8 @@ def select(candidates: list[Candidate], block_params: int, target: float,
     group_costs = group_costs or {}
     chosen = list(already or [])
     picked: list[str] = []
-    pool = [c for c in candidates if c.saved > 0 and c.label not in {a.label for a in chosen}]
+    taken = {a.key for a in chosen}
+    pool = [c for c in candidates if c.saved > 0 and c.key not in taken]
 
     def cost_rate(c: Candidate) -> float:
         used = {a.group for a in chosen}
@@ -93,5 +100,5 @@ def select(candidates: list[Candidate], block_params: int, target: float,
             break
         chosen.append(best)
         picked.append(best.label)
-        pool.remove(best)
+        pool = [c for c in pool if c.key != best.key]
     return picked

@@ -64,7 +64,9 @@ def test_load_from_base_model_path(tmp_path):
 
 
 @pytest.mark.parametrize("options", [{"bypass_input": "stream"}, {"score": "rotation"}, {"rescore_every": 1},
-                                     {"score": "holdout", "holdout": 0.25}, {"skip_first": True}])
+                                     {"score": "holdout", "holdout": 0.25}, {"skip_first": True},
+                                     {"score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 2,
+                                      "sequential": True}])
 def test_options_run(models, options):
     c = subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, **options)
     assert c.report.replaced and c.report.sparsity_actual >= 0.25

@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,6 +45,7 @@ class SubfitOptions:
     rescore_every: int | None = None
     sequential: bool = False
     holdout: float = 0.0
+    forms: str = "fit"  # "fit": low-rank / shared-basis bypasses; "auto": also plain removal, per branch
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_CHOICES:
@@ -60,6 +60,10 @@ class SubfitOptions:
             raise InputError(f"ridge={self.ridge} must be in [0, 10) (a fraction of the mean input energy)")
         if not 0 <= self.holdout < 1:
             raise InputError(f"holdout={self.holdout} must be a fraction in [0, 1)")
+        if self.forms not in ("fit", "auto"):
+            raise InputError(f"forms={self.forms!r} is invalid; use 'fit' or 'auto' (fit or removal per branch)")
+        if self.forms == "auto" and self.score != "holdout":
+            raise InputError("forms='auto' compares removal and bypass on held-out data: also pass score='holdout'")
         if self.score == "holdout" and self.holdout == 0:
             raise InputError("score='holdout' needs held-out data: pass holdout=0.25 (a fraction of the "
                              "calibration sequences)")
@@ -93,20 +97,6 @@ class _Fitter:
         return self.width * min(self.basis_size, self.width)
 
 
-def _score(ctx: PolicyContext, opts: SubfitOptions, stats: dict[str, BranchStats], fits: dict[str, Fit],
-           holdout_scores: Callable[[dict[str, Fit]], dict[str, float]] | None) -> dict[str, float]:
-    for label, s in stats.items():
-        for name, fn in SCORES.items():
-            ctx.record_score(label, name, fn(s, fits[label]))
-    if opts.score == "holdout":
-        assert holdout_scores is not None
-        values = holdout_scores(fits)
-        for label, v in values.items():
-            ctx.record_score(label, "holdout", v)
-        return values
-    return {label: ctx.scores[label][opts.score] for label in stats}
-
-
 def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: _Fitter, chosen: list[str],
                       fits: dict[str, Fit]) -> dict[str, Fit]:
     """Refit chosen bypasses in depth order on inputs from the compressed model, with the dense
@@ -130,6 +120,10 @@ def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: _Fitter, 
             session.probes[label].recorded = None
     refit: dict[str, Fit] = {}
     for label in order:
+        if fits[label].form == "remove":  # nothing to fit; later bypasses see it removed
+            refit[label] = fits[label]
+            session.set_replacement(label, fits[label], opts.bypass_input)
+            continue
         stream = iter(dense[label])
         stats = session.calibrate(ctx.batches, [label], (opts.bypass_input,), desc=f"sequential: {label}",
                                   targets={label: lambda x, _y, s=stream: next(s) - x})
@@ -140,6 +134,21 @@ def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: _Fitter, 
         dense[label] = []
     session.clear_replacements()
     return refit
+
+
+def _alternatives(ctx: PolicyContext, opts: SubfitOptions, fits: dict[str, Fit],
+                  stats: dict[str, BranchStats]) -> dict[str, dict[str, Fit]]:
+    """Candidate forms per branch: the fitted bypass, and with forms='auto' plain removal."""
+    out = {label: {"fit": fit} for label, fit in fits.items()}
+    if opts.forms == "auto":
+        for label in fits:
+            b = ctx.session.by_label[label]
+            out[label]["remove"] = fit_branch(b, stats[label], "remove", opts.bypass_input)
+    return out
+
+
+def _key(label: str, form: str) -> str:
+    return label if form == "fit" else f"{label}#{form}"
 
 
 def subfit(ctx: PolicyContext) -> Recipe:
@@ -160,50 +169,78 @@ def subfit(ctx: PolicyContext) -> Recipe:
         reference = None if ctx.causal else dense_reference(session, ctx.holdout)
 
         def holdout_scores(fits: dict[str, Fit]) -> dict[str, float]:
+            """Held-out loss increase with only this branch replaced (others as currently set)."""
             base = heldout_loss(session, ctx.holdout, ctx.causal, reference)
             out = {}
-            for label, fit in fits.items():
+            for key, fit in fits.items():
+                label = key.split("#")[0]
                 session.set_replacement(label, fit, opts.bypass_input)
-                out[label] = max(heldout_loss(session, ctx.holdout, ctx.causal, reference) - base, 0.0)
+                out[key] = max(heldout_loss(session, ctx.holdout, ctx.causal, reference) - base, 0.0)
                 session.set_replacement(label, None)
             return out
 
-    chosen: list[str] = []
-    fits = fitter.fits(stats, all_ffn)
-    scores = _score(ctx, opts, stats, fits, holdout_scores)
-    def cost(label: str) -> int:
-        return fits[label].params + kept_norm_params(session.by_label[label], opts.bypass_input)
+    def score_all(labels: list[str], fits: dict[str, Fit]) -> dict[str, float]:
+        alts = _alternatives(ctx, opts, {label: fits[label] for label in labels}, stats)
+        flat = {_key(label, form): fit for label, forms in alts.items() for form, fit in forms.items()}
+        for label in labels:
+            for name, fn in SCORES.items():
+                ctx.record_score(label, name, fn(stats[label], fits[label]))
+        if opts.score != "holdout":
+            return {label: ctx.scores[label][opts.score] for label in labels}
+        assert holdout_scores is not None
+        values = holdout_scores(flat)
+        for key, value in values.items():
+            label, _, form = key.partition("#")
+            ctx.record_score(label, "holdout" if not form else f"holdout_{form}", value)
+        candidate_fits.update(flat)
+        return values
 
+    def candidate(key: str, score: float) -> Candidate:
+        label = key.partition("#")[0]
+        fit = candidate_fits[key]
+        cost = fit.params + (kept_norm_params(session.by_label[label], opts.bypass_input) if fit.layers else 0)
+        return Candidate(key, score, session.by_label[label].params, cost,
+                         "ffn_basis" if fit.form == "shared" else None, branch=label)
+
+    candidate_fits: dict[str, Fit] = {}
+    fits = fitter.fits(stats, all_ffn)
+    candidate_fits.update(fits)
+    scores = score_all(list(stats), fits)
+    chosen: list[str] = []  # candidate keys
     while True:
-        candidates = [Candidate(label, scores[label], session.by_label[label].params, cost(label),
-                                "ffn_basis" if fits[label].form == "shared" else None)
-                      for label in stats if label not in chosen]
-        already = [Candidate(label, 0.0, session.by_label[label].params, cost(label),
-                             "ffn_basis" if fits[label].form == "shared" else None) for label in chosen]
-        picks = select(candidates, ctx.block_params, ctx.target, {"ffn_basis": fitter.basis_params},
-                       already=already, limit=opts.rescore_every)
+        taken = {k.split("#")[0] for k in chosen}
+        pool = [candidate(k, v) for k, v in scores.items() if k.split("#")[0] not in taken]
+        picks = select(pool, ctx.block_params, ctx.target, {"ffn_basis": fitter.basis_params},
+                       already=[candidate(k, 0.0) for k in chosen], limit=opts.rescore_every)
         chosen += picks
         if not picks or opts.rescore_every is None:
             break
         # Re-score the rest with the chosen branches replaced (compounding errors).
-        for label in chosen:
-            session.set_replacement(label, fits[label], opts.bypass_input)
-        remaining = [b.label for b in ctx.branches if b.label not in chosen]
+        for key in chosen:
+            session.set_replacement(key.split("#")[0], candidate_fits[key], opts.bypass_input)
+        taken = {k.split("#")[0] for k in chosen}
+        remaining = [b.label for b in ctx.branches if b.label not in taken]
         if not remaining:
             break
-        stats = {**stats, **session.calibrate(ctx.batches, remaining, (opts.bypass_input,), desc="re-score")}
-        new_fits = fitter.fits({label: stats[label] for label in remaining}, all_ffn and
+        stats.update(session.calibrate(ctx.batches, remaining, (opts.bypass_input,), desc="re-score"))
+        new_fits = fitter.fits({label: stats[label] for label in remaining},
                                [label for label in all_ffn if label in remaining])
-        fits.update(new_fits)
-        scores.update(_score(ctx, opts, {label: stats[label] for label in remaining}, new_fits, holdout_scores))
+        candidate_fits.update(new_fits)
+        scores = {k: v for k, v in scores.items() if k.split("#")[0] not in remaining}
+        scores.update(score_all(remaining, new_fits))
         session.clear_replacements()
     session.clear_replacements()
 
-    # Final fits: the FFN basis is fitted on the chosen FFNs only (dense statistics).
-    chosen_ffn = [label for label in chosen if session.by_label[label].kind == "ffn"]
-    final = fitter.fits({label: dense_stats[label] for label in chosen}, chosen_ffn)
-    if opts.sequential and chosen:
-        final = _sequential_refit(ctx, opts, fitter, chosen, final)
+    # Final fits from the dense statistics; the FFN basis is fitted on the chosen FFNs only.
+    forms = {k.split("#")[0]: (k.partition("#")[2] or "fit") for k in chosen}
+    fit_labels = [label for label, form in forms.items() if form == "fit"]
+    chosen_ffn = [label for label in fit_labels if session.by_label[label].kind == "ffn"]
+    final = fitter.fits({label: dense_stats[label] for label in fit_labels}, chosen_ffn)
+    for label, form in forms.items():
+        if form == "remove":
+            final[label] = fit_branch(session.by_label[label], dense_stats[label], "remove", opts.bypass_input)
+    if opts.sequential and final:
+        final = _sequential_refit(ctx, opts, fitter, list(final), final)
     for label, fit in final.items():
         ctx.record_score(label, "fit_error_relative",
                          fit.error / max(float(dense_stats[label].scalars["y_sq"]), 1e-30))
