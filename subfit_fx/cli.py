@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Other modules add their subcommands here (keeps this file free of their imports).
 _EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 # Modules with `register(subparsers, commands)` that add subcommands (imported lazily).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["subfit_fx.exporters.cli_commands"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

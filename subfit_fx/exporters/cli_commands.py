@@ -1,0 +1,231 @@
+"""The `export`, `generate` and `bench` subcommands of `subfit-fx`.
+
+`subfit_fx.cli` loads this module through its `COMMAND_MODULES` list and calls `register`;
+heavy libraries load only when a command runs, so `subfit-fx --help` stays fast.
+
+Example:
+    >>> from subfit_fx.cli import main
+    >>> main(["export", "builtin:llama", "--out", "out/llama.onnx", "--kv-cache"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from subfit_fx.errors import InputError, OutputExistsError
+
+__all__ = ["COMMANDS", "cmd_bench", "cmd_export", "cmd_generate", "register"]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`subfit-fx export MODEL_OR_DIR --out FILE.onnx [--kv-cache] [--optimize] [--quantize int8|int4] [--force]`.
+
+    Each stage is validated (export and fusions against torch within 1e-4; quantization reported);
+    only the last stage writes `--out`, earlier ones go to a temporary folder.
+
+    Example:
+        >>> cmd_export(build_parser().parse_args(["export", "builtin:gpt2", "--out", "g.onnx"]))  # doctest: +SKIP
+        0
+    """
+    from subfit_fx.exporters.kv_cache import export_onnx_kv
+    from subfit_fx.exporters.onnx_export import export_onnx
+    from subfit_fx.exporters.postprocess import optimize_onnx, quantize_int4, quantize_int8
+    from subfit_fx.exporters.sources import load_source
+
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise InputError(f"--out '{out}' must end in .onnx")
+    if out.exists() and not args.force:
+        raise OutputExistsError(f"'{out}' exists; pass --force to overwrite it")
+    passes: list[tuple[str, Any]] = []
+    if args.optimize:
+        passes.append(("optimize", lambda s, d: optimize_onnx(s, d, force=True)))
+    if args.quantize == "int8":
+        passes.append(("int8", lambda s, d: quantize_int8(s, d, force=True)))
+    elif args.quantize == "int4":
+        passes.append(("int4", lambda s, d: quantize_int4(s, d, force=True)))
+
+    src = load_source(args.model)
+    kind = "KV-cache" if args.kv_cache else "plain"
+    _say(f"exporting {args.model} ({kind}{', compressed' if src.recipe is not None else ''}) to {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        stages = [Path(tmp) / f"stage{i}.onnx" for i in range(len(passes))] + [out]
+        exporter = export_onnx_kv if args.kv_cache else export_onnx
+        result = exporter(src, stages[0], force=args.force)
+        _say(f"  export: {result.parity.summary()}")
+        path = stages[0]
+        for (name, run), dst in zip(passes, stages[1:]):
+            step = run(path, dst)
+            extra = step.details.get("fused_ops") or ""
+            _say(f"  {name}: {step.parity.summary()} {extra}".rstrip())
+            path = dst
+    from subfit_fx.exporters.artifacts import model_bytes
+
+    print(f"wrote {out} ({_mib(model_bytes(out))}; inputs {', '.join(result.inputs)})")
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace, metadata: dict[str, str], vocab: int) -> Any:
+    from subfit_fx.data import ByteTokenizer
+    from subfit_fx.runtime import SOURCE_KEY, TOKENIZER_KEY
+
+    directory = args.tokenizer or metadata.get(TOKENIZER_KEY)
+    if directory:
+        if not Path(directory).is_dir():
+            raise InputError(f"tokenizer directory '{directory}' does not exist; pass --tokenizer DIR")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if metadata.get(SOURCE_KEY, "").startswith("builtin:"):
+        return ByteTokenizer(vocab)  # built-in random models have no tokenizer: bytes stand in
+    raise InputError(f"'{args.onnx}' does not name its tokenizer; pass --tokenizer DIR (the model directory)")
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    if hasattr(tokenizer, "decode"):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`subfit-fx generate FILE.onnx --prompt TEXT [--tokenizer DIR] [--max-new-tokens N]`.
+
+    Example:
+        >>> cmd_generate(build_parser().parse_args(["generate", "m.onnx", "--prompt", "hi"]))  # doctest: +SKIP
+        0
+    """
+    from subfit_fx.runtime import VOCAB_KEY, OnnxCausalLM
+
+    lm = OnnxCausalLM(args.onnx, threads=args.threads)
+    vocab = int(lm.metadata.get(VOCAB_KEY, 256))
+    tokenizer = _tokenizer(args, lm.metadata, vocab)
+    prompt = tokenizer(args.prompt)["input_ids"]
+    if not prompt:
+        raise InputError("--prompt is empty after tokenization; pass some text")
+    ids = lm.generate([prompt], args.max_new_tokens, do_sample=args.temperature > 0,
+                      temperature=args.temperature or 1.0, top_k=args.top_k, seed=args.seed,
+                      eos_token_id=getattr(tokenizer, "eos_token_id", None))
+    new = [int(i) for i in ids[0, len(prompt):]]
+    print(args.prompt + _decode(tokenizer, new))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`subfit-fx bench DENSE.onnx COMPRESSED.onnx [--json]`: interleaved timings, medians, ratio.
+
+    Both files are timed at each `--seq` (prefill, or the plain forward) and, for KV-cache graphs,
+    one decode step at past length `--seq`.
+
+    Example:
+        >>> cmd_bench(build_parser().parse_args(["bench", "a.onnx", "b.onnx", "--json"]))  # doctest: +SKIP
+        0
+    """
+    from subfit_fx.exporters.artifacts import model_bytes
+    from subfit_fx.exporters.bench import decode_step, interleaved, kv_bytes_per_token, prefill_step
+    from subfit_fx.runtime import OnnxCausalLM, OnnxRunner, create_session, model_metadata
+
+    paths = {"dense": Path(args.dense), "compressed": Path(args.compressed)}
+    kinds = {name: model_metadata(create_session(p, threads=1)).get("subfit_fx.kind") for name, p in paths.items()}
+    if len(set(kinds.values())) != 1:
+        raise InputError(f"compare like with like: {paths['dense']} is {kinds['dense']}, "
+                         f"{paths['compressed']} is {kinds['compressed']}")
+    kv = kinds["dense"] == "kv-cache"
+    runner = OnnxCausalLM if kv else OnnxRunner
+    models = {name: runner(p, threads=args.threads) for name, p in paths.items()}
+    rows = []
+    for seq in args.seq:
+        stages = [("prefill" if kv else "forward", lambda m, s=seq: prefill_step(m, s))]
+        if kv:
+            stages.append(("decode", lambda m, s=seq: decode_step(m, s)))
+        for stage, make in stages:
+            times = interleaved({name: make(m) for name, m in models.items()}, repeats=args.repeats)
+            rows.append({"stage": stage, "seq": seq, "dense_ms": times["dense"] * 1e3,
+                         "compressed_ms": times["compressed"] * 1e3,
+                         "speedup": times["dense"] / times["compressed"]})
+    sizes = {name: model_bytes(p) for name, p in paths.items()}
+    result: dict[str, Any] = {"rows": rows, "bytes": sizes, "repeats": args.repeats, "threads": args.threads}
+    if kv:
+        result["kv_bytes_per_token"] = {name: kv_bytes_per_token(m) for name, m in models.items()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'stage':<8} {'seq':>6} {'dense ms':>10} {'compressed ms':>14} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['stage']:<8} {r['seq']:>6} {r['dense_ms']:>10.2f} {r['compressed_ms']:>14.2f} "
+              f"{r['speedup']:>7.2f}x")
+    print(f"file size: dense {_mib(sizes['dense'])}, compressed {_mib(sizes['compressed'])}")
+    if kv:
+        kvb = result["kv_bytes_per_token"]
+        print(f"KV cache per token: dense {kvb['dense']:,} B, compressed {kvb['compressed']:,} B")
+    print(f"medians of {args.repeats} interleaved runs")
+    return 0
+
+
+def _seq_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"sequence lengths must be >= 1, got {text!r}")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | None = None) -> None:
+    """Add the `export`, `generate` and `bench` parsers, and their handlers to `commands`.
+
+    `subfit_fx.cli` calls it for each module named in its `COMMAND_MODULES`.
+
+    Example:
+        >>> parser, commands = argparse.ArgumentParser(), {}
+        >>> register(parser.add_subparsers(dest="command"), commands)
+        >>> parser.parse_args(["export", "builtin:llama", "--out", "m.onnx", "--kv-cache"]).kv_cache, sorted(commands)
+        (True, ['bench', 'export', 'generate'])
+    """
+    if commands is not None:
+        commands.update(COMMANDS)
+    p = subparsers.add_parser("export", help="export a dense or compressed model to ONNX")
+    p.add_argument("model", help="a Hugging Face model directory, builtin:ARCH, or a compressed directory "
+                                 "(written by 'subfit-fx compress')")
+    p.add_argument("--out", required=True, help="output file (.onnx)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="decoder with KV cache inputs/outputs (one graph for prefill and decode)")
+    p.add_argument("--optimize", action="store_true", help="fuse attention, rotary and norms for ONNX Runtime")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="quantize MatMul weights")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+    p = subparsers.add_parser("generate", help="generate text with an exported KV-cache model")
+    p.add_argument("onnx", help="ONNX file written by 'subfit-fx export --kv-cache'")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded at export)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+
+    p = subparsers.add_parser("bench", help="time a dense and a compressed ONNX model against each other")
+    p.add_argument("dense", help="the dense model's ONNX file")
+    p.add_argument("compressed", help="the compressed model's ONNX file (same kind of export)")
+    p.add_argument("--seq", type=_seq_list, default=[128], help="sequence / past lengths, e.g. 128,512")
+    p.add_argument("--repeats", type=int, default=10, help="interleaved timed runs per model (default 10)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+COMMANDS = {"export": cmd_export, "generate": cmd_generate, "bench": cmd_bench}

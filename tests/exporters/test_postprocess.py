@@ -1,0 +1,55 @@
+"""ONNX post-passes: fusions exact within 1e-4, quantization reported, outputs all-or-nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from subfit_fx.errors import InputError
+from subfit_fx.exporters.kv_cache import export_onnx_kv
+from subfit_fx.exporters.onnx_export import export_onnx
+from subfit_fx.exporters.postprocess import optimize_onnx, quantize_int4, quantize_int8
+from subfit_fx.runtime import OnnxCausalLM, create_session, model_metadata
+from subfit_fx.zoo import tiny_model
+from tests.conftest import captured
+
+
+@pytest.fixture(scope="module")
+def kv_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("post") / "kv.onnx"
+    export_onnx_kv(tiny_model("llama", layers=2), path)
+    return path
+
+
+def test_fusions_on_kv_graph_are_exact_and_generate(kv_file, tmp_path):
+    result = optimize_onnx(kv_file, tmp_path / "opt.onnx")
+    assert result.parity.passed and result.parity.atol == 1e-4
+    assert result.details["fused_ops"].get("MultiHeadAttention", 0) == 2
+    assert result.details["passes"] == "optimize"
+    prompt = [[5, 6, 7, 8]]
+    fused, plain = OnnxCausalLM(result.path), OnnxCausalLM(kv_file)
+    assert (fused.generate(prompt, 12) == plain.generate(prompt, 12)).all()
+
+
+def test_fusions_on_plain_graph(tmp_path):
+    _, ep = captured("llama")
+    export_onnx(ep, tmp_path / "m.onnx")
+    result = optimize_onnx(tmp_path / "m.onnx", tmp_path / "opt.onnx", backend="transformers")
+    assert result.parity.passed
+    assert result.details["fused_ops"].get("SkipSimplifiedLayerNormalization", 0) > 0
+
+
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4])
+def test_quantization_is_reported(kv_file, tmp_path, quantize):
+    result = quantize(kv_file, tmp_path / "q.onnx")
+    parity = result.parity
+    assert parity.atol is None and parity.min_top1 == 0.5 and parity.passed
+    assert 0 < parity.max_abs_diff < 1.0
+    assert "top-1 agreement" in parity.summary()
+    meta = model_metadata(create_session(result.path))
+    assert meta["subfit_fx.kind"] == "kv-cache" and meta["subfit_fx.passes"] in ("int8", "int4")
+    assert result.bytes < kv_file.stat().st_size
+
+
+def test_pass_refuses_to_overwrite_its_input(kv_file):
+    with pytest.raises(InputError, match="overwrite its input"):
+        optimize_onnx(kv_file, kv_file, force=True)
