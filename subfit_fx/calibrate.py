@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -78,6 +79,18 @@ class Session:
             probe.replacement = None
 
     # -- statistics -----------------------------------------------------------------------
+
+    def reduce_sums(self, sums: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
+        """Combine sums that a policy accumulated itself over `run` passes (hooks, `each=`).
+
+        Here they are complete already; a data-parallel session (`subfit_fx.pipelines`), whose
+        `run` streams one rank's shard, sums them over the ranks.
+
+        Example:
+            >>> session.reduce_sums({"n": torch.ones(1)})  # doctest: +SKIP
+            {'n': tensor([1.])}
+        """
+        return sums
 
     def calibrate(self, batches: Iterable[Batch], labels: Iterable[str] | None = None,
                   inputs: tuple[str, ...] = ("normalized",), desc: str | None = "calibrate",

@@ -70,6 +70,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.distributed or args.pipeline != "basic" or args.offload is not None or args.layers_per_pass != 1:
+        # the pipelines (and torch.distributed) only load when asked for
+        from subfit_fx.pipelines.cli import run_compress
+
+        return run_compress(args)
+
     from subfit_fx.atomic import check_output
     from subfit_fx.compress import compress
     from subfit_fx.selection import check_sparsity
@@ -80,7 +86,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     options = {k: v for k, v in {
         "score": args.score, "bypass_input": args.bypass_input, "attention_rank": args.attention_rank,
         "ffn_basis": args.ffn_basis, "ridge": args.ridge, "rescore_every": args.rescore_every,
-        "sequential": args.sequential or None}.items() if v is not None}
+        "sequential": args.sequential or None, "forms": args.forms, "distance_tokens": args.distance_tokens,
+        "eval_batches": args.eval_batches}.items() if v is not None}
     print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
     compressed = compress(args.model, args.calib, target, args.method, samples=args.samples,
                           seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
@@ -132,6 +139,18 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ridge", type=float, help="relative ridge strength (default 1e-3)")
     p.add_argument("--rescore-every", type=int, help="re-score after every k choices")
     p.add_argument("--sequential", action="store_true", help="sequential error-correcting fits")
+    p.add_argument("--pipeline", choices=("basic", "sequential"), default="basic",
+                   help="calibrate all branches in one pass (basic) or one layer at a time (sequential)")
+    p.add_argument("--offload", help="sequential pipeline: scratch directory for statistics (default: CPU memory)")
+    p.add_argument("--layers-per-pass", type=int, default=1, help="sequential pipeline: layers per pass (default 1)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel calibration; launch with torchrun (see docs/distributed.md)")
+    p.add_argument("--backend", choices=("gloo", "nccl"),
+                   help="torch.distributed backend (default nccl with CUDA, else gloo)")
+    p.add_argument("--forms", choices=("fit", "auto"), help="SubFit: bypasses only, or bypass/removal per branch")
+    p.add_argument("--distance-tokens", choices=("last", "all"),
+                   help="UIDL/ReplaceMe: tokens of the angular distance (default last)")
+    p.add_argument("--eval-batches", type=int, help="BlockPruner: batches judging each removal (default all)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
@@ -170,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Other modules add their subcommands here (keeps this file free of their imports).
 _EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 # Modules with `register(subparsers, commands)` that add subcommands (imported lazily).
-COMMAND_MODULES: list[str] = ["subfit_fx.exporters.cli_commands"]
+COMMAND_MODULES: list[str] = ["subfit_fx.exporters.cli_commands", "subfit_fx.eval_cli"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from subfit_fx.atomic import atomic_dir
 from subfit_fx.branches import count_block_params, count_params, find_branches
-from subfit_fx.calibrate import prepare
+from subfit_fx.calibrate import Session, prepare
 from subfit_fx.capture import capture, is_causal_lm, max_positions
 from subfit_fx.data import Batch, load_tokenizer, split_batches, text_batches, token_batches
 from subfit_fx.errors import InputError
@@ -99,12 +100,15 @@ def _resolve(model: Any) -> tuple[torch.nn.Module, str | None]:
 
 def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *, samples: int = 64,
              seq_len: int = 256, batch_size: int = 8, seed: int = 0, skip_first: bool = False,
-             holdout: float = 0.0, tokenizer: Any = None, progress: bool = True, **options: Any) -> Compressed:
+             holdout: float = 0.0, tokenizer: Any = None, progress: bool = True,
+             session_factory: Callable[..., Session] | None = None, **options: Any) -> Compressed:
     """Compress `model` to `sparsity` (net fraction of transformer-block parameters) with `method`.
 
     `calib`: a text file (tokenized with the model's tokenizer, chunked into `samples`
     sequences of `seq_len`), an (N, L) token tensor, or a list of (ids, mask) batches.
-    `options` go to the method (for SubFit: see `SubfitOptions`).
+    `options` go to the method (for SubFit: see `SubfitOptions`). `session_factory` (default
+    `prepare`) picks the calibration pipeline, e.g. `subfit_fx.pipelines.SessionFactory("sequential")`
+    (layer by layer) or a data-parallel one under torchrun (docs/distributed.md).
 
     Example:
         >>> from subfit_fx.zoo import tiny_model
@@ -125,7 +129,7 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     ep = capture(module)
     branches = find_branches(ep)
     block = count_block_params(ep, branches)
-    session = prepare(ep, branches, skip_first=skip_first, progress=progress)
+    session = (session_factory or prepare)(ep, branches, skip_first=skip_first, progress=progress)
     if holdout:
         options = {**options, "holdout": holdout}
     ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), options)

@@ -135,6 +135,21 @@ def reduced_rank(gram: torch.Tensor, cross: torch.Tensor, y_sq: torch.Tensor | f
     return Fit("lowrank", layers, _residual(gram, cross, y_sq, w_r), params, ridge=lam)
 
 
+def _centered_cov(gram: torch.Tensor, p: int) -> torch.Tensor:
+    """Centered input covariance from a Gram matrix whose last row/column is the bias."""
+    g = gram.double()
+    n = float(g[-1, -1])
+    mu = g[-1, :p] / n
+    return g[:p, :p] / n - torch.outer(mu, mu)
+
+
+def _centered_xcov(gram: torch.Tensor, cross: torch.Tensor, p: int) -> torch.Tensor:
+    """Centered input-target cross-covariance from G and C (bias row last)."""
+    g, c = gram.double(), cross.double()
+    n = float(g[-1, -1])
+    return c[:p] / n - torch.outer(g[-1, :p] / n, c[-1] / n)
+
+
 def shared_basis(grams: list[torch.Tensor], crosses: list[torch.Tensor], k: int,
                  lam: float = 1e-3) -> torch.Tensor:
     """A common input basis P (p x k) for several branches' bypasses.
@@ -150,20 +165,15 @@ def shared_basis(grams: list[torch.Tensor], crosses: list[torch.Tensor], k: int,
     """
     p = grams[0].shape[0] - 1
     k = max(1, min(k, p))
-    covs, xcovs = [], []
-    for g, c in zip(grams, crosses):
-        g, c = g.double(), c.double()
-        n = float(g[-1, -1])
-        mu, ybar = g[-1, :p] / n, c[-1] / n
-        covs.append(g[:p, :p] / n - torch.outer(mu, mu))
-        xcovs.append(c[:p] / n - torch.outer(mu, ybar))
-    cov = sum(covs) / len(covs)
+    # Two streaming passes: O(p^2) memory however many branches (whose statistics may be
+    # memory-mapped from disk by the sequential pipeline), instead of 2 p^2 per branch.
+    cov = sum(_centered_cov(g, p) for g in grams) / len(grams)
     cov = cov + lam * float(torch.diagonal(cov).mean()) * torch.eye(p, dtype=torch.float64)
     evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
     whiten = evecs @ torch.diag(evals.clamp_min(1e-12 * float(evals.max())).rsqrt()) @ evecs.T
     m = torch.zeros(p, p, dtype=torch.float64)
-    for x in xcovs:
-        wx = whiten @ x
+    for g, c in zip(grams, crosses):
+        wx = whiten @ _centered_xcov(g, c, p)
         m += wx @ wx.T / max(float((wx**2).sum()), 1e-30)
     _, q = torch.linalg.eigh((m + m.T) / 2)
     return (whiten @ q[:, -k:].flip(1)).contiguous()

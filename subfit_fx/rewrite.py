@@ -64,8 +64,15 @@ class _Builder:
     def __init__(self, graph: fx.Graph, recipe: Recipe) -> None:
         self.graph, self.recipe = graph, recipe
         self.values: dict[str, fx.Node] = {}
+        self.replaced: dict[fx.Node, fx.Node] = {}  # stream nodes that earlier spans replaced
         vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
         self.fake_mode = detect_fake_mode(vals)
+
+    def resolve(self, node: fx.Node) -> fx.Node:
+        """The node that now stands for `node` (a span may have replaced it)."""
+        while node in self.replaced:
+            node = self.replaced[node]
+        return node
 
     def _tensor(self, key: str, dtype: torch.dtype) -> torch.nn.Parameter:
         return torch.nn.Parameter(self.recipe.tensors[key].detach().to(dtype).contiguous(), requires_grad=False)
@@ -169,11 +176,12 @@ def _replace_single(builder: _Builder, r: Replacement, b: Branch, nodes: dict[st
 
 def _replace_span(builder: _Builder, r: Replacement, first: Branch, last: Branch,
                   nodes: dict[str, fx.Node]) -> None:
-    x = nodes[first.skip]
+    x = builder.resolve(nodes[first.skip])
     end = stream_after(last, nodes)
     anchor = next(iter(end.users))
     new = x if r.action == "remove" else builder.add(x, builder.chain(x, r.layers, anchor), anchor)
     end.replace_all_uses_with(new)
+    builder.replaced[end] = new
 
 
 def _apply(builder: _Builder, recipe: Recipe, branches: dict[str, Branch]) -> None:

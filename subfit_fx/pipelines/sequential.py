@@ -1,0 +1,326 @@
+"""The sequential pipeline: calibrate layer by layer, with one layer's statistics alive at a time.
+
+The basic pipeline (`Session.calibrate`) observes every branch in one pass over the data, so the
+statistics of all branches are in memory together: (d+1)^2 + (d+1)d float64 values per branch and
+bypass-input kind, 17 GB for the 64 branches of a 7B model (d=4096), 172 GB for the 160 of a 70B
+(d=8192). The sequential pipeline instead sweeps the data once per layer (or per `layers_per_pass`
+layers), observing only that layer's branches, and stops each forward right after the layer's last
+probe (the rest of the graph cannot change these statistics). After each sweep the finished
+statistics are handed to `reduce` (compact results: scores, fits; the Gram matrices are dropped),
+or offloaded to a scratch directory and memory-mapped back, or kept in memory. Replacements set
+before a sweep are active in it, so the outputs of already-compressed layers feed the next ones
+(`on_group` can set them between layers).
+
+Cost: a sweep for layer l runs layers 0..l, so L layers cost about (L + 1) / 2 full forwards
+instead of one (`SequentialResult.forward_cost` counts them). With no replacement active the
+statistics are bitwise those of the basic pipeline: each probe accumulates the same tokens in the
+same order.
+
+`SequentialSession` makes this the session's `calibrate`, so every policy runs on it unchanged.
+
+Example:
+    >>> from subfit_fx import capture
+    >>> from subfit_fx.zoo import tiny_model
+    >>> session = SequentialSession(capture(tiny_model("llama", layers=2)), progress=False)  # doctest: +SKIP
+    >>> stats = session.calibrate(batches)  # doctest: +SKIP
+    >>> session.history[-1]["peak_bytes"] < session.history[-1]["all_at_once_bytes"]  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from subfit_fx.branches import Branch, find_branches
+from subfit_fx.calibrate import Session
+from subfit_fx.data import Batch
+from subfit_fx.errors import InputError
+from subfit_fx.passes.probes import BranchProbe
+from subfit_fx.stats import SCALARS, BranchStats
+
+__all__ = [
+    "SequentialResult",
+    "SequentialSession",
+    "layer_groups",
+    "offload_stats",
+    "sequential_calibrate",
+    "stats_from_tensors",
+    "stats_nbytes",
+]
+
+Target = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def stats_nbytes(stats: BranchStats | Mapping[str, BranchStats]) -> int:
+    """Bytes held by the tensors of one branch's statistics, or of a label -> statistics mapping.
+
+    Example:
+        >>> stats_nbytes(BranchStats.empty(64, 64))  # (65*65 + 65*64 + 1 + 6) float64 values
+        67136
+    """
+    if isinstance(stats, BranchStats):
+        return sum(t.numel() * t.element_size() for t in stats.tensors().values())
+    return sum(stats_nbytes(s) for s in stats.values())
+
+
+def stats_from_tensors(tensors: Mapping[str, torch.Tensor], width_in: int, width_out: int) -> BranchStats:
+    """Inverse of `BranchStats.tensors()`: rebuild statistics from their flat name -> tensor dict.
+
+    Example:
+        >>> s = BranchStats.empty(3, 3, ("normalized", "stream"))
+        >>> sorted(stats_from_tensors(s.tensors(), 3, 3).gram)
+        ['normalized', 'stream']
+    """
+    out = BranchStats(width_in, width_out, tokens=tensors["tokens"])
+    for name, t in tensors.items():
+        group, _, key = name.partition(".")
+        if group == "gram":
+            out.gram[key] = t
+        elif group == "cross":
+            out.cross[key] = t
+        elif group == "scalar":
+            out.scalars[key] = t
+    missing = set(SCALARS) - set(out.scalars)
+    assert not missing, f"statistics lack scalars {sorted(missing)}"
+    return out
+
+
+def offload_stats(stats: BranchStats, directory: str | Path) -> BranchStats:
+    """Write `stats` under `directory` and return them memory-mapped from that file.
+
+    The file is unlinked once mapped (POSIX keeps the data until the mapping goes), so the disk
+    space comes back when the returned statistics are dropped and nothing is left behind. Pages
+    are read on access and, being clean file pages, the kernel can evict them under pressure:
+    the statistics of all branches can exist at once without being resident at once.
+
+    Example:
+        >>> s = BranchStats.empty(2, 2); s.tokens += 3
+        >>> with tempfile.TemporaryDirectory() as scratch:
+        ...     int(offload_stats(s, scratch).tokens)
+        3
+    """
+    directory = Path(directory)
+    fd, name = tempfile.mkstemp(dir=directory, suffix=".pt")
+    os.close(fd)
+    path = Path(name)
+    try:
+        torch.save({k: t.detach().cpu() for k, t in stats.tensors().items()}, path)
+        tensors = torch.load(path, mmap=True, weights_only=True)
+    finally:
+        # A platform that cannot unlink a mapped file leaves it to the scratch directory's removal.
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return stats_from_tensors(tensors, stats.width_in, stats.width_out)
+
+
+@dataclass
+class SequentialResult:
+    """What a sequential sweep produced, and what it held in memory.
+
+    `stats`: statistics per label when no `reduce` was given (offloaded or in memory);
+    `results`: `reduce(label, stats)` per label otherwise. Byte counts are of statistics tensors:
+    `peak_bytes` the most held in (anonymous) memory at once, `all_at_once_bytes` what the basic
+    pipeline holds for the same labels, `offloaded_bytes` what went to the scratch directory.
+    `forward_cost` is the graph work in units of one full forward over the batches.
+    """
+
+    stats: dict[str, BranchStats] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)
+    peak_bytes: int = 0
+    all_at_once_bytes: int = 0
+    offloaded_bytes: int = 0
+    resident_bytes: int = 0
+    forward_cost: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        """Numbers for reports and logs (no tensors).
+
+        Example:
+            >>> SequentialResult().summary()["passes"]
+            0
+        """
+        return {"passes": len(self.groups), "peak_bytes": self.peak_bytes,
+                "all_at_once_bytes": self.all_at_once_bytes, "offloaded_bytes": self.offloaded_bytes,
+                "forward_cost": round(self.forward_cost, 4)}
+
+
+def layer_groups(branches: list[Branch], labels: Iterable[str] | None = None,
+                 layers_per_pass: int = 1) -> list[list[str]]:
+    """Labels grouped by layer, in depth order, `layers_per_pass` layers per group.
+
+    Example:
+        >>> from subfit_fx import capture, find_branches
+        >>> from subfit_fx.zoo import tiny_model
+        >>> layer_groups(find_branches(capture(tiny_model("gpt2", layers=2))))  # doctest: +SKIP
+        [['transformer.h.0.attn', 'transformer.h.0.mlp'], ['transformer.h.1.attn', 'transformer.h.1.mlp']]
+    """
+    if not isinstance(layers_per_pass, int) or layers_per_pass < 1:
+        raise InputError(f"layers_per_pass={layers_per_pass!r} must be a positive integer")
+    known = {b.label for b in branches}
+    wanted = known if labels is None else set(labels)
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise InputError(f"no branch labelled {unknown[0]!r}; labels come from find_branches() of this model")
+    layers: dict[int, list[str]] = {}
+    for b in branches:
+        if b.label in wanted:
+            layers.setdefault(b.layer, []).append(b.label)
+    order = sorted(layers)
+    return [[label for layer in order[i:i + layers_per_pass] for label in layers[layer]]
+            for i in range(0, len(order), layers_per_pass)]
+
+
+class _StopForward(Exception):
+    """Raised after the last probe of a group: the rest of the graph cannot change its statistics."""
+
+
+class _Truncated:
+    """Stands in for `session.module`: runs it, and ends the forward quietly at `_StopForward`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        try:
+            return self.module(*args, **kwargs)
+        except _StopForward:
+            return None
+
+
+def _last_probe(session: Session, group: list[str]) -> tuple[BranchProbe, float]:
+    """The group's probe that runs last, and the fraction of the graph's probes run up to it."""
+    module = session.module
+    ids = {id(session.probes[label]) for label in group}
+    position, last, total = -1, None, 0
+    for node in module.graph.nodes:
+        if node.op == "call_module" and isinstance(sub := module.get_submodule(node.target), BranchProbe):
+            total += 1
+            if id(sub) in ids:
+                position, last = total, sub
+    assert last is not None, f"no probe of {group} in the graph"
+    return last, position / total
+
+
+@contextmanager
+def _stop_after(session: Session, probe: BranchProbe) -> Iterator[None]:
+    def stop(_module: torch.nn.Module, _args: Any, _out: Any) -> None:
+        raise _StopForward
+
+    handle = probe.register_forward_hook(stop)
+    module = session.module
+    session.module = _Truncated(module)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        session.module = module
+        handle.remove()
+
+
+def sequential_calibrate(session: Session, batches: Iterable[Batch], labels: Iterable[str] | None = None, *,
+                         inputs: tuple[str, ...] = ("normalized",), targets: dict[str, Target] | None = None,
+                         reduce: Callable[[str, BranchStats], Any] | None = None,
+                         on_group: Callable[[list[str], dict[str, Any]], None] | None = None,
+                         offload: str | Path | None = None, layers_per_pass: int = 1,
+                         desc: str | None = "sequential") -> SequentialResult:
+    """Calibrate `labels` (default: all branches) one layer at a time.
+
+    Each group of `layers_per_pass` layers gets one sweep over `batches` through the session's
+    one-pass calibration (for a `DistributedSession`: sharded and all-reduced, one layer at a time),
+    with the forward stopped after the group's last probe. Its statistics then go to
+    `reduce(label, stats)` (the result is kept, the statistics dropped), else to `offload` (a
+    scratch directory; memory-mapped back), else stay in memory. `on_group(labels, values)` runs
+    after each group (values: the results or statistics of its labels), e.g. to set replacements
+    so that the next layers see compressed outputs. `targets` are as in `Session.calibrate`.
+
+    Example:
+        >>> from subfit_fx.scores import rotation
+        >>> r = sequential_calibrate(session, batches, reduce=lambda label, s: rotation(s))  # doctest: +SKIP
+        >>> r.peak_bytes * 8 <= r.all_at_once_bytes  # one layer of 8  # doctest: +SKIP
+        True
+    """
+    groups = layer_groups(session.branches, labels, layers_per_pass)
+    # A SequentialSession's own calibrate is this function: run the class below it for each group.
+    one_pass = super(SequentialSession, session).calibrate if isinstance(session, SequentialSession) \
+        else session.calibrate
+    batches = list(batches)
+    result = SequentialResult(groups=groups)
+    scratch = Path(tempfile.mkdtemp(dir=offload, prefix="subfit-stats-")) if offload is not None else None
+    try:
+        for i, group in enumerate(groups):
+            probe, fraction = _last_probe(session, group)
+            wanted = {label: targets[label] for label in group if label in targets} if targets else None
+            with _stop_after(session, probe):
+                stats = one_pass(batches, group, inputs, desc=desc and f"{desc} {i + 1}/{len(groups)}",
+                                 targets=wanted)
+            live = stats_nbytes(stats)
+            result.peak_bytes = max(result.peak_bytes, result.resident_bytes + live)
+            result.all_at_once_bytes += live
+            result.forward_cost += fraction
+            values: dict[str, Any] = {}
+            for label in group:
+                s = stats.pop(label)
+                if reduce is not None:
+                    values[label] = result.results[label] = reduce(label, s)
+                elif scratch is not None:
+                    values[label] = result.stats[label] = offload_stats(s, scratch)
+                    result.offloaded_bytes += stats_nbytes(s)
+                else:
+                    values[label] = result.stats[label] = s
+                    result.resident_bytes += stats_nbytes(s)
+                del s  # the accumulators go now, before the next sweep allocates its own
+            if on_group is not None:
+                on_group(group, values)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # files were unlinked when mapped
+    return result
+
+
+class SequentialSession(Session):
+    """A `Session` whose `calibrate` is the sequential pipeline, so any policy runs on it unchanged.
+
+    `offload`: scratch directory for statistics (None: kept in CPU memory). `history` collects
+    `SequentialResult.summary()` of every calibrate call (pass a list to collect them elsewhere).
+
+    Example:
+        >>> from subfit_fx import capture
+        >>> from subfit_fx.zoo import tiny_model
+        >>> s = SequentialSession(capture(tiny_model("llama")), offload="/tmp")  # doctest: +SKIP
+    """
+
+    def __init__(self, ep: torch.export.ExportedProgram, branches: list[Branch] | None = None,
+                 skip_first: bool = False, progress: bool = True, *, offload: str | Path | None = None,
+                 layers_per_pass: int = 1, history: list[dict[str, float]] | None = None, **kwargs: Any) -> None:
+        if not isinstance(layers_per_pass, int) or layers_per_pass < 1:
+            raise InputError(f"layers_per_pass={layers_per_pass!r} must be a positive integer")
+        if offload is not None and not Path(offload).is_dir():
+            raise InputError(f"offload directory '{offload}' does not exist; create it or pass an existing one")
+        super().__init__(ep, branches if branches is not None else find_branches(ep), skip_first, progress,
+                         **kwargs)
+        self.offload = offload
+        self.layers_per_pass = layers_per_pass
+        self.history = history if history is not None else []
+
+    def calibrate(self, batches: Iterable[Batch], labels: Iterable[str] | None = None,
+                  inputs: tuple[str, ...] = ("normalized",), desc: str | None = "calibrate",
+                  targets: dict[str, Target] | None = None) -> dict[str, BranchStats]:
+        """Statistics of `labels` (default: all branches), computed one layer at a time.
+
+        Example:
+            >>> stats = session.calibrate(batches)  # doctest: +SKIP
+        """
+        result = sequential_calibrate(self, batches, labels, inputs=inputs, targets=targets,
+                                      offload=self.offload, layers_per_pass=self.layers_per_pass, desc=desc)
+        self.history.append(result.summary())
+        return result.stats

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import importlib
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import subfit_fx.calibrate
+from subfit_fx.branches import count_block_params
+from subfit_fx.calibrate import prepare
+from subfit_fx.errors import InputError
+from subfit_fx.fit import removal
+from subfit_fx.methods.base import PolicyContext
+from subfit_fx.methods.subfit import subfit
+from subfit_fx.pipelines import SequentialSession, layer_groups, sequential_calibrate, stats_nbytes
+from subfit_fx.pipelines.cli import main
+from subfit_fx.scores import rotation
+from subfit_fx.stats import BranchStats
+from tests.conftest import captured
+from tests.pipelines.conftest import batches, flat
+
+LAYERS = 8
+ONE_BRANCH = stats_nbytes(BranchStats.empty(64, 64))  # (65*65 + 65*64 + 7) * 8 bytes
+
+
+class LiveStatsMeter:
+    """Measures, independently of the pipeline's own accounting, the bytes of accumulating
+    statistics alive at once: every `BranchStats.empty` (how probes make their accumulators) is
+    tracked by a weak reference, and the live ones are summed at every `update`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.refs: list[weakref.ref] = []
+        self.peak = 0
+        empty, update = BranchStats.empty.__func__, BranchStats.update
+
+        def tracked_empty(cls, *args, **kwargs):
+            stats = empty(cls, *args, **kwargs)
+            self.refs.append(weakref.ref(stats))
+            return stats
+
+        def tracked_update(stats, *args, **kwargs):
+            update(stats, *args, **kwargs)
+            live = [s for s in (r() for r in self.refs) if s is not None]
+            self.peak = max(self.peak, sum(stats_nbytes(s) for s in live))
+
+        monkeypatch.setattr(BranchStats, "empty", classmethod(tracked_empty))
+        monkeypatch.setattr(BranchStats, "update", tracked_update)
+
+    def reset(self) -> None:
+        self.refs, self.peak = [], 0
+
+
+def test_sequential_pipeline_holds_one_layer_of_statistics_and_matches_all_at_once(monkeypatch, tmp_path):
+    _, ep = captured("llama", LAYERS)
+    session = prepare(ep, progress=False)
+    data = batches()
+    meter = LiveStatsMeter(monkeypatch)
+    dense = flat(session.calibrate(data, desc=None))  # copies: the meter must not see these alive
+    basic_peak = meter.peak
+
+    meter.reset()
+    result = sequential_calibrate(session, data, offload=tmp_path, desc=None)
+    assert basic_peak == 2 * LAYERS * ONE_BRANCH
+    assert meter.peak == 2 * ONE_BRANCH == result.peak_bytes  # one layer: attention + FFN
+    assert meter.peak * LAYERS <= basic_peak
+    assert result.all_at_once_bytes == result.offloaded_bytes == basic_peak
+    assert result.forward_cost == pytest.approx((LAYERS + 1) / 2)  # each sweep stops after its layer
+    assert list(tmp_path.iterdir()) == []  # offloaded files were unlinked once mapped
+    # No replacement active: the same tokens in the same order, so bitwise the same statistics.
+    assert flat(result.stats).keys() == dense.keys()
+    for label, tensors in flat(result.stats).items():
+        assert all(torch.equal(t, dense[label][k]) for k, t in tensors.items()), label
+
+    # Compact results only (the Gram matrices are dropped after each layer).
+    meter.reset()
+    scores = sequential_calibrate(session, data, reduce=lambda _label, s: rotation(s), desc=None)
+    assert meter.peak == 2 * ONE_BRANCH and scores.stats == {}
+    assert scores.results == pytest.approx({label: float(t["scalar.angle_sum"] / t["tokens"])
+                                            for label, t in dense.items()}, rel=1e-12)
+    # Kept in memory instead: the pipeline says so (its peak grows to everything).
+    kept = sequential_calibrate(session, data, layers_per_pass=4, desc=None)
+    assert kept.peak_bytes == kept.all_at_once_bytes == basic_peak and len(kept.groups) == 2
+
+
+@pytest.mark.parametrize("options", [{}, {"sequential": True, "rescore_every": 3}])
+def test_subfit_policy_gives_the_same_scores_and_recipe_on_the_sequential_session(options, tmp_path):
+    _, ep = captured("llama", LAYERS)
+    data = batches()
+
+    def run(session):
+        ctx = PolicyContext(session, data, [], count_block_params(ep, session.branches), 0.25, True, dict(options))
+        return ctx, subfit(ctx)
+
+    ctx_basic, basic = run(prepare(ep, progress=False))
+    seq = SequentialSession(ep, progress=False, offload=tmp_path)
+    ctx_seq, recipe = run(seq)
+    assert ctx_seq.scores == ctx_basic.scores  # every score of every branch, exactly
+    assert recipe.replaced_labels() == basic.replaced_labels() != []
+    assert recipe.tensors.keys() == basic.tensors.keys()
+    assert all(torch.equal(recipe.tensors[k], basic.tensors[k]) for k in basic.tensors)
+    assert seq.history[0]["peak_bytes"] == 2 * ONE_BRANCH
+    # re-scoring and sequential refits go through the sequential session too
+    assert len(seq.history) > 1 if options else len(seq.history) == 1
+
+
+def test_replacements_set_between_layers_feed_the_next_layers():
+    _, ep = captured("llama", LAYERS)
+    session = prepare(ep, progress=False)
+    data = batches()
+    groups = layer_groups(session.branches)
+    attention0 = groups[0][0]
+    remove = removal(torch.eye(65, dtype=torch.float64), 0.0, 64)
+
+    def on_group(labels, _stats):
+        if attention0 in labels:
+            session.set_replacement(attention0, remove)
+
+    result = sequential_calibrate(session, data, groups[0] + groups[1], on_group=on_group, desc=None)
+    assert result.forward_cost == pytest.approx((2 + 4) / (2 * LAYERS))  # stopped after layers 0 and 1
+    compressed = flat(session.calibrate(data, groups[1], desc=None))  # attention 0 still removed
+    session.clear_replacements()
+    dense = flat(session.calibrate(data, groups[0] + groups[1], desc=None))
+    got = flat(result.stats)
+    for label in groups[0]:  # observed before the replacement was set
+        assert all(torch.equal(t, dense[label][k]) for k, t in got[label].items())
+    for label in groups[1]:  # observed with layer 0's attention removed
+        assert all(torch.equal(t, compressed[label][k]) for k, t in got[label].items())
+        assert not torch.equal(got[label]["gram.normalized"], dense[label]["gram.normalized"])
+
+
+def test_layer_groups_reject_unknown_labels_and_bad_sizes():
+    _, ep = captured("llama", LAYERS)
+    branches = prepare(ep, progress=False).branches
+    assert [len(g) for g in layer_groups(branches, layers_per_pass=3)] == [6, 6, 4]
+    with pytest.raises(InputError, match="no branch labelled 'nope'"):
+        layer_groups(branches, ["nope"])
+    with pytest.raises(InputError, match="layers_per_pass"):
+        layer_groups(branches, layers_per_pass=0)
+
+
+def test_cli_compresses_on_the_sequential_pipeline_in_one_process(tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out"
+    code = main(["compress", "builtin:llama", "--calib", str(text), "--samples", "4", "--seq-len", "16",
+                 "--batch-size", "2", "--sparsity", "0.25", "--out", str(out), "--pipeline", "sequential",
+                 "--offload", str(scratch)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert (out / "recipe.json").is_file() and (out / "report.json").is_file()
+    assert "sequential pipeline: 4 passes" in printed
+    assert list(Path(scratch).iterdir()) == []
+    # the bridge put prepare back (the package attribute `subfit_fx.compress` is the function)
+    assert importlib.import_module("subfit_fx.compress").prepare is subfit_fx.calibrate.prepare
+    assert main(["compress", "builtin:llama", "--calib", str(text), "--out", str(tmp_path / "o2"),
+                 "--offload", str(scratch)]) == 2  # offload without the sequential pipeline
