@@ -20,7 +20,22 @@ from pathlib import Path
 
 from subfit_fx.errors import InputError, OutputExistsError
 
-__all__ = ["atomic_dir", "atomic_file", "check_output"]
+__all__ = ["atomic_dir", "atomic_file", "check_output", "relax_permissions"]
+
+
+def relax_permissions(path: Path) -> None:
+    """Give a finished output the permissions a plain `mkdir` / `open` would (temporary files are
+    created private: 0700 / 0600).
+
+    Example:
+        >>> relax_permissions(Path("out"))  # doctest: +SKIP
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -56,6 +71,7 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
     try:
         yield tmp
+        relax_permissions(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
@@ -82,6 +98,7 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        relax_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -111,11 +111,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from subfit_fx.errors import InputError
+    from subfit_fx.html_report import write_html_report
+
+    directory = Path(args.dir)
+    if not (directory / "report.json").is_file():
+        raise InputError(f"'{directory}' holds no report.json; pass a directory written by 'subfit-fx compress'")
+    print(f"wrote {write_html_report(directory)}")
+    return 0
+
+
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo: train, compress, evaluate, export, benchmark")
     p.add_argument("--out", default="demo-output", help="report directory (default demo-output, replaced)")
     p.add_argument("--sparsity", default="0.25", help="target sparsity (default 0.25)")
     p.add_argument("--baseline", default="blockpruner", help="baseline to compare with (default blockpruner)")
+    p = sub.add_parser("report", help="rebuild report.html of a compressed directory (adds eval.json/bench.json)")
+    p.add_argument("dir", help="a directory written by 'subfit-fx compress'")
 
 
 def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
@@ -156,7 +171,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "inspect": _cmd_inspect, "compress": _cmd_compress, "demo": _cmd_demo}
+    "inspect": _cmd_inspect, "compress": _cmd_compress, "demo": _cmd_demo, "report": _cmd_report}
 
 
 def build_parser() -> argparse.ArgumentParser:

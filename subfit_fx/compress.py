@@ -23,6 +23,7 @@ from subfit_fx.calibrate import Session, prepare
 from subfit_fx.capture import capture, is_causal_lm, max_positions
 from subfit_fx.data import Batch, load_tokenizer, split_batches, text_batches, token_batches
 from subfit_fx.errors import InputError
+from subfit_fx.html_report import write_html_report
 from subfit_fx.methods import METHODS, PolicyContext
 from subfit_fx.models import resolve_model
 from subfit_fx.recipe import Recipe
@@ -48,7 +49,7 @@ class Compressed:
         return self.program.module()
 
     def save(self, directory: str | Path, force: bool = False) -> Path:
-        """Write recipe.json, weights.safetensors, report.json and report.md atomically.
+        """Write recipe.json, weights.safetensors, report.json, report.md and report.html atomically.
 
         Example:
             >>> compressed.save("out/llama-25")  # doctest: +SKIP
@@ -58,6 +59,7 @@ class Compressed:
             self.recipe.save(tmp)
             (tmp / "report.json").write_text(json.dumps(self.report.to_json(), indent=2, sort_keys=True) + "\n")
             (tmp / "report.md").write_text(self.report.to_markdown())
+            write_html_report(tmp)
             for hook in SAVE_HOOKS:
                 hook(self, tmp)
         return directory
