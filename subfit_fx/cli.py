@@ -93,13 +93,22 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                           seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                           skip_first=args.skip_first, holdout=args.holdout, **options)
     out = compressed.save(args.out, force=args.force)
-    r = compressed.report
+    print_summary(compressed.report)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_summary(report: object) -> None:
+    """Print what a compression run did: counts, sparsity, parameters, KV cache, selection map.
+
+    Example:
+        >>> print_summary(compressed.report)  # doctest: +SKIP
+    """
+    r = report
     print(f"replaced {len(r.replaced)} of {len(r.branches)} branches; sparsity {r.sparsity_actual:.2%} of "
           f"block parameters; parameters {r.params_before:,} -> {r.params_after:,}; "
           f"KV cache kept {r.kv_fraction_kept:.0%}")
     print(r.selection_map())
-    print(f"wrote {out}")
-    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -215,14 +224,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("SUBFIT_DEBUG") == "1"
-    try:
-        _quiet_libraries()
+
+    def run() -> int:
         args = build_parser().parse_args(argv)
         if not args.command:
             build_parser().print_help()
             return EXIT_USER_ERROR
         return COMMANDS[args.command](args)
+
+    return run_guarded(run, argv)
+
+
+def run_guarded(run: Callable[[], int], argv: Sequence[str]) -> int:
+    """Run a CLI body: user errors become one line + exit 2, Ctrl-C exit 130 (`--debug`: traceback).
+
+    Example:
+        >>> run_guarded(lambda: 0, [])
+        0
+    """
+    debug = "--debug" in argv or os.environ.get("SUBFIT_DEBUG") == "1"
+    try:
+        _quiet_libraries()
+        return run()
     except SubfitError as exc:
         if debug:
             traceback.print_exc()

@@ -15,15 +15,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import traceback
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from subfit_fx.errors import InputError, SubfitError
+from subfit_fx.errors import InputError
 
 if TYPE_CHECKING:
     from subfit_fx.compress import Compressed
@@ -31,8 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["build_pipeline_parser", "main", "run_compress"]
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 
 def _mib(n: float) -> str:
@@ -115,12 +110,10 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def _save_and_print(args: argparse.Namespace, compressed: Compressed, factory: SessionFactory) -> None:
+    from subfit_fx.cli import print_summary
+
     out = compressed.save(args.out, force=args.force)
-    r = compressed.report
-    print(f"replaced {len(r.replaced)} of {len(r.branches)} branches; sparsity {r.sparsity_actual:.2%} of "
-          f"block parameters; parameters {r.params_before:,} -> {r.params_after:,}; "
-          f"KV cache kept {r.kv_fraction_kept:.0%}")
-    print(r.selection_map())
+    print_summary(compressed.report)
     if factory.history:
         first = factory.history[0]
         print(f"sequential pipeline: {first['passes']} passes ({first['forward_cost']:.2f} full forwards); "
@@ -136,25 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["inspect"])  # only compress runs on a pipeline
         2
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("SUBFIT_DEBUG") == "1"
-    try:
-        import transformers
+    from subfit_fx.cli import run_guarded
 
-        transformers.logging.set_verbosity_error()
-        # deprecation chatter from torch/transformers internals is not actionable for CLI users
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
         args = build_pipeline_parser().parse_args(argv)
         if args.command != "compress":
             raise InputError("only 'compress' runs on a pipeline: torchrun --nproc-per-node N -m subfit_fx.pipelines "
                              "compress MODEL --calib TEXT --out DIR")
         return run_compress(args)
-    except SubfitError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"subfit-fx: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("subfit-fx: interrupted; no output was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+
+    return run_guarded(run, argv)

@@ -1,0 +1,96 @@
+"""Which SubFit options keep the most of the model? Measured on the *dev* half of wikitext-2
+test.txt (benchmarks/quality.py reports on the other half), so defaults are never tuned on the
+evaluation text.
+
+    python benchmarks/subfit_ablation.py [--sparsities 0.25 0.375] [--configs default stream ...]
+
+Writes docs/results/subfit_ablation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results
+from quality import calibration, eval_split, run_one
+
+import subfit_fx
+from subfit_fx.evaluation import evaluate
+from subfit_fx.training import ensure_reference_model
+
+CONFIGS: dict[str, dict] = {
+    "default": {},
+    "stream-input": {"bypass_input": "stream"},
+    "score-rotation": {"score": "rotation"},
+    "score-magnitude": {"score": "magnitude"},
+    "skip-first": {"skip_first": True},
+    "sequential": {"sequential": True},
+    "ridge-1e-1": {"ridge": 0.1},
+    "rank-x2": {"attention_rank": 64, "ffn_basis": 192},
+    "rescore-1": {"rescore_every": 1},
+    "holdout": {"score": "holdout", "holdout": 0.25},
+    "holdout-auto": {"score": "holdout", "holdout": 0.25, "forms": "auto"},
+    "holdout-auto-rescore": {"score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 1},
+    "holdout-auto-rescore-seq": {"score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 1,
+                                 "sequential": True},
+}
+BASELINES = ["blockpruner", "llm-drop", "shortgpt"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--baselines", nargs="*", default=BASELINES)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=30_000)
+    parser.add_argument("--choice-items", type=int, default=100)
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model_dir = args.model or ensure_reference_model()
+    model = subfit_fx.load_model(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    text = eval_split("dev")
+    calib = calibration(tokenizer, args.samples, args.seq_len)
+    dense = evaluate(subfit_fx.capture(model).module(), tokenizer, text, causal=True, seq_len=args.seq_len,
+                     max_tokens=args.eval_tokens, choice_items_count=args.choice_items, progress=False)
+    rows = []
+    for sparsity in args.sparsities:
+        runs = [(name, "subfit", CONFIGS[name]) for name in args.configs] + [(b, b, {}) for b in args.baselines]
+        for name, method, options in runs:
+            row = run_one(model, tokenizer, calib, text, method, sparsity, args, options)
+            row["config"] = name
+            rows.append(row)
+            print(f"{sparsity:.3f} {name:28s} ppl x{row['perplexity'] / dense['perplexity']:.3f} "
+                  f"choice {row['choice_accuracy']:.3f} sparsity {row['sparsity_actual']:.3f} "
+                  f"kv {row['kv_fraction_kept']:.2f} [{row['compress_s']:.0f}s]", flush=True)
+    lines = ["# SubFit ablation (dev half of wikitext-2 test.txt)", "",
+             f"Dense dev perplexity {dense['perplexity']:.2f}, choice accuracy {dense['choice_accuracy']:.3f}. "
+             "Rows are SubFit option sets (and baselines for scale); same calibration and budget for all.", "",
+             "| sparsity | config | options | ppl / dense | next-token acc / dense | choice acc | actual sparsity "
+             "| KV kept | replaced | seconds |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        opts = json.dumps(CONFIGS.get(r["config"], {})) if r["method"] == "subfit" else "(baseline)"
+        lines.append(f"| {r['sparsity_target']:.4g} | {r['config']} | `{opts}` | "
+                     f"{r['perplexity'] / dense['perplexity']:.3f} | "
+                     f"{r['next_token_accuracy'] / dense['next_token_accuracy']:.3f} | {r['choice_accuracy']:.3f} | "
+                     f"{r['sparsity_actual']:.3f} | {r['kv_fraction_kept']:.2f} | {len(r['replaced'])} | "
+                     f"{r['compress_s']:.0f} |")
+    write_results("subfit_ablation", {"dense": dense, "rows": rows, "args": vars(args) | {"model": str(model_dir)}},
+                  "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
