@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -20,16 +22,24 @@ from subfit_fx.errors import SubfitError
 
 
 def _quiet_libraries() -> None:
+    import logging
     import warnings
 
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # torch logs a traceback for a TypeError in fake-tensor dispatch (how a Ctrl-C inside torch.export
+    # surfaces) and re-raises it; the CLI reports the error itself. A filter survives torch's log setup.
+    logging.getLogger("torch._subclasses.fake_tensor").addFilter(_drop_record)
     # deprecation chatter from torch/transformers internals is not actionable for CLI users
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-__all__ = ["build_parser", "main"]
+def _drop_record(record: object) -> bool:
+    return False
+
+
+__all__ = ["build_parser", "main", "print_summary", "run_guarded"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -243,17 +253,52 @@ def run_guarded(run: Callable[[], int], argv: Sequence[str]) -> int:
         0
     """
     debug = "--debug" in argv or os.environ.get("SUBFIT_DEBUG") == "1"
+    interrupts = _Interrupts()
     try:
-        _quiet_libraries()
-        return run()
+        with interrupts:
+            _quiet_libraries()
+            return run()
+    except KeyboardInterrupt:
+        return _interrupted()
     except SubfitError as exc:
+        if interrupts.seen:  # e.g. CaptureError wrapping torch's TypeError("... KeyboardInterrupt")
+            return _interrupted()
         if debug:
             traceback.print_exc()
         print(f"subfit-fx: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("subfit-fx: interrupted; no output was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except Exception:
+        if interrupts.seen:
+            return _interrupted()
+        raise
+
+
+def _interrupted() -> int:
+    print("subfit-fx: interrupted; no output was written", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+class _Interrupts:
+    """Notices SIGINT even where a library turns the KeyboardInterrupt into another error (torch's
+    argument parser reports it as a TypeError inside torch.export, which capture() wraps)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: object = None
+
+    def __enter__(self) -> _Interrupts:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

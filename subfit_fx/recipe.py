@@ -193,7 +193,7 @@ def recipe_from_fits(method: str, branches: list[Branch], fits: dict[str, Fit], 
         []
     """
     tensors: dict[str, torch.Tensor] = {}
-    shared_keys: dict[int, str] = {}
+    shared: dict[str, torch.Tensor] = {}
     replacements = []
     order = {b.label: i for i, b in enumerate(branches)}
     for i, label in enumerate(sorted(fits, key=order.__getitem__)):
@@ -201,8 +201,12 @@ def recipe_from_fits(method: str, branches: list[Branch], fits: dict[str, Fit], 
         layers: list[tuple[str, str | None]] = []
         for j, (weight, bias) in enumerate(fit.layers):
             if j in fit.shared:
-                key = shared_keys.setdefault(id(weight), f"shared{len(shared_keys)}.weight")
-                tensors[key] = weight
+                # one tensor per distinct shared weight (fits may hold equal copies of one basis)
+                key = next((k for k, t in shared.items() if t.shape == weight.shape and torch.equal(t, weight)), None)
+                if key is None:
+                    key = f"shared{len(shared)}.weight"
+                    shared[key] = weight
+                tensors[key] = shared[key]
                 layers.append((key, None))
                 continue
             w_key = f"r{i}.{j}.weight"

@@ -85,3 +85,11 @@ def test_sequential_fit_repairs_upstream_drift(models):
         errs[seq] = float(((c.module()(ids, torch.ones_like(ids)) - dense) ** 2).mean())
     torch.set_grad_enabled(True)
     assert errs[True] <= errs[False] * 1.05
+
+
+def test_shared_basis_is_stored_once(models):
+    c = subfit_fx.compress(models["llama"], CALIB, 0.375, progress=False, attention_rank=64)
+    ffn_bypasses = [r for r in c.recipe.replacements if r.form == "shared"]
+    assert len(ffn_bypasses) >= 2
+    assert len({r.layers[0][0] for r in ffn_bypasses}) == 1
+    assert c.report.sparsity_actual >= 0.375

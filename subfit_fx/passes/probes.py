@@ -51,10 +51,15 @@ class ProbeContext:
         self.token_mask = keep
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
-        """Rows of `t` (batch, seq, width) that count, flattened to (tokens, width)."""
-        if self.token_mask is None or self.token_mask.shape != t.shape[:2]:
+        """Rows of `t` (batch, seq, width), or (batch * seq, width) where the model flattens tokens
+        (OPT's FFN), that count, flattened to (tokens, width)."""
+        if self.token_mask is None:
             return t.reshape(-1, t.shape[-1])
-        return t[self.token_mask]
+        if t.shape[:2] == self.token_mask.shape:
+            return t[self.token_mask]
+        if t.dim() == 2 and t.shape[0] == self.token_mask.numel():
+            return t[self.token_mask.reshape(-1)]
+        return t.reshape(-1, t.shape[-1])
 
 
 class BranchProbe(torch.nn.Module):

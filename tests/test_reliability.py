@@ -1,0 +1,352 @@
+"""Reliability and safety: user errors are one line with exit code 2, outputs are atomic, weights are
+never unpickled, recipes are checked against their model, and runs are deterministic."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import subfit_fx
+from subfit_fx.cli import main
+from subfit_fx.errors import CalibrationError, ModelLoadError, RecipeMismatchError, ValidationError
+from subfit_fx.zoo import tiny_model
+from tests.fixtures_reliability import (
+    assert_no_output,
+    assert_one_line_error,
+    calib_text,
+    cli_env,
+    run_cli,
+    stderr_lines,
+)
+
+FAST = ["--samples", "8", "--seq-len", "32"]
+
+
+@pytest.fixture
+def calib(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(calib_text())
+    return path
+
+
+def _compress_argv(model: str, calib: Path, out: Path, *extra: str) -> list[str]:
+    return ["compress", model, "--calib", str(calib), "--sparsity", "0.25", *FAST, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved tiny llama (2 layers, width 32), shared read-only."""
+    path = tmp_path_factory.mktemp("model") / "llama"
+    tiny_model("llama", hidden=32, layers=2).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(model_dir, tmp_path_factory) -> Path:
+    """`model_dir` compressed once by the CLI (seed 0), shared read-only by several tests."""
+    root = tmp_path_factory.mktemp("compressed")
+    calib = root / "calib.txt"
+    calib.write_text(calib_text())
+    assert main(_compress_argv(str(model_dir), calib, root / "out")) == 0
+    return root / "out"
+
+
+def _saved_model(path: Path, poison: float | None = None) -> Path:
+    model = tiny_model("llama", layers=2)
+    if poison is not None:
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[0, 0] = poison
+    model.save_pretrained(path)
+    return path
+
+
+# -- user errors of `compress`: exit 2, one line naming problem and fix, nothing written -------------
+
+def _missing_model(tmp: Path, calib: Path) -> list[str]:
+    return _compress_argv(str(tmp / "no-such-model"), calib, tmp / "out")
+
+
+def _dir_without_model(tmp: Path, calib: Path) -> list[str]:
+    (tmp / "empty").mkdir()
+    return _compress_argv(str(tmp / "empty"), calib, tmp / "out")
+
+
+def _corrupted_safetensors(tmp: Path, calib: Path) -> list[str]:
+    model_dir = _saved_model(tmp / "model")
+    for weights in model_dir.glob("*.safetensors"):
+        weights.write_bytes(b"\x00garbage, not a safetensors header" * 16)
+    return _compress_argv(str(model_dir), calib, tmp / "out")
+
+
+def _calib_file(tmp: Path, text: str) -> Path:
+    path = tmp / "short.txt"
+    path.write_text(text)
+    return path
+
+
+def _with(*pairs: str):
+    """Compress builtin:llama with options replaced by `pairs` (flag, value, flag, value...)."""
+    def build(tmp: Path, calib: Path) -> list[str]:
+        argv = _compress_argv("builtin:llama", calib, tmp / "out")
+        for flag, value in zip(pairs[::2], pairs[1::2]):
+            argv[argv.index(flag) + 1] = value
+        return argv
+    return build
+
+
+USER_ERRORS = {
+    "missing-model": (_missing_model, ["does not exist", "Hugging Face model directory"]),
+    "dir-without-model": (_dir_without_model, ["not a model directory", "save_pretrained"]),
+    "corrupted-safetensors": (_corrupted_safetensors, ["cannot load weights", "re-save"]),
+    "missing-calib": (lambda t, c: _with("--calib", str(t / "nope.txt"))(t, c), ["does not exist"]),
+    "empty-calib": (lambda t, c: _with("--calib", str(_calib_file(t, " \n")))(t, c), ["is empty"]),
+    "calib-shorter-than-a-sequence": (lambda t, c: _with("--calib", str(_calib_file(t, "hello world")))(t, c),
+                                      ["fewer than one sequence", "--seq-len"]),
+    "seq-len-above-max-positions": (_with("--seq-len", "129"), ["exceeds", "128", "--seq-len 128"]),
+    "sparsity-zero": (_with("--sparsity", "0"), ["sparsity", "0 < sparsity < 0.9"]),
+    "sparsity-negative": (_with("--sparsity", "-0.1"), ["sparsity", "0 < sparsity < 0.9"]),
+    "sparsity-0.9": (_with("--sparsity", "0.9"), ["sparsity", "0 < sparsity < 0.9"]),
+    "sparsity-above-1": (_with("--sparsity", "1.5"), ["sparsity", "0 < sparsity < 0.9"]),
+    "sparsity-nan": (_with("--sparsity", "nan"), ["sparsity", "0 < sparsity < 0.9"]),
+    "sparsity-not-a-number": (_with("--sparsity", "abc"), ["'abc' is not a number", "0.25"]),
+    "unknown-method": (lambda t, c: [*_with()(t, c), "--method", "bogus"], ["invalid choice", "bogus", "--help"]),
+    "missing-output-parent": (lambda t, c: _compress_argv("builtin:llama", c, t / "no" / "such" / "out"),
+                              ["does not exist", "create it first"]),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_compress_user_error_is_one_line_exit_2_and_writes_nothing(case, tmp_path, calib, capsys):
+    build, needles = USER_ERRORS[case]
+    argv = build(tmp_path, calib)
+    out = Path(argv[argv.index("--out") + 1])
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, *needles)
+    assert_no_output(out)
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, calib, capsys):
+    argv = ["--debug", *_missing_model(tmp_path, calib)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ModelLoadError" in err
+    assert stderr_lines(err)[-1].startswith("subfit-fx: error:")
+    assert_no_output(tmp_path / "out")
+
+
+def test_cli_subprocess_sparsity_not_a_number(tmp_path, calib):
+    proc = run_cli(_with("--sparsity", "lots")(tmp_path, calib))
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line_error(proc.stderr, "'lots' is not a number")
+    assert_no_output(tmp_path / "out")
+
+
+# -- weights only through safetensors -----------------------------------------------------------------
+
+class _Trap:
+    """Unpickling this creates a file: proof that a pickle was (or was not) loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_pickled_weights_are_never_unpickled(tmp_path, calib, capsys):
+    model_dir = _saved_model(tmp_path / "model")
+    for weights in model_dir.glob("*.safetensors"):
+        weights.unlink()
+    sentinel = tmp_path / "unpickled"
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(sentinel)))
+    armed = tmp_path / "armed"
+    pickle.loads(pickle.dumps(_Trap(armed)))  # the trap works when something does unpickle it
+    assert armed.exists()
+
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        subfit_fx.load_model(model_dir)
+    assert main(_compress_argv(str(model_dir), calib, tmp_path / "out")) == 2
+    assert_one_line_error(capsys.readouterr().err, "no *.safetensors", "never unpickles")
+    assert not sentinel.exists()
+    assert_no_output(tmp_path / "out")
+
+
+# -- recipes are checked against their model ---------------------------------------------------------
+
+def test_recipe_from_another_model_is_rejected(compressed_dir):
+    with pytest.raises(RecipeMismatchError, match="another model"):
+        subfit_fx.load(compressed_dir, model=tiny_model("gpt2"))
+
+
+def test_recipe_for_another_width_is_rejected(compressed_dir):
+    # same architecture and branch labels as the compressed model, but a wider stream
+    with pytest.raises(RecipeMismatchError, match="width"):
+        subfit_fx.load(compressed_dir, model=tiny_model("llama", hidden=64, layers=2))
+
+
+def test_cli_export_of_recipe_from_another_model_is_rejected(compressed_dir, tmp_path, capsys):
+    moved = tmp_path / "compressed"
+    shutil.copytree(compressed_dir, moved)
+    recipe = json.loads((moved / "recipe.json").read_text())
+    recipe["base_model"] = "builtin:gpt2"  # the directory now names a model the recipe was not made for
+    (moved / "recipe.json").write_text(json.dumps(recipe))
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(moved), "--out", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "another model")
+    assert_no_output(out)
+
+
+# -- outputs: refused when present, replaced atomically with --force ---------------------------------
+
+def test_existing_output_is_refused_without_force(tmp_path, calib, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(_compress_argv("builtin:llama", calib, out)) == 2
+    assert_one_line_error(capsys.readouterr().err, "already exists", "--force")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out"]  # no temp sibling
+
+
+def test_same_seed_rerun_with_force_replaces_output_byte_identically(model_dir, compressed_dir, tmp_path, calib):
+    """Determinism (same model, data, options, seed -> same bytes) and --force replacing an output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(_compress_argv(str(model_dir), calib, out, "--seed", "0", "--force")) == 0
+    assert not (out / "keep.txt").exists()
+    for name in ("recipe.json", "weights.safetensors"):
+        assert (out / name).read_bytes() == (compressed_dir / name).read_bytes(), name
+    assert json.loads((out / "recipe.json").read_text())["replacements"], "nothing replaced: vacuous comparison"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out"]  # no temp or old sibling
+
+
+def test_failed_run_with_force_leaves_existing_output_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(_compress_argv("builtin:llama", empty, out, "--force")) == 2
+    assert_one_line_error(capsys.readouterr().err, "is empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "out"]
+
+
+def test_unwritable_output_directory(tmp_path, calib, capsys):
+    if os.geteuid() == 0:  # root writes through chmod; nothing can be created under a regular file
+        parent = tmp_path / "file.txt"
+        parent.write_text("not a directory")
+    else:
+        parent = tmp_path / "readonly"
+        parent.mkdir()
+        parent.chmod(0o500)
+    out = parent / "out"
+    try:
+        assert main(_compress_argv("builtin:llama", calib, out)) == 2
+        assert_one_line_error(capsys.readouterr().err, "cannot write")
+        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", parent.name]
+    finally:
+        if parent.is_dir():
+            parent.chmod(0o700)
+
+
+# -- exported artifacts are validated before they appear ---------------------------------------------
+
+def test_onnx_parity_failure_writes_nothing(tmp_path):
+    try:
+        from subfit_fx.exporters.onnx_export import export_onnx
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("subfit_fx.exporters"):
+            pytest.skip("subfit_fx.exporters.onnx_export does not exist yet")
+        raise
+    from subfit_fx.capture import HFWrapper
+
+    model = tiny_model("gpt2", hidden=32, layers=1)
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():  # a deliberately wrong weight in what the ONNX model is checked against
+        fc = wrong.transformer.h[0].mlp.c_fc.weight
+        fc.add_(torch.randn(fc.shape, generator=torch.Generator().manual_seed(0)))
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ValidationError, match="onnx vs torch"):
+        export_onnx(model, out, reference=HFWrapper(wrong).eval())
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- non-finite statistics ---------------------------------------------------------------------------
+
+def test_non_finite_statistics_raise_calibration_error():
+    model = tiny_model("llama", layers=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")  # the CLI test below uses NaN
+    tokens = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CalibrationError, match="NaN or Inf"):
+        subfit_fx.compress(model, tokens, 0.25, progress=False)
+
+
+def test_cli_non_finite_weights_are_one_line_error(tmp_path, calib, capsys):
+    model_dir = _saved_model(tmp_path / "model", poison=float("nan"))
+    out = tmp_path / "out"
+    assert main(_compress_argv(str(model_dir), calib, out)) == 2
+    assert_one_line_error(capsys.readouterr().err, "NaN or Inf", "model.layers.0.mlp")
+    assert_no_output(out)
+
+
+# -- interruption --------------------------------------------------------------------------------------
+
+def test_sigint_during_compress_exits_130_and_writes_nothing(tmp_path):
+    calib = tmp_path / "long.txt"
+    calib.write_text(calib_text(words=3000))  # > 64 sequences of 128 tokens: calibration takes seconds
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "subfit_fx", "compress", "builtin:llama", "--calib", str(calib),
+            "--sparsity", "0.25", "--samples", "64", "--seq-len", "128", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        first = proc.stderr.readline()
+        assert first.startswith("compressing builtin:llama"), first
+        time.sleep(1.5)
+        assert proc.poll() is None, "compress finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        stdout, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, rest
+    assert_one_line_error(first + rest, "no output was written", prefix="subfit-fx: interrupted")
+    assert "wrote" not in stdout
+    assert_no_output(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.txt"]
+
+
+def test_interrupt_that_a_library_turns_into_another_error_still_exits_130(tmp_path, calib, capsys, monkeypatch):
+    """torch's C++ argument parser reports a SIGINT landing inside torch.export as a TypeError."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def export(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(5)  # the handler runs at the next bytecode, before this sleep returns
+        except KeyboardInterrupt:
+            raise TypeError("empty_strided(): argument 'size' failed to unpack the object at pos 1 with "
+                            'error "KeyboardInterrupt: <EMPTY MESSAGE>"') from None
+        raise AssertionError("SIGINT was not delivered")
+
+    monkeypatch.setattr(torch.export, "export", export)
+    out = tmp_path / "out"
+    assert main(_compress_argv("builtin:llama", calib, out)) == 130
+    assert_one_line_error(capsys.readouterr().err, "no output was written", prefix="subfit-fx: interrupted")
+    assert_no_output(out)
