@@ -57,3 +57,10 @@ def test_mismatched_recipe_leaves_module_untouched(compressed):
     with pytest.raises(RecipeMismatchError):
         ReplaceBranchesPass(c.recipe)(gm)
     assert [n.name for n in gm.graph.nodes] == before
+
+
+def test_compose_example_runs():
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" / "compose_passes.py"), run_name="__main__")
