@@ -93,3 +93,10 @@ def test_shared_basis_is_stored_once(models):
     assert len(ffn_bypasses) >= 2
     assert len({r.layers[0][0] for r in ffn_bypasses}) == 1
     assert c.report.sparsity_actual >= 0.375
+
+
+def test_guarded_preset_holds_out_its_own_data(models):
+    c = subfit_fx.compress(models["llama"], CALIB, 0.25, "subfit-guarded", progress=False)
+    assert c.recipe.method == "subfit-guarded" and c.report.sparsity_actual >= 0.25
+    assert c.recipe.options["score"] == "holdout" and c.recipe.options["sequential"]
+    assert all("holdout" in b["scores"] for b in c.report.branches)

@@ -14,7 +14,7 @@ from subfit_fx.methods.blockpruner import blockpruner
 from subfit_fx.methods.llm_drop import llm_drop
 from subfit_fx.methods.replaceme import replaceme
 from subfit_fx.methods.shortgpt import shortgpt
-from subfit_fx.methods.subfit import SubfitOptions, subfit
+from subfit_fx.methods.subfit import SubfitOptions, subfit, subfit_guarded
 from subfit_fx.methods.uidl import uidl
 from subfit_fx.recipe import Recipe
 
@@ -22,6 +22,7 @@ __all__ = ["METHODS", "PolicyContext", "SubfitOptions", "register_method"]
 
 METHODS: dict[str, Callable[[PolicyContext], Recipe]] = {
     "subfit": subfit,
+    "subfit-guarded": subfit_guarded,
     # baselines (METHOD.md): same calibration, same parameter budget
     "shortgpt": shortgpt,
     "uidl": uidl,

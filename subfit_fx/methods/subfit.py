@@ -246,3 +246,26 @@ def subfit(ctx: PolicyContext) -> Recipe:
                          fit.error / max(float(dense_stats[label].scalars["y_sq"]), 1e-30))
     return recipe_from_fits("subfit", ctx.branches, final, {label: opts.bypass_input for label in final},
                             options={"sparsity": ctx.target, **asdict(opts)})
+
+
+GUARDED = {"score": "holdout", "forms": "auto", "rescore_every": 1, "sequential": True}
+
+
+def subfit_guarded(ctx: PolicyContext) -> Recipe:
+    """SubFit with METHOD.md's guards against "a good local fit is not a good replacement": each
+    candidate (bypass or plain removal) is judged by its effect on held-out calibration loss,
+    re-scored after every choice (compounding), and the chosen bypasses are fitted sequentially.
+    Without held-out batches it holds out a quarter of the calibration sequences itself.
+
+    Example:
+        >>> recipe = subfit_guarded(ctx)  # doctest: +SKIP
+    """
+    from subfit_fx.data import split_batches
+
+    if not ctx.holdout:
+        ctx.batches, ctx.holdout = split_batches(ctx.batches, 0.25)
+    holdout = ctx.options.get("holdout") or 0.25
+    ctx.options = {**GUARDED, **ctx.options, "holdout": holdout}
+    recipe = subfit(ctx)
+    recipe.method = "subfit-guarded"
+    return recipe
