@@ -31,7 +31,7 @@ from subfit_fx.data import read_text, text_batches
 from subfit_fx.evaluation import evaluate
 from subfit_fx.training import default_data_dir, ensure_reference_model
 
-METHODS = ["subfit", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner"]
+METHODS = ["subfit", "subfit-guarded", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner"]
 SPARSITIES = [0.125, 0.1875, 0.25, 0.3125, 0.375]
 
 
@@ -138,21 +138,28 @@ def main() -> None:
     plot(rows, dense, png)
     at25 = {r["method"]: r for r in rows if r["sparsity_target"] == 0.25}
     verdict = []
-    if "subfit" in at25 and len(at25) > 1:
-        best_base = min((r for m, r in at25.items() if m != "subfit"), key=lambda r: r["perplexity"])
-        ratio = at25["subfit"]["perplexity"] / best_base["perplexity"]
-        ppl_dense = dense["perplexity"]
-        verdict.append(f"- At 25 %: SubFit perplexity ratio {at25['subfit']['perplexity'] / ppl_dense:.2f}x vs best "
-                       f"baseline ({best_base['method']}) {best_base['perplexity'] / ppl_dense:.2f}x: SubFit / best = "
-                       f"{ratio:.2f} (target <= 0.60: **{'met' if ratio <= 0.6 else 'missed'}**).")
-        choice_ok = all(at25["subfit"]["choice_accuracy"] >= r["choice_accuracy"] for r in at25.values())
-        verdict.append(f"- At 25 %: SubFit choice-accuracy retention "
-                       f"{at25['subfit']['choice_accuracy'] / dense['choice_accuracy']:.3f} >= every baseline's: "
-                       f"**{'met' if choice_ok else 'missed'}**.")
+    ppl_dense, choice_dense = dense["perplexity"], dense["choice_accuracy"]
+    baselines = [m for m in at25 if not m.startswith("subfit")]
+    for ours in [m for m in at25 if m.startswith("subfit")]:
+        if not baselines:
+            break
+        best = min((at25[m] for m in baselines), key=lambda r: r["perplexity"])
+        mine = at25[ours]
+        ratio = (mine["perplexity"] / ppl_dense) / (best["perplexity"] / ppl_dense)
+        excess = (mine["perplexity"] / ppl_dense - 1) / max(best["perplexity"] / ppl_dense - 1, 1e-9)
+        verdict.append(
+            f"- At 25 %, {ours}: perplexity ratio {mine['perplexity'] / ppl_dense:.3f}x vs best baseline "
+            f"({best['method']}) {best['perplexity'] / ppl_dense:.3f}x. Ratio of ratios {ratio:.2f} (target <= 0.60: "
+            f"**{'met' if ratio <= 0.6 else 'missed'}**); ratio of perplexity *increases* over dense {excess:.2f} "
+            f"({'<=' if excess <= 0.6 else '>'} 0.60).")
+        choice_ok = all(mine["choice_accuracy"] >= at25[m]["choice_accuracy"] for m in baselines)
+        verdict.append(f"- At 25 %, {ours}: choice-accuracy retention {mine['choice_accuracy'] / choice_dense:.3f} "
+                       f">= every baseline's: **{'met' if choice_ok else 'missed'}**.")
         best_from_25 = all(
-            min((r for r in rows if r["sparsity_target"] == s), key=lambda r: r["perplexity"])["method"] == "subfit"
+            min((r for r in rows if r["sparsity_target"] == s and (r["method"] == ours or r["method"] in baselines)),
+                key=lambda r: r["perplexity"])["method"] == ours
             for s in {r["sparsity_target"] for r in rows} if s >= 0.25)
-        verdict.append(f"- SubFit best of all methods (perplexity) at every sparsity from 25 % up: "
+        verdict.append(f"- {ours} best (perplexity) against every baseline at every sparsity from 25 % up: "
                        f"**{'met' if best_from_25 else 'missed'}**.")
     maps = [f"### {m} at 25 %\n\n```\n{r['selection_map']}\n```\n" for m, r in at25.items()]
     md = "\n".join([
