@@ -219,9 +219,10 @@ def train_causal_lm(
     if steps < 1 or seq_len < 2 or batch_size < 1:
         raise ValueError(f"need steps >= 1, seq_len >= 2, batch_size >= 1; got {steps=}, "
                          f"{seq_len=}, {batch_size=}")
-    prev_threads = torch.get_num_threads()
+    prev_threads, prev_grad = torch.get_num_threads(), torch.is_grad_enabled()
     if threads is not None:
         torch.set_num_threads(threads)
+    torch.set_grad_enabled(True)  # training needs autograd whatever the caller switched off
     try:
         start = time.perf_counter()
         torch.manual_seed(seed)
@@ -319,6 +320,7 @@ def train_causal_lm(
         return out_dir
     finally:
         torch.set_num_threads(prev_threads)
+        torch.set_grad_enabled(prev_grad)
 
 
 @torch.no_grad()

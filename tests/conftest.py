@@ -22,6 +22,14 @@ def captured(arch: str, layers: int = 2, hidden: int = 64):
     return model, capture(model)
 
 
+@pytest.fixture(autouse=True)
+def _restore_grad_mode():
+    """Tests may switch autograd off globally; never let that leak into the next test."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
 @pytest.fixture
 def tokens():
     """A (2, 12) batch of token ids with left padding in the first row."""
