@@ -29,7 +29,7 @@ __all__ = ["DEMO_MODEL", "demo_corpus", "ensure_demo_model", "run_demo"]
 # A small Llama that learns Python syntax in a few minutes on 2 cores.
 DEMO_MODEL: dict[str, Any] = {
     "layers": 6, "hidden": 128, "heads": 4, "kv_heads": 2, "intermediate": 352, "vocab_size": 2048,
-    "seq_len": 128, "batch_size": 16, "steps": 350, "lr": 3e-3, "seed": 0,
+    "seq_len": 128, "batch_size": 16, "steps": 300, "lr": 3e-3, "seed": 0,
 }
 CORPUS_BYTES = 1_500_000  # training text
 HELDOUT_BYTES = 200_000  # evaluation text (other files)
@@ -148,7 +148,7 @@ def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: 
     calib_path = cache_dir() / "demo-calibration.txt"
     calib_path.write_text(corpus["calibration"])
     calib = text_batches(calib_path, tokenizer, samples=32, seq_len=128, batch_size=8)
-    eval_ids = torch.tensor(tokenizer(corpus["evaluation"], add_special_tokens=False)["input_ids"])[:30_000]
+    eval_ids = torch.tensor(tokenizer(corpus["evaluation"], add_special_tokens=False)["input_ids"])[:12_800]
 
     with atomic_dir(Path(out), force=force) as tmp:
         candidates: dict[str, Any] = {"dense": None}
