@@ -47,6 +47,20 @@ def calibration(tokenizer: Any, samples: int, seq_len: int, seed: int = 0) -> li
                         seq_len=seq_len, batch_size=8, seed=seed)
 
 
+def setup(args: argparse.Namespace, split: str) -> tuple:
+    """(model dir, model, tokenizer, evaluation text, calibration batches, dense metrics) for a run."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model_dir = args.model or ensure_reference_model()
+    model = subfit_fx.load_model(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    text = eval_split(split)
+    calib = calibration(tokenizer, args.samples, args.seq_len)
+    dense = evaluate(subfit_fx.capture(model).module(), tokenizer, text, causal=True, seq_len=args.seq_len,
+                     max_tokens=args.eval_tokens, choice_items_count=args.choice_items, progress=False)
+    return model_dir, model, tokenizer, text, calib, dense
+
+
 def run_one(model, tokenizer, calib, text, method, sparsity, args, options) -> dict[str, Any]:
     t = time.perf_counter()
     c = subfit_fx.compress(model, calib, sparsity, method, progress=False, **options)
@@ -113,16 +127,7 @@ def main() -> None:
     parser.add_argument("--split", choices=("test", "dev"), default="test")
     parser.add_argument("--name", default="quality", help="results file stem under docs/results")
     args = parser.parse_args()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-
-    model_dir = args.model or ensure_reference_model()
-    model = subfit_fx.load_model(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    text = eval_split(args.split)
-    calib = calibration(tokenizer, args.samples, args.seq_len)
-    dense = evaluate(subfit_fx.capture(model).module(), tokenizer, text, causal=True, seq_len=args.seq_len,
-                     max_tokens=args.eval_tokens, choice_items_count=args.choice_items, progress=False)
+    model_dir, model, tokenizer, text, calib, dense = setup(args, args.split)
     print(f"dense: {json.dumps(dense)}", flush=True)
     rows = []
     for sparsity in args.sparsities:

@@ -14,16 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-import transformers
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
-from quality import calibration, eval_split, run_one
-
-import subfit_fx
-from subfit_fx.evaluation import evaluate
-from subfit_fx.training import ensure_reference_model
+from quality import run_one, setup
 
 CONFIGS: dict[str, dict] = {
     "default": {},
@@ -55,15 +48,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=30_000)
     parser.add_argument("--choice-items", type=int, default=100)
     args = parser.parse_args()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    model_dir = args.model or ensure_reference_model()
-    model = subfit_fx.load_model(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    text = eval_split("dev")
-    calib = calibration(tokenizer, args.samples, args.seq_len)
-    dense = evaluate(subfit_fx.capture(model).module(), tokenizer, text, causal=True, seq_len=args.seq_len,
-                     max_tokens=args.eval_tokens, choice_items_count=args.choice_items, progress=False)
+    model_dir, model, tokenizer, text, calib, dense = setup(args, "dev")
     rows = []
     for sparsity in args.sparsities:
         runs = [(name, "subfit", CONFIGS[name]) for name in args.configs] + [(b, b, {}) for b in args.baselines]
