@@ -21,9 +21,7 @@ import fcntl
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +31,8 @@ import torch
 import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
+
+from subfit_fx.atomic import atomic_dir
 
 __all__ = [
     "REFERENCE_DEFAULTS",
@@ -150,26 +150,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def _relax_permissions(directory: Path) -> None:
-    # mkdtemp makes the directory owner-only; the cached model is shared, so apply the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old.rmdir()
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def train_causal_lm(
@@ -307,16 +287,10 @@ def train_causal_lm(
         }
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir, force=True) as tmp:  # a retrained model replaces the cached one
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-            _relax_permissions(tmp)
-            _swap_into_place(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out_dir
     finally:
         torch.set_num_threads(prev_threads)
