@@ -32,7 +32,7 @@ def _mib(size: int) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """`subfit-fx export MODEL_OR_DIR --out FILE.onnx [--kv-cache] [--optimize] [--quantize int8|int4] [--force]`.
+    """`subfit-fx export MODEL_OR_DIR --out FILE.onnx [--kv-cache] [--optimize] [--quantize int8|int4] [--opset N]`.
 
     Each stage is validated (export and fusions against torch within 1e-4; quantization reported);
     only the last stage writes `--out`, earlier ones go to a temporary folder.
@@ -42,10 +42,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         0
     """
     from subfit_fx.exporters.kv_cache import export_onnx_kv
-    from subfit_fx.exporters.onnx_export import export_onnx
+    from subfit_fx.exporters.onnx_export import OPSET, check_opset, export_onnx
     from subfit_fx.exporters.postprocess import optimize_onnx, quantize_int4, quantize_int8
     from subfit_fx.exporters.sources import load_source
 
+    opset = OPSET if args.opset is None else check_opset(args.opset)
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise InputError(f"--out '{out}' must end in .onnx")
@@ -66,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         stages = [Path(tmp) / f"stage{i}.onnx" for i in range(len(passes))] + [out]
         exporter = export_onnx_kv if args.kv_cache else export_onnx
-        result = exporter(src, stages[0], force=args.force)
+        result = exporter(src, stages[0], force=args.force, opset=opset)
         _say(f"  export: {result.parity.summary()}")
         path = stages[0]
         for (name, run), dst in zip(passes, stages[1:]):
@@ -206,6 +207,9 @@ def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | 
     p.add_argument("--kv-cache", action="store_true",
                    help="decoder with KV cache inputs/outputs (one graph for prefill and decode)")
     p.add_argument("--optimize", action="store_true", help="fuse attention, rotary and norms for ONNX Runtime")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default 23: attention, rotary and RMS norm as standard ops; "
+                        "older opsets decompose them, and --optimize fuses them back)")
     p.add_argument("--quantize", choices=("int8", "int4"), help="quantize MatMul weights")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 

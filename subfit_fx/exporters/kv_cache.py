@@ -26,7 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from transformers.cache_utils import DynamicCache
 from subfit_fx.capture import is_causal_lm
 from subfit_fx.errors import CaptureError, InputError, RecipeMismatchError
 from subfit_fx.exporters.artifacts import model_bytes, save_model, set_metadata, staged_output
-from subfit_fx.exporters.onnx_export import BATCH, SEQUENCE, ExportError, ExportResult, to_onnx
+from subfit_fx.exporters.onnx_export import BATCH, OPSET, SEQUENCE, ExportError, ExportResult, check_opset, to_onnx
 from subfit_fx.exporters.onnx_graph import drop_unused_inputs, rename_dims
 from subfit_fx.exporters.sources import ExportSource, as_source
 from subfit_fx.exporters.validate import Reference, check_kv
@@ -122,6 +125,27 @@ class CacheWrapper(torch.nn.Module):
         return out.logits, [(grown.layers[j].keys, grown.layers[j].values) for j in self.cache_layers]
 
 
+@contextlib.contextmanager
+def _sdpa_with_gqa() -> Iterator[None]:
+    """Trace grouped-query attention as one SDPA call with `enable_gqa` instead of `repeat_kv`.
+
+    transformers copies every key/value head `groups` times before SDPA unless this switch is on
+    (it keeps the copy on CUDA for kernel reasons). In an exported graph that copy runs on the
+    whole cache at every decode step; without it, opset 23's Attention op reads the cache's
+    key/value heads directly.
+    """
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 @dataclass
 class CacheCapture:
     """A KV-cache capture: the program, the ONNX names of its flat inputs/outputs, the cached layers."""
@@ -164,7 +188,7 @@ def capture_with_cache(model: torch.nn.Module, cache_layers: list[int] | None = 
     dynamic = ({0: b, 1: s}, {0: b, 1: torch.export.Dim.DYNAMIC}, {0: b, 1: s},
                [({0: b, 2: p}, {0: b, 2: p}) for _ in layers])
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _sdpa_with_gqa():
             ep = torch.export.export(wrapper, (ids, mask, pos, past), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -239,14 +263,15 @@ def cache_program(model_or_compressed: Any, recipe: Any = None) -> CacheCapture:
 
 def export_onnx_kv(model_or_compressed: Any, path: str | Path, *, recipe: Any = None,
                    validate: bool = True, force: bool = False, atol: float = 1e-4,
-                   reference: Reference | None = None) -> ExportResult:
+                   reference: Reference | None = None, opset: int = OPSET) -> ExportResult:
     """Export a causal LM (dense or compressed) as one ONNX graph with KV cache inputs and outputs.
 
     `recipe` defaults to the compressed model's. Layers whose attention the recipe replaces have no
     cache inputs or outputs. With `validate`, prefill from an empty cache, one decode step and a
     2-token step must match `reference` (default: the eager dense model, or the rewritten no-cache
     program) within `atol`, or `ValidationError` is raised and nothing is written. An existing
-    `path` raises `OutputExistsError` unless `force`.
+    `path` raises `OutputExistsError` unless `force`. `opset` is the ONNX opset (default 23, whose
+    Attention op serves grouped-query attention straight from the cache).
 
     Example:
         >>> from subfit_fx.zoo import tiny_model
@@ -254,6 +279,7 @@ def export_onnx_kv(model_or_compressed: Any, path: str | Path, *, recipe: Any = 
         >>> r.details["cache_layers"]  # doctest: +SKIP
         [0, 1]
     """
+    check_opset(opset)
     src = as_source(model_or_compressed)
     if recipe is not None and src.recipe is None:
         # the torch reference must be the rewritten model, not the dense one
@@ -261,7 +287,7 @@ def export_onnx_kv(model_or_compressed: Any, path: str | Path, *, recipe: Any = 
     cap = cache_program(src)
     kept = cap.cache_layers
     removed = removed_attention_layers(src.recipe)
-    model = to_onnx(cap.program, cap.input_names, cap.output_names)
+    model = to_onnx(cap.program, cap.input_names, cap.output_names, opset)
     drop_unused_inputs(model)
     gone = tuple(name.format(j, "") for j in removed for name in (PAST, PRESENT))
     stray = [v.name for v in [*model.graph.inputs, *model.graph.outputs] if v.name.startswith(gone)]

@@ -23,17 +23,25 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from subfit_fx.errors import SubfitError
+from subfit_fx.errors import InputError, SubfitError
 from subfit_fx.exporters.artifacts import model_bytes, save_model, set_metadata, staged_output
-from subfit_fx.exporters.onnx_graph import drop_unused_inputs, rename_dims
+from subfit_fx.exporters.onnx_graph import broadcast_rotary_caches, drop_unused_inputs, rename_dims
 from subfit_fx.exporters.sources import as_source
 from subfit_fx.exporters.validate import ParityReport, Reference, check_plain
 from subfit_fx.runtime import KIND_KEY, KIND_PLAIN, VOCAB_KEY
 
-__all__ = ["BATCH", "SEQUENCE", "VOCAB_KEY", "ExportError", "ExportResult", "export_onnx", "to_onnx"]
+__all__ = ["BATCH", "MIN_OPSET", "OPSET", "SEQUENCE", "VOCAB_KEY", "ExportError", "ExportResult", "check_opset",
+           "export_onnx", "to_onnx"]
 
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
+# Opset 23 has Attention (with separate key/value head counts), RotaryEmbedding and
+# RMSNormalization as standard ops, which ONNX Runtime runs as single kernels: measured on the
+# reference model (CPU EP, 1 thread) it decodes 1.3x faster at past 128 and 2.3x at past 2048 than
+# opset 20 with onnxscript's fusions, whose attention pattern leaves the GQA head repeat and
+# layout transposes of the whole cache in every step.
+OPSET = 23
+MIN_OPSET = 18  # the oldest opset torch.onnx's dynamo exporter writes
 
 
 @dataclass
@@ -52,8 +60,21 @@ class ExportError(SubfitError):
     """torch.onnx.export failed on the program (a bug or an unsupported op, not a user error)."""
 
 
+def check_opset(opset: int) -> int:
+    """`opset` if the exporter can write it, else an `InputError` naming the range.
+
+    Example:
+        >>> check_opset(23)
+        23
+    """
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= OPSET:
+        raise InputError(f"ONNX opset must be an integer from {MIN_OPSET} to {OPSET}, got {opset!r}; "
+                         f"use {OPSET} (the default) unless a runtime needs an older one")
+    return opset
+
+
 def to_onnx(program: torch.export.ExportedProgram, input_names: list[str],
-            output_names: list[str]) -> ir.Model:
+            output_names: list[str], opset: int = OPSET) -> ir.Model:
     """`torch.onnx.export(program, dynamo=True)` with named inputs/outputs, quietly; an `onnx_ir` model.
 
     Example:
@@ -71,25 +92,27 @@ def to_onnx(program: torch.export.ExportedProgram, input_names: list[str],
             lg.setLevel(logging.ERROR)  # "torchvision is not installed" and similar noise
         with contextlib.redirect_stdout(io.StringIO()):
             onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=input_names,
-                                             output_names=output_names, verbose=False)
+                                             output_names=output_names, verbose=False,
+                                             opset_version=check_opset(opset))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ExportError(f"torch.onnx.export failed: {first}") from exc
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+    broadcast_rotary_caches(onnx_program.model)
     return onnx_program.model
 
 
 def export_onnx(program_or_model: Any, path: str | Path, *, validate: bool = True, force: bool = False,
-                atol: float = 1e-4, reference: Reference | None = None) -> ExportResult:
+                atol: float = 1e-4, reference: Reference | None = None, opset: int = OPSET) -> ExportResult:
     """Export a model, captured program or compressed model to one ONNX file without KV cache.
 
     Inputs are the program's (`input_ids`, `attention_mask`; an input the rewrite made unused is
     dropped), the output is `logits` (causal LM) or `last_hidden_state` (encoder). With `validate`,
     ONNX Runtime must match `reference` (default: the eager model, or the rewritten program) within
     `atol` on a fresh batch, or `ValidationError` is raised and nothing is written. An existing
-    `path` raises `OutputExistsError` unless `force`.
+    `path` raises `OutputExistsError` unless `force`. `opset` is the ONNX opset (default 23).
 
     Example:
         >>> from subfit_fx.zoo import tiny_model
@@ -101,7 +124,7 @@ def export_onnx(program_or_model: Any, path: str | Path, *, validate: bool = Tru
     program = src.program
     inputs = list(program.graph_signature.user_inputs)
     outputs = [src.output_name]
-    model = to_onnx(program, inputs, outputs)
+    model = to_onnx(program, inputs, outputs, check_opset(opset))
     drop_unused_inputs(model)
     rename_dims(model, {name: (BATCH, SEQUENCE) for name in inputs})
     set_metadata(model, {KIND_KEY: KIND_PLAIN, **src.metadata()})

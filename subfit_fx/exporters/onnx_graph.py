@@ -1,4 +1,5 @@
-"""Small edits of ONNX graphs (onnx_ir): readable dimension names, pruning of unused graph inputs.
+"""Small edits of ONNX graphs (onnx_ir): readable dimension names, pruning of unused graph inputs,
+batch-broadcast rotary caches.
 
 Example:
     >>> model = ir.load("model.onnx")  # doctest: +SKIP
@@ -12,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import onnx_ir as ir
 
-__all__ = ["drop_unused_inputs", "rename_dims"]
+__all__ = ["broadcast_rotary_caches", "drop_unused_inputs", "rename_dims"]
 
 _SYMBOL = re.compile(r"\b[su]\d+\b")  # torch.export's shape symbols (s17, u3)
 
@@ -72,3 +73,39 @@ def drop_unused_inputs(model: ir.Model, names: Iterable[str] | None = None) -> l
     for value in unused:
         graph.inputs.remove(value)
     return [v.name for v in unused]
+
+
+def broadcast_rotary_caches(model: ir.Model) -> int:
+    """Expand the cos/sin inputs of opset-23 `RotaryEmbedding` nodes to the batch of their input.
+
+    torch.onnx writes the rotary tables of a graph without `position_ids` input with batch 1 (they
+    come from `arange`), and the op broadcasts nothing: ONNX Runtime rejects any batch above 1.
+    Each table gets one `Expand` to `(batch of x, *table dims after the first)`, shared by every
+    node that reads it. Returns the number of tables expanded.
+
+    Example:
+        >>> broadcast_rotary_caches(ir.load("model.onnx"))  # doctest: +SKIP
+        2
+    """
+    expanded: dict[int, ir.Value] = {}
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "RotaryEmbedding" or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            continue  # 2-D tables indexed by position_ids: no batch axis
+        x = node.inputs[0]
+        for index in (1, 2):
+            table = node.inputs[index]
+            if table is None:
+                continue
+            if id(table) not in expanded:
+                batch = ir.node("Shape", [x], attributes={"start": 0, "end": 1})
+                rest = ir.node("Shape", [table], attributes={"start": 1})
+                shape = ir.node("Concat", [batch.outputs[0], rest.outputs[0]], attributes={"axis": 0})
+                expand = ir.node("Expand", [table, shape.outputs[0]])
+                expand.outputs[0].name = f"{table.name}_batch"
+                graph.insert_before(node, [batch, rest, shape, expand])
+                expanded[id(table)] = expand.outputs[0]
+            node.replace_input_with(index, expanded[id(table)])
+    return len(expanded)

@@ -40,3 +40,22 @@ def test_export_generate_bench(tmp_path, capsys):
 def test_generate_needs_a_tokenizer_for_unknown_sources(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "none.onnx"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opset", ["17", "24"])
+def test_export_refuses_an_opset_it_cannot_write(tmp_path, capsys, opset):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "builtin:llama", "--out", str(out), "--opset", opset]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "opset must be an integer from 18 to 23" in err
+    assert not out.exists()
+
+
+def test_export_at_an_older_opset_decomposes_attention(tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "builtin:llama", "--out", str(out), "--kv-cache", "--opset", "20"]) == 0
+    model = onnx.load(str(out))
+    assert model.opset_import[0].version == 20
+    assert "Attention" not in {node.op_type for node in model.graph.node}

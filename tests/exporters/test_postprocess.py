@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+
+import onnx_ir as ir
 import pytest
 
 from subfit_fx.errors import InputError
@@ -20,7 +23,30 @@ def kv_file(tmp_path_factory):
     return path
 
 
-def test_fusions_on_kv_graph_are_exact_and_generate(kv_file, tmp_path):
+@pytest.fixture(scope="module")
+def kv_file_opset20(tmp_path_factory):
+    # before opset 23 attention is decomposed in the export, which the fusions put back together
+    path = tmp_path_factory.mktemp("post20") / "kv.onnx"
+    export_onnx_kv(tiny_model("llama", layers=2), path, opset=20)
+    return path
+
+
+def test_default_export_uses_standard_attention_on_cache_heads(kv_file):
+    model = ir.load(str(kv_file))
+    ops = collections.Counter(node.op_type for node in model.graph)
+    assert ops["Attention"] == 2 and ops["RotaryEmbedding"] == 4 and ops["RMSNormalization"] == 5
+    # grouped-query attention reads the cache's 2 key/value heads: no Expand repeats them
+    past = next(v for v in model.graph.inputs if v.name == "past_key_values.0.key")
+    concat = past.uses()[0].node
+    assert concat.op_type == "Concat"
+    assert {use.node.op_type for use in concat.outputs[0].uses()} == {"Attention"}
+    attention = next(node for node in model.graph if node.op_type == "Attention")
+    query, key = attention.inputs[:2]
+    assert query.shape[1] == 4 and key.shape[1] == 2  # 4-D inputs: heads are axis 1
+
+
+def test_fusions_on_kv_graph_are_exact_and_generate(kv_file_opset20, tmp_path):
+    kv_file = kv_file_opset20
     result = optimize_onnx(kv_file, tmp_path / "opt.onnx")
     assert result.parity.passed and result.parity.atol == 1e-4
     assert result.details["fused_ops"].get("MultiHeadAttention", 0) == 2
@@ -32,7 +58,7 @@ def test_fusions_on_kv_graph_are_exact_and_generate(kv_file, tmp_path):
 
 def test_fusions_on_plain_graph(tmp_path):
     _, ep = captured("llama")
-    export_onnx(ep, tmp_path / "m.onnx")
+    export_onnx(ep, tmp_path / "m.onnx", opset=20)
     result = optimize_onnx(tmp_path / "m.onnx", tmp_path / "opt.onnx", backend="transformers")
     assert result.parity.passed
     assert result.details["fused_ops"].get("SkipSimplifiedLayerNormalization", 0) > 0
