@@ -47,6 +47,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed interleaved runs (default 10; 3 quick)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--no-optimize", action="store_true", help="skip the ONNX Runtime fusions")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset of the export (default 23)")
     p.add_argument("--work", type=Path, default=REPO / ".cache/speed", help="folder for the ONNX files")
     p.add_argument("--out", type=Path, default=None,
                    help="output prefix (default docs/results/speed; .cache/speed/speed-quick with --quick)")
@@ -79,7 +80,7 @@ def _export(name: str, source: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     args.work.mkdir(parents=True, exist_ok=True)
     raw = args.work / f"{name}.onnx"
-    exported = export_onnx_kv(source, raw, force=True)
+    exported = export_onnx_kv(source, raw, force=True, opset=args.opset)
     info = {"export": exported.parity.to_dict(), "raw_file": str(raw), "cache_layers": exported.details}
     final = raw
     if not args.no_optimize:
@@ -121,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_width = config.num_attention_heads * head_dim
     weights = {name: matmul_weight_params(info["raw_file"]) for name, info in files.items()}
+    weight_uses = {name: matmul_weight_params(info["raw_file"], per_use=True) for name, info in files.items()}
     attn = {name: len(m.layers_with_cache) for name, m in models.items()}
     kvb = {name: kv_bytes_per_token(m) for name, m in models.items()}
     rows = []
     for seq in args.lengths:
         t = interleaved({n: prefill_step(m, seq) for n, m in models.items()}, repeats=args.repeats)
-        flops = {n: _flops(weights[n], attn[n], q_width, seq) for n in models}
+        flops = {n: _flops(weight_uses[n], attn[n], q_width, seq) for n in models}
         rows.append({"stage": "prefill", "tokens": seq, "dense_ms": t["dense"] * 1e3,
                      "compressed_ms": t["compressed"] * 1e3, "speedup": t["dense"] / t["compressed"],
                      "bound": flops["dense"] / flops["compressed"], "bound_kind": "FLOPs"})
@@ -143,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         "compressed": str(args.compressed) if args.compressed else f"compressed here, sparsity {args.sparsity}",
         "replaced": [list(r.labels) for r in compressed.recipe.replacements],
         "sparsity_actual": getattr(report, "sparsity_actual", None),
-        "threads": args.threads, "repeats": args.repeats, "batch": 1,
+        "threads": args.threads, "repeats": args.repeats, "batch": 1, "opset": args.opset,
         "rows": rows,
         "kv_bytes_per_token": kvb,
         "attention_layers": attn,
         "matmul_weights": weights,
+        "matmul_weight_uses": weight_uses,
         "file_bytes": {n: model_bytes(info["file"]) for n, info in files.items()},
         "validation": files,
         "versions": {"transformers": transformers.__version__, "onnxruntime": ort.__version__},
@@ -168,7 +171,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"Model `{r['model']}`; compressed: {r['compressed']}; {len(r['replaced'])} branches replaced"
         + (f", sparsity {r['sparsity_actual']:.1%}" if r.get("sparsity_actual") is not None else "") + ".",
         f"Batch 1, {r['threads']} thread(s), medians of {r['repeats']} interleaved runs; "
-        "both exported with KV cache and fused by the same pipeline.", "",
+        f"both exported with KV cache (opset {r.get('opset', 20)}) and fused by the same pipeline.", "",
         "| stage | tokens | dense ms | compressed ms | speedup | bound | bound by |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -183,9 +186,10 @@ def _markdown(r: dict[str, Any]) -> str:
               f"({attn['dense']} vs {attn['compressed']} attention layers with a cache).",
               f"ONNX file size: dense {size['dense'] / 2**20:.2f} MiB, compressed "
               f"{size['compressed'] / 2**20:.2f} MiB.", "",
-              "Prefill bound: dense / compressed FLOPs (2 per matmul weight per token, plus 4 x seq^2 x "
+              "Prefill bound: dense / compressed FLOPs (2 per matmul weight use per token - a shared "
+              "bypass basis counts once per layer that uses it, the tied lm_head counts - plus 4 x seq^2 x "
               "query width per attention layer). Decode bound: dense / compressed bytes moved per token "
-              "(fp32 matmul weights plus the KV cache read at that past length).", ""]
+              "(fp32 matmul weights, each read once, plus the KV cache read at that past length).", ""]
     return "\n".join(lines)
 
 

@@ -101,8 +101,14 @@ def kv_bytes_per_token(model: OnnxCausalLM) -> int:
                    for _, (heads, head_dim), dtype in model.cache.values()))
 
 
-def matmul_weight_params(path: str | Path) -> int:
-    """Weights read by MatMul/Gemm (and quantized MatMul) nodes: the FLOPs per token are 2x this.
+def matmul_weight_params(path: str | Path, *, per_use: bool = False) -> int:
+    """Weights read by MatMul/Gemm (and quantized MatMul) nodes.
+
+    A weight counts when it is an initializer or one reached through `Transpose`/`Cast`/`Identity`
+    (a tied `lm_head` multiplies by the transposed embedding; ONNX Runtime folds such nodes at load).
+    By default each weight counts once (bytes a step reads); with `per_use` once per node that
+    multiplies by it (a shared bypass basis used by three layers costs three times the FLOPs), so
+    the FLOPs per token are 2x the `per_use` count.
 
     Example:
         >>> matmul_weight_params("model.onnx")  # doctest: +SKIP
@@ -110,15 +116,28 @@ def matmul_weight_params(path: str | Path) -> int:
     """
     proto = onnx.load(str(path), load_external_data=False)
     sizes = {t.name: int(np.prod(t.dims)) for t in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+
+    def source(name: str) -> str | None:
+        while name not in sizes:
+            node = producers.get(name)
+            if node is None or node.op_type not in ("Transpose", "Cast", "Identity"):
+                return None
+            name = node.input[0]
+        return name
+
     ops = {"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul"}
     total, seen = 0, set()
     for node in proto.graph.node:
-        weight = node.input[1] if len(node.input) > 1 else ""
-        if node.op_type in ops and weight in sizes and weight not in seen:
-            seen.add(weight)
-            total += sizes[weight]
+        if node.op_type in ops and len(node.input) > 1:
+            weight = source(node.input[1])
+            if weight is not None and (per_use or weight not in seen):
+                seen.add(weight)
+                total += sizes[weight]
         elif node.op_type == "MatMulNBits":
             k = next(a.i for a in node.attribute if a.name == "K")
             n = next(a.i for a in node.attribute if a.name == "N")
-            total += k * n
+            if per_use or node.input[1] not in seen:
+                seen.add(node.input[1])
+                total += k * n
     return total
