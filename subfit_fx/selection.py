@@ -76,9 +76,16 @@ def select(candidates: list[Candidate], block_params: int, target: float,
     last choice overshoots by less than one branch). `already` chosen candidates count toward the
     budget; `limit` caps how many are added in this call (for re-scoring every k choices).
 
+    The last choice is budget-aware: once the greedy pick would reach the target, any candidate
+    that also reaches it competes on its score alone (its total damage), because the parameters
+    it saves beyond the target buy nothing. A big branch that is cheap per parameter then loses
+    to a small one that just closes the gap.
+
     Example:
         >>> select([Candidate("a", 0.3, 10, 0), Candidate("b", 0.1, 10, 0)], 100, 0.1)
         ['b']
+        >>> select([Candidate("big", 0.5, 60, 0), Candidate("small", 0.2, 20, 0)], 100, 0.1)
+        ['small']
     """
     group_costs = group_costs or {}
     chosen = list(already or [])
@@ -98,6 +105,10 @@ def select(candidates: list[Candidate], block_params: int, target: float,
         best = min(pool, key=lambda c: (cost_rate(c), c.label))
         if cost_rate(best) == float("inf"):
             break
+        if sparsity_of([*chosen, best], block_params, group_costs) >= target:
+            closing = [c for c in pool if cost_rate(c) < float("inf")
+                       and sparsity_of([*chosen, c], block_params, group_costs) >= target]
+            best = min(closing, key=lambda c: (c.score, cost_rate(c), c.label))
         chosen.append(best)
         picked.append(best.label)
         pool = [c for c in pool if c.key != best.key]
