@@ -68,8 +68,10 @@ def run_one(model, tokenizer, calib, text, method, sparsity, args, options) -> d
     metrics = evaluate(c.module(), tokenizer, text, causal=True, seq_len=args.seq_len, max_tokens=args.eval_tokens,
                        choice_items_count=args.choice_items, progress=False)
     r = c.report
+    forms = [f"{label} ({rep.form})" for rep in c.recipe.replacements for label in rep.labels]
     return {"method": method, "sparsity_target": sparsity, "sparsity_actual": r.sparsity_actual,
-            "replaced": r.replaced, "kv_fraction_kept": r.kv_fraction_kept, "params_after": r.params_after,
+            "replaced": r.replaced, "replaced_forms": forms, "kv_fraction_kept": r.kv_fraction_kept,
+            "params_after": r.params_after,
             "selection_map": r.selection_map(), "compress_s": compress_s, **metrics}
 
 

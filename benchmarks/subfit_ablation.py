@@ -29,7 +29,10 @@ CONFIGS: dict[str, dict] = {
     "rank-x2": {"attention_rank": 64, "ffn_basis": 192},
     "rescore-1": {"rescore_every": 1},
     "holdout": {"score": "holdout", "holdout": 0.25},
+    "holdout-remove": {"score": "holdout", "holdout": 0.25, "forms": "fit-or-remove"},
     "holdout-auto": {"score": "holdout", "holdout": 0.25, "forms": "auto"},
+    "holdout-remove-rescore-seq": {"score": "holdout", "holdout": 0.25, "forms": "fit-or-remove",
+                                   "rescore_every": 1, "sequential": True},
     "holdout-auto-rescore": {"score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 1},
     "holdout-auto-rescore-seq": {"score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 1,
                                  "sequential": True},
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=30_000)
     parser.add_argument("--choice-items", type=int, default=100)
+    parser.add_argument("--name", default="subfit_ablation", help="output name under docs/results/")
     args = parser.parse_args()
     model_dir, model, tokenizer, text, calib, dense = setup(args, "dev")
     rows = []
@@ -59,7 +63,7 @@ def main() -> None:
             print(f"{sparsity:.3f} {name:28s} ppl x{row['perplexity'] / dense['perplexity']:.3f} "
                   f"choice {row['choice_accuracy']:.3f} sparsity {row['sparsity_actual']:.3f} "
                   f"kv {row['kv_fraction_kept']:.2f} [{row['compress_s']:.0f}s]", flush=True)
-    lines = ["# SubFit ablation (dev half of wikitext-2 test.txt)", "",
+    lines = [f"# SubFit ablation: {args.name} (dev half of wikitext-2 test.txt)", "",
              f"Dense dev perplexity {dense['perplexity']:.2f}, choice accuracy {dense['choice_accuracy']:.3f}. "
              "Rows are SubFit option sets (and baselines for scale); same calibration and budget for all.", "",
              "| sparsity | config | options | ppl / dense | next-token acc / dense | choice acc | actual sparsity "
@@ -72,7 +76,10 @@ def main() -> None:
                      f"{r['next_token_accuracy'] / dense['next_token_accuracy']:.3f} | {r['choice_accuracy']:.3f} | "
                      f"{r['sparsity_actual']:.3f} | {r['kv_fraction_kept']:.2f} | {len(r['replaced'])} | "
                      f"{r['compress_s']:.0f} |")
-    write_results("subfit_ablation", {"dense": dense, "rows": rows, "args": vars(args) | {"model": str(model_dir)}},
+    lines += ["", "| sparsity | config | replaced (form) |", "|---:|---|---|"]
+    lines += [f"| {r['sparsity_target']:.4g} | {r['config']} | {', '.join(r.get('replaced_forms') or r['replaced'])} |"
+              for r in rows]
+    write_results(args.name, {"dense": dense, "rows": rows, "args": vars(args) | {"model": str(model_dir)}},
                   "\n".join(lines))
     print("\n".join(lines))
 

@@ -181,7 +181,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                    help="data-parallel calibration; launch with torchrun (see docs/distributed.md)")
     p.add_argument("--backend", choices=("gloo", "nccl"),
                    help="torch.distributed backend (default nccl with CUDA, else gloo)")
-    p.add_argument("--forms", choices=("fit", "auto"), help="SubFit: bypasses only, or bypass/removal per branch")
+    p.add_argument("--forms", choices=("fit", "fit-or-remove", "auto"),
+                   help="SubFit: the bypass only; or per branch, judged on held-out data, bypass or removal "
+                        "(fit-or-remove) or bypass, removal or a full linear map (auto)")
     p.add_argument("--distance-tokens", choices=("last", "all"),
                    help="UIDL/ReplaceMe: tokens of the angular distance (default last)")
     p.add_argument("--eval-batches", type=int, help="BlockPruner: batches judging each removal (default all)")

@@ -100,3 +100,14 @@ def test_guarded_preset_holds_out_its_own_data(models):
     assert c.recipe.method == "subfit-guarded" and c.report.sparsity_actual >= 0.25
     assert c.recipe.options["score"] == "holdout" and c.recipe.options["sequential"]
     assert all("holdout" in b["scores"] for b in c.report.branches)
+
+
+def test_auto_forms_judge_bypass_removal_and_full_map_on_held_out_data(models):
+    c = subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, score="holdout", holdout=0.25,
+                           forms="auto")
+    for branch in c.report.branches:
+        assert {"holdout", "holdout_remove", "holdout_linear"} <= set(branch["scores"])
+    assert {r.form for r in c.recipe.replacements} <= {"lowrank", "shared", "remove", "linear"}
+    assert c.report.sparsity_actual >= 0.25
+    with pytest.raises(subfit_fx.errors.InputError, match="held-out"):
+        subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, forms="fit-or-remove")

@@ -31,6 +31,8 @@ from subfit_fx.stats import BranchStats
 __all__ = ["SubfitOptions", "subfit"]
 
 SCORE_CHOICES = (*SCORES, "holdout")
+# Forms that compete with the default bypass (low-rank attention / shared-basis FFN) per branch.
+FORMS: dict[str, tuple[str, ...]] = {"fit": (), "fit-or-remove": ("remove",), "auto": ("remove", "linear")}
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class SubfitOptions:
     rescore_every: int | None = None
     sequential: bool = False
     holdout: float = 0.0
-    forms: str = "fit"  # "fit": low-rank / shared-basis bypasses; "auto": also plain removal, per branch
+    forms: str = "fit"  # per branch, which forms compete on held-out data; see FORMS
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_CHOICES:
@@ -60,10 +62,13 @@ class SubfitOptions:
             raise InputError(f"ridge={self.ridge} must be in [0, 10) (a fraction of the mean input energy)")
         if not 0 <= self.holdout < 1:
             raise InputError(f"holdout={self.holdout} must be a fraction in [0, 1)")
-        if self.forms not in ("fit", "auto"):
-            raise InputError(f"forms={self.forms!r} is invalid; use 'fit' or 'auto' (fit or removal per branch)")
-        if self.forms == "auto" and self.score != "holdout":
-            raise InputError("forms='auto' compares removal and bypass on held-out data: also pass score='holdout'")
+        if self.forms not in FORMS:
+            raise InputError(f"forms={self.forms!r} is invalid; use one of {', '.join(FORMS)} "
+                             "(fit: the low-rank / shared-basis bypass only; fit-or-remove: also removal; "
+                             "auto: also removal and a full linear map)")
+        if self.forms != "fit" and self.score != "holdout":
+            raise InputError(f"forms={self.forms!r} compares replacement forms on held-out data: also pass "
+                             "score='holdout'")
         if self.score == "holdout" and self.holdout == 0:
             raise InputError("score='holdout' needs held-out data: pass holdout=0.25 (a fraction of the "
                              "calibration sequences)")
@@ -138,12 +143,14 @@ def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: _Fitter, 
 
 def _alternatives(ctx: PolicyContext, opts: SubfitOptions, fits: dict[str, Fit],
                   stats: dict[str, BranchStats]) -> dict[str, dict[str, Fit]]:
-    """Candidate forms per branch: the fitted bypass, and with forms='auto' plain removal."""
+    """Candidate forms per branch: the fitted bypass, and with forms='auto' also plain removal and
+    a full-rank linear map (METHOD.md: per branch, the form that does best on held-out data)."""
     out = {label: {"fit": fit} for label, fit in fits.items()}
-    if opts.forms == "auto":
+    if FORMS[opts.forms]:
         for label in fits:
             b = ctx.session.by_label[label]
-            out[label]["remove"] = fit_branch(b, stats[label], "remove", opts.bypass_input)
+            for form in FORMS[opts.forms]:
+                out[label][form] = fit_branch(b, stats[label], form, opts.bypass_input, lam=opts.ridge)
     return out
 
 
@@ -237,8 +244,9 @@ def subfit(ctx: PolicyContext) -> Recipe:
     chosen_ffn = [label for label in fit_labels if session.by_label[label].kind == "ffn"]
     final = fitter.fits({label: dense_stats[label] for label in fit_labels}, chosen_ffn)
     for label, form in forms.items():
-        if form == "remove":
-            final[label] = fit_branch(session.by_label[label], dense_stats[label], "remove", opts.bypass_input)
+        if form != "fit":
+            final[label] = fit_branch(session.by_label[label], dense_stats[label], form, opts.bypass_input,
+                                      lam=opts.ridge)
     if opts.sequential and final:
         final = _sequential_refit(ctx, opts, fitter, list(final), final)
     for label, fit in final.items():
