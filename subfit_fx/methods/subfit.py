@@ -261,7 +261,7 @@ GUARDED = {"score": "holdout", "forms": "auto", "rescore_every": 1, "sequential"
 
 def subfit_guarded(ctx: PolicyContext) -> Recipe:
     """SubFit with METHOD.md's guards against "a good local fit is not a good replacement": each
-    candidate (bypass or plain removal) is judged by its effect on held-out calibration loss,
+    candidate (bypass, plain removal or a full linear map) is judged by its effect on held-out loss,
     re-scored after every choice (compounding), and the chosen bypasses are fitted sequentially.
     Without held-out batches it holds out a quarter of the calibration sequences itself.
 
