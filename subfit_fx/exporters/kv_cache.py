@@ -29,10 +29,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -125,8 +125,7 @@ class CacheWrapper(torch.nn.Module):
         return out.logits, [(grown.layers[j].keys, grown.layers[j].values) for j in self.cache_layers]
 
 
-@contextlib.contextmanager
-def _sdpa_with_gqa() -> Iterator[None]:
+def _sdpa_with_gqa() -> contextlib.AbstractContextManager:
     """Trace grouped-query attention as one SDPA call with `enable_gqa` instead of `repeat_kv`.
 
     transformers copies every key/value head `groups` times before SDPA unless this switch is on
@@ -134,16 +133,7 @@ def _sdpa_with_gqa() -> Iterator[None]:
     whole cache at every decode step; without it, opset 23's Attention op reads the cache's
     key/value heads directly.
     """
-    name = "TRANSFORMERS_SDPA_FORCE_GQA"
-    before = os.environ.get(name)
-    os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+    return mock.patch.dict(os.environ, {"TRANSFORMERS_SDPA_FORCE_GQA": "1"})
 
 
 @dataclass

@@ -120,11 +120,12 @@ def export_onnx(program_or_model: Any, path: str | Path, *, validate: bool = Tru
         >>> r.outputs  # doctest: +SKIP
         ['last_hidden_state']
     """
+    check_opset(opset)  # before the capture that as_source may run
     src = as_source(program_or_model)
     program = src.program
     inputs = list(program.graph_signature.user_inputs)
     outputs = [src.output_name]
-    model = to_onnx(program, inputs, outputs, check_opset(opset))
+    model = to_onnx(program, inputs, outputs, opset)
     drop_unused_inputs(model)
     rename_dims(model, {name: (BATCH, SEQUENCE) for name in inputs})
     set_metadata(model, {KIND_KEY: KIND_PLAIN, **src.metadata()})

@@ -146,11 +146,10 @@ def _alternatives(ctx: PolicyContext, opts: SubfitOptions, fits: dict[str, Fit],
     """Candidate forms per branch: the fitted bypass, and with forms='auto' also plain removal and
     a full-rank linear map (METHOD.md: per branch, the form that does best on held-out data)."""
     out = {label: {"fit": fit} for label, fit in fits.items()}
-    if FORMS[opts.forms]:
-        for label in fits:
-            b = ctx.session.by_label[label]
-            for form in FORMS[opts.forms]:
-                out[label][form] = fit_branch(b, stats[label], form, opts.bypass_input, lam=opts.ridge)
+    for label in fits:
+        for form in FORMS[opts.forms]:
+            out[label][form] = fit_branch(ctx.session.by_label[label], stats[label], form, opts.bypass_input,
+                                          lam=opts.ridge)
     return out
 
 
