@@ -56,17 +56,20 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
-    """Load a local Hugging Face model directory in eval mode, from safetensors only.
+    """Load a local Hugging Face model directory (or a .gguf file, see `subfit_fx.gguf`) in eval
+    mode, from safetensors only.
 
     Causal LMs load with their LM head, other models (BERT family) as encoders.
 
     Example:
         >>> model = load_model("runs/reference")  # doctest: +SKIP
     """
-    path = Path(path)
+    from subfit_fx.gguf import gguf_directory, is_gguf
+
+    path = gguf_directory(path) if is_gguf(path) else Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path '{path}' does not exist; pass a local Hugging Face model "
-                             "directory (one holding config.json and *.safetensors)")
+                             "directory (one holding config.json and *.safetensors) or a .gguf file")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelLoadError(f"'{path}' is not a model directory (no config.json); pass the folder "
                              "written by save_pretrained()")

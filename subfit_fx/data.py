@@ -53,6 +53,10 @@ def load_tokenizer(model: torch.nn.Module, path: str | Path | None = None) -> An
         >>> type(load_tokenizer(tiny_model("llama"))).__name__
         'ByteTokenizer'
     """
+    from subfit_fx.gguf import gguf_directory, is_gguf
+
+    if path is not None and is_gguf(path):
+        path = gguf_directory(path)
     if path is not None and Path(path).is_dir() and any(Path(path).glob("tokenizer*")):
         from transformers import AutoTokenizer
 

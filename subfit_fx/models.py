@@ -19,7 +19,7 @@ BUILTIN_DEFAULT = "builtin:llama"
 
 
 def resolve_model(spec: str) -> torch.nn.Module:
-    """Load `spec`: `builtin:ARCH` (random-init, 4 layers, hidden 64) or a model directory.
+    """Load `spec`: `builtin:ARCH` (random-init, 4 layers, hidden 64), a model directory or a .gguf file.
 
     Example:
         >>> resolve_model("builtin:bert").config.num_hidden_layers
