@@ -19,25 +19,18 @@ from _common import write_results
 from quality import run_one, setup
 
 CONFIGS: dict[str, dict] = {
-    "default": {},
-    "stream-input": {"bypass_input": "stream"},
-    "score-rotation": {"score": "rotation"},
-    "score-magnitude": {"score": "magnitude"},
-    "skip-first": {"skip_first": True},
+    "default": {},  # judged at the output (judge="output"), 4 held-out sequences, 4 rounds, bypass or removal
+    "statistics": {"judge": "statistics"},  # one shot, statistics-only fit-residual score (the former default)
+    "judge-8-sequences": {"judge_sequences": 8},
+    "forms-auto": {"forms": "auto"},  # also a full linear map per branch
+    "rounds-2": {"rounds": 2},
+    "rounds-8": {"rounds": 8},
     "sequential": {"sequential": True},
-    "ridge-1e-1": {"ridge": 0.1},
-    "rank-x2": {"attention_rank": 64, "ffn_basis": 192},
-    "rescore-1": {"rescore_every": 1},
-    "holdout": {"score": "holdout", "holdout": 0.25},
-    "holdout-remove": {"score": "holdout", "holdout": 0.25, "forms": "fit-or-remove"},
-    "holdout-auto": {"score": "holdout", "holdout": 0.25, "forms": "auto"},
-    "holdout-remove-rescore-seq": {"score": "holdout", "holdout": 0.25, "forms": "fit-or-remove",
-                                   "rescore_every": 1, "sequential": True},
-    "holdout-auto-rescore": {"score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 1},
-    "holdout-auto-rescore-seq": {"score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 1,
-                                 "sequential": True},
+    "stream-input": {"bypass_input": "stream"},
+    "guarded": {"judge": "statistics", "score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 1,
+                "sequential": True},
 }
-BASELINES = ["blockpruner", "llm-drop", "shortgpt"]
+BASELINES = ["shortgpt", "llm-drop"]
 
 
 def main() -> None:
@@ -48,7 +41,7 @@ def main() -> None:
     parser.add_argument("--baselines", nargs="*", default=BASELINES)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=30_000)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--choice-items", type=int, default=100)
     parser.add_argument("--name", default="subfit_ablation", help="output name under docs/results/")
     args = parser.parse_args()
@@ -57,7 +50,7 @@ def main() -> None:
     for sparsity in args.sparsities:
         runs = [(name, "subfit", CONFIGS[name]) for name in args.configs] + [(b, b, {}) for b in args.baselines]
         for name, method, options in runs:
-            row = run_one(model, tokenizer, calib, text, method, sparsity, args, options)
+            row = run_one(model, tokenizer, calib, text, method, sparsity, args, options, name=name)
             row["config"] = name
             rows.append(row)
             print(f"{sparsity:.3f} {name:28s} ppl x{row['perplexity'] / dense['perplexity']:.3f} "
@@ -70,7 +63,7 @@ def main() -> None:
              "| KV kept | replaced | seconds |",
              "|---:|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        opts = json.dumps(CONFIGS.get(r["config"], {})) if r["method"] == "subfit" else "(baseline)"
+        opts = json.dumps(CONFIGS.get(r["config"], {})) if r["config"] in CONFIGS else "(baseline)"
         lines.append(f"| {r['sparsity_target']:.4g} | {r['config']} | `{opts}` | "
                      f"{r['perplexity'] / dense['perplexity']:.3f} | "
                      f"{r['next_token_accuracy'] / dense['next_token_accuracy']:.3f} | {r['choice_accuracy']:.3f} | "
@@ -79,7 +72,8 @@ def main() -> None:
     lines += ["", "| sparsity | config | replaced (form) |", "|---:|---|---|"]
     lines += [f"| {r['sparsity_target']:.4g} | {r['config']} | {', '.join(r.get('replaced_forms') or r['replaced'])} |"
               for r in rows]
-    write_results(args.name, {"dense": dense, "rows": rows, "args": vars(args) | {"model": str(model_dir)}},
+    settings = {k: str(v) for k, v in vars(args).items()} | {"model": str(model_dir)}
+    write_results(args.name, {"dense": dense, "rows": rows, "args": settings},
                   "\n".join(lines))
     print("\n".join(lines))
 

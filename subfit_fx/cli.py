@@ -97,7 +97,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "score": args.score, "bypass_input": args.bypass_input, "attention_rank": args.attention_rank,
         "ffn_basis": args.ffn_basis, "ridge": args.ridge, "rescore_every": args.rescore_every,
         "sequential": args.sequential or None, "forms": args.forms, "distance_tokens": args.distance_tokens,
-        "eval_batches": args.eval_batches}.items() if v is not None}
+        "eval_batches": args.eval_batches, "judge": args.judge, "judge_sequences": args.judge_sequences,
+        "rounds": args.rounds}.items() if v is not None}
     print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
     compressed = compress(args.model, args.calib, target, args.method, samples=args.samples,
                           seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
@@ -166,7 +167,12 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sequence sampling (default 0)")
     p.add_argument("--skip-first", action="store_true", help="leave the first token out of statistics")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of sequences held out for scoring")
-    p.add_argument("--score", help="SubFit score: fit_residual (default), rotation, magnitude, holdout")
+    p.add_argument("--judge", choices=("output", "statistics"),
+                   help="SubFit: judge candidates at the model's output on held-out sequences (output, default) "
+                        "or rank them by a statistics-only score in one shot (statistics, fast)")
+    p.add_argument("--judge-sequences", type=int, help="SubFit: held-out sequences the output judge runs (default 4)")
+    p.add_argument("--rounds", type=int, help="SubFit: rounds of re-judging on the way to the budget (default 4)")
+    p.add_argument("--score", help="SubFit --judge statistics: fit_residual (default), rotation, magnitude, holdout")
     p.add_argument("--bypass-input", choices=("normalized", "stream"), help="bypass input (SubFit)")
     p.add_argument("--attention-rank", type=int, help="rank of attention bypasses (default width/8)")
     p.add_argument("--ffn-basis", type=int, help="size of the shared FFN basis (default width/2)")

@@ -168,10 +168,10 @@ def _pad(rows: list[list[int]], pad_id: int = 0) -> Batch:
     return ids, mask
 
 
-@torch.no_grad()
-def _choice_correct(module: Module, tokenizer: Any, item: ChoiceItem, max_len: int | None) -> bool:
+def _choice_rows(tokenizer: Any, item: ChoiceItem, max_len: int | None) -> list[tuple[list[int], int]]:
+    """(tokens, continuation start) per option of one item."""
     context = _encode(tokenizer, item.context)
-    rows, spans = [], []
+    rows = []
     for option in item.options:
         # Tokenize passage + continuation together and take the continuation as what follows the
         # passage's tokens, so word-boundary merges match how the model reads the text.
@@ -181,33 +181,46 @@ def _choice_correct(module: Module, tokenizer: Any, item: ChoiceItem, max_len: i
         if max_len is not None and len(whole) > max_len:  # keep the continuation, cut the passage's start
             cut = min(len(whole) - max_len, start - 1)
             whole, start = whole[cut:][:max_len], start - cut
-        rows.append(whole)
-        spans.append((start, len(whole)))
-    ids, mask = _pad(rows)
+        rows.append((whole, start))
+    return rows
+
+
+@torch.no_grad()
+def _choices_correct(module: Module, tokenizer: Any, items: list[ChoiceItem], max_len: int | None) -> list[bool]:
+    """Score the options of several items in one right-padded batch (padding never changes a
+    causal model's logits at real positions)."""
+    rows = [_choice_rows(tokenizer, item, max_len) for item in items]
+    ids, mask = _pad([whole for item_rows in rows for whole, _ in item_rows])
     logits = module(ids, mask)
-    scores = []
-    for k, (start, end) in enumerate(spans):
-        # only the continuation's positions go through log-softmax (vocabularies are large);
-        # length-normalized: mean log-probability per continuation token
-        logp = torch.log_softmax(logits[k, start - 1:end - 1].float(), dim=-1)
-        scores.append(float(logp.gather(-1, ids[k, start:end, None]).double().mean()))
-    return max(range(len(scores)), key=lambda k: (scores[k], -k)) == item.answer
+    out, k = [], 0
+    for item, item_rows in zip(items, rows):
+        scores = []
+        for whole, start in item_rows:
+            # only the continuation's positions go through log-softmax (vocabularies are large);
+            # length-normalized: mean log-probability per continuation token
+            logp = torch.log_softmax(logits[k, start - 1:len(whole) - 1].float(), dim=-1)
+            scores.append(float(logp.gather(-1, ids[k, start:len(whole), None]).double().mean()))
+            k += 1
+        out.append(max(range(len(scores)), key=lambda j: (scores[j], -j)) == item.answer)
+    return out
 
 
 def continuation_choice(module: Module, tokenizer: Any, text: str, n_items: int = 100, seed: int = 0, *,
-                        max_len: int | None = None, progress: bool = True) -> float:
+                        max_len: int | None = None, items_per_batch: int = 8, progress: bool = True) -> float:
     """Accuracy of a causal LM on `choice_items(text, n_items, seed)`: each candidate is scored by
     its mean log-probability per token after the passage; the best must be the true sentence.
     Chance is 1 / 4. `max_len` caps the sequence length (the passage is cut from the left).
+    `items_per_batch` items (4 options each) share one forward; the result does not depend on it.
 
     Example:
         >>> continuation_choice(module, tokenizer, text, n_items=100, seed=0)  # doctest: +SKIP
         0.41
     """
     items = choice_items(text, n_items, seed)
-    correct = sum(_choice_correct(module, tokenizer, item, max_len)
-                  for item in tqdm(items, desc="continuation choice", leave=False, unit="item",
-                                   disable=not progress))
+    correct = 0
+    for chunk in tqdm(_chunks(items, max(1, items_per_batch)), desc="continuation choice", leave=False,
+                      unit="batch", disable=not progress):
+        correct += sum(_choices_correct(module, tokenizer, chunk, max_len))
     return correct / len(items)
 
 

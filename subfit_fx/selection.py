@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from subfit_fx.errors import InputError
 
-__all__ = ["Candidate", "check_sparsity", "select", "sparsity_of"]
+__all__ = ["Candidate", "check_sparsity", "repair_overshoot", "select", "sparsity_of"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def sparsity_of(chosen: list[Candidate], block_params: int, group_costs: dict[st
 
 def select(candidates: list[Candidate], block_params: int, target: float,
            group_costs: dict[str, int] | None = None, already: list[Candidate] | None = None,
-           limit: int | None = None) -> list[str]:
+           limit: int | None = None, tolerance: float = 0.015) -> list[str]:
     """Greedy by score per net parameter saved, until the net sparsity reaches `target` (the
     last choice overshoots by less than one branch). `already` chosen candidates count toward the
     budget; `limit` caps how many are added in this call (for re-scoring every k choices).
@@ -79,7 +79,9 @@ def select(candidates: list[Candidate], block_params: int, target: float,
     The last choice is budget-aware: once the greedy pick would reach the target, any candidate
     that also reaches it competes on its score alone (its total damage), because the parameters
     it saves beyond the target buy nothing. A big branch that is cheap per parameter then loses
-    to a small one that just closes the gap.
+    to a small one that just closes the gap. A selection that still overshoots by more than
+    `tolerance` (net sparsity) is repaired by swapping one pick for up to two other candidates
+    when that lands within it (unless `limit` is set: a partial selection is not final).
 
     Example:
         >>> select([Candidate("a", 0.3, 10, 0), Candidate("b", 0.1, 10, 0)], 100, 0.1)
@@ -112,4 +114,43 @@ def select(candidates: list[Candidate], block_params: int, target: float,
         chosen.append(best)
         picked.append(best.label)
         pool = [c for c in pool if c.key != best.key]
+    if limit is None:
+        picked = repair_overshoot(chosen, picked, pool, block_params, target, group_costs, tolerance)
     return picked
+
+
+def repair_overshoot(chosen: list[Candidate], picked: list[str], pool: list[Candidate], block_params: int,
+                      target: float, group_costs: dict[str, int] | None = None,
+                      tolerance: float = 0.015) -> list[str]:
+    """Honest budgets: when the greedy selection overshoots the target by more than `tolerance`,
+    swap one of this call's picks for up to two unchosen candidates so that the net sparsity lands
+    within `tolerance` of the target (at or above it where possible, never under 90 % of it), at
+    the least added damage.
+    Unchanged when no swap lands there. Returns the new `picked` labels.
+
+    Example:
+        >>> a, b, c = Candidate("ffn", 0.1, 50, 0), Candidate("x", 0.2, 20, 0), Candidate("y", 0.3, 20, 0)
+        >>> repair_overshoot([a], ["ffn"], [b, c], 100, 0.2, tolerance=0.05)
+        ['x']
+    """
+    group_costs = group_costs or {}
+    reached = sparsity_of(chosen, block_params, group_costs)
+    if reached - target <= tolerance:
+        return picked
+    mine = [c for c in chosen if c.label in picked]
+    best: tuple[tuple[bool, float], list[Candidate]] | None = None
+    for out in mine:
+        rest = [c for c in chosen if c is not out]
+        options = [c for c in pool if c.key != out.key and c.saved > 0]
+        combos: list[list[Candidate]] = [[]] + [[c] for c in options]
+        combos += [[a, b] for i, a in enumerate(options) for b in options[i + 1:] if a.key != b.key]
+        for add in combos:
+            s = sparsity_of(rest + add, block_params, group_costs)
+            if max(target - tolerance, 0.9 * target) <= s <= target + tolerance:
+                cost = (s < target, sum(c.score for c in add) - out.score)
+                if best is None or cost < best[0]:
+                    best = (cost, add)
+                    best_out = out
+    if best is None:
+        return picked
+    return [label for label in picked if label != best_out.label] + [c.label for c in best[1]]

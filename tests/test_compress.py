@@ -23,7 +23,8 @@ def test_compress_hits_target_within_one_branch(models, arch, sparsity):
     c = subfit_fx.compress(models[arch], CALIB, sparsity, progress=False)
     r = c.report
     largest = max(b["params"] for b in r.branches) / r.block_params
-    assert sparsity <= r.sparsity_actual < sparsity + largest
+    # at or above the target, or repaired to within 1.5 points of it (selection.repair_overshoot)
+    assert max(sparsity - 0.015, 0.9 * sparsity) <= r.sparsity_actual < sparsity + largest
     assert r.params_after == count_params(c.program)
     removed = sum(b["params"] for b in r.branches if b["replaced"])
     assert r.params_after == r.params_before - removed + r.bypass_params
@@ -63,13 +64,17 @@ def test_load_from_base_model_path(tmp_path):
     assert torch.equal(loaded.module()(ids, torch.ones_like(ids)), c.module()(ids, torch.ones_like(ids)))
 
 
-@pytest.mark.parametrize("options", [{"bypass_input": "stream"}, {"score": "rotation"}, {"rescore_every": 1},
-                                     {"score": "holdout", "holdout": 0.25}, {"skip_first": True},
-                                     {"score": "holdout", "holdout": 0.25, "forms": "auto", "rescore_every": 2,
-                                      "sequential": True}])
+STATS = {"judge": "statistics"}
+
+
+@pytest.mark.parametrize("options", [{"bypass_input": "stream"}, {**STATS, "score": "rotation"},
+                                     {**STATS, "rescore_every": 1}, {**STATS, "score": "holdout", "holdout": 0.25},
+                                     {"skip_first": True}, {"forms": "auto", "rounds": 2},
+                                     {**STATS, "score": "holdout", "holdout": 0.25, "forms": "auto",
+                                      "rescore_every": 2, "sequential": True}])
 def test_options_run(models, options):
     c = subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, **options)
-    assert c.report.replaced and c.report.sparsity_actual >= 0.25
+    assert c.report.replaced and c.report.sparsity_actual >= 0.25 - 0.015
 
 
 def test_sequential_fit_repairs_upstream_drift(models):
@@ -81,33 +86,33 @@ def test_sequential_fit_repairs_upstream_drift(models):
     dense = subfit_fx.capture(model).module()(ids, torch.ones_like(ids))
     errs = {}
     for seq in (False, True):
-        c = subfit_fx.compress(model, CALIB, 0.375, progress=False, sequential=seq, attention_rank=16)
+        c = subfit_fx.compress(model, CALIB, 0.375, progress=False, sequential=seq, attention_rank=16, **STATS)
         errs[seq] = float(((c.module()(ids, torch.ones_like(ids)) - dense) ** 2).mean())
     torch.set_grad_enabled(True)
     assert errs[True] <= errs[False] * 1.05
 
 
 def test_shared_basis_is_stored_once(models):
-    c = subfit_fx.compress(models["llama"], CALIB, 0.375, progress=False, attention_rank=64)
+    c = subfit_fx.compress(models["llama"], CALIB, 0.375, progress=False, attention_rank=64, **STATS)
     ffn_bypasses = [r for r in c.recipe.replacements if r.form == "shared"]
     assert len(ffn_bypasses) >= 2
     assert len({r.layers[0][0] for r in ffn_bypasses}) == 1
-    assert c.report.sparsity_actual >= 0.375
+    assert c.report.sparsity_actual >= 0.375 - 0.015
 
 
 def test_guarded_preset_holds_out_its_own_data(models):
     c = subfit_fx.compress(models["llama"], CALIB, 0.25, "subfit-guarded", progress=False)
-    assert c.recipe.method == "subfit-guarded" and c.report.sparsity_actual >= 0.25
+    assert c.recipe.method == "subfit-guarded" and c.report.sparsity_actual >= 0.25 - 0.015
     assert c.recipe.options["score"] == "holdout" and c.recipe.options["sequential"]
     assert all("holdout" in b["scores"] for b in c.report.branches)
 
 
 def test_auto_forms_judge_bypass_removal_and_full_map_on_held_out_data(models):
     c = subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, score="holdout", holdout=0.25,
-                           forms="auto")
+                           forms="auto", **STATS)
     for branch in c.report.branches:
         assert {"holdout", "holdout_remove", "holdout_linear"} <= set(branch["scores"])
     assert {r.form for r in c.recipe.replacements} <= {"lowrank", "shared", "remove", "linear"}
-    assert c.report.sparsity_actual >= 0.25
+    assert c.report.sparsity_actual >= 0.25 - 0.015
     with pytest.raises(subfit_fx.errors.InputError, match="held-out"):
-        subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, forms="fit-or-remove")
+        subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, forms="fit-or-remove", **STATS)

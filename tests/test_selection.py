@@ -13,7 +13,7 @@ from subfit_fx.selection import Candidate, check_sparsity, select, sparsity_of
 def test_greedy_reaches_target_within_one_branch(items, target):
     cands = [Candidate(f"b{i}", s, p, b) for i, (s, p, b) in enumerate(items)]
     block = sum(c.params for c in cands)
-    chosen = [c for c in cands if c.label in select(cands, block, target)]
+    chosen = [c for c in cands if c.label in select(cands, block, target, tolerance=1.0)]
     actual = sparsity_of(chosen, block)
     if actual < target:  # only when every candidate is used
         assert len(chosen) == len(cands)
@@ -46,7 +46,7 @@ def _plain_greedy(cands, block, target):
 def test_budget_aware_last_pick_never_costs_more_than_plain_greedy(items, target):
     cands = [Candidate(f"b{i}", s, p, b) for i, (s, p, b) in enumerate(items)]
     block = sum(c.params for c in cands)
-    picked = select(cands, block, target)
+    picked = select(cands, block, target, tolerance=1.0)  # without the budget repair
     greedy = _plain_greedy(cands, block, target)
     # same picks up to the last one, which reaches the target with no more damage
     assert [c.label for c in greedy[:-1]] == picked[:-1]
@@ -60,3 +60,28 @@ def test_last_pick_closes_the_gap_with_the_least_damage():
     assert select(cands, 1000, 0.2) == ["attn"]
     assert select(cands, 1000, 0.45) == ["ffn"]  # only the FFN reaches it
     assert select(cands, 1000, 0.6) == ["ffn", "attn"]
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(10, 1000), st.integers(0, 9)), min_size=1, max_size=12),
+       st.floats(0.05, 0.8))
+def test_budget_repair_lands_within_tolerance_or_keeps_the_greedy_choice(items, target):
+    cands = [Candidate(f"b{i}", s, p, b) for i, (s, p, b) in enumerate(items)]
+    block = sum(c.params for c in cands)
+    free = select(cands, block, target, tolerance=1.0)
+    repaired = select(cands, block, target, tolerance=0.015)
+    by_label = {c.label: c for c in cands}
+    before = sparsity_of([by_label[x] for x in free], block)
+    after = sparsity_of([by_label[x] for x in repaired], block)
+    if before - target <= 0.015:
+        assert repaired == free
+    elif repaired != free:
+        assert max(target - 0.015, 0.9 * target) <= after <= target + 0.015
+
+
+def test_budget_repair_swaps_an_ffn_for_attention_to_land_on_target():
+    ffn = [Candidate(f"f{i}", 0.01, 200, 0) for i in range(3)]
+    attn = [Candidate(f"a{i}", 0.05, 100, 0) for i in range(3)]
+    # greedy takes two cheap FFNs (40 %) for a 30 % target; one FFN and one attention land on it
+    picked = select(ffn + attn, 1000, 0.3)
+    assert len(picked) == 2 and "a0" in picked and sum(x.startswith("f") for x in picked) == 1
+    assert sorted(select(ffn + attn, 1000, 0.3, tolerance=1.0)) == ["f0", "f1"]

