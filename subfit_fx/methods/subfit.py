@@ -329,6 +329,38 @@ def _keep_better(ctx: PolicyContext, opts: SubfitOptions, judge: OutputJudge, ol
     return kept
 
 
+def _never_worse_than_removal(ctx: PolicyContext, opts: SubfitOptions, judge: OutputJudge,
+                              fits: dict[str, Fit], removed: dict[str, Fit]) -> dict[str, Fit]:
+    """With the whole selection in place, turn each bypass into plain removal where that judges
+    better (one forward per bypass), then keep the result only if it judges no worse than removing
+    every chosen branch: the selection never does worse at the output than plain removal of the
+    same branches."""
+    session = ctx.session
+
+    def judged(candidate: dict[str, Fit]) -> float:
+        session.clear_replacements()
+        for label, fit in candidate.items():
+            session.set_replacement(label, fit, opts.bypass_input)
+        return judge()
+
+    current, best = dict(fits), judged(fits)
+    swapped = []
+    for label in [b.label for b in ctx.branches if b.label in fits and fits[b.label].form != "remove"]:
+        trial = {**current, label: removed[label]}
+        value = judged(trial)
+        if value < best:
+            current, best = trial, value
+            swapped.append(label)
+    everything = judged(removed)
+    session.clear_replacements()
+    if swapped:
+        ctx.notes.append(f"bypasses that judged worse than removal in the final selection, removed: {swapped}")
+    if everything < best:
+        ctx.notes.append("the whole selection judged worse than removing the same branches: removed them")
+        return removed
+    return current
+
+
 def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     """SubFit judged at the output (the default). Guards against "a good local fit is not a good
     replacement" (METHOD.md) at a cost that scales with the number of branches n:
@@ -436,6 +468,7 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
                          "chosen FFNs' own basis")
     if opts.sequential and final:
         final = _sequential_refit(ctx, opts, fitter, list(final), final)
+    final = _never_worse_than_removal(ctx, opts, judge, final, {label: alts[label]["remove"] for label in final})
     ctx.notes.append(f"output judge: {judge.calls} forwards of {int(held_ids.shape[0])} held-out sequences")
     for label, fit in final.items():
         ctx.record_score(label, "fit_error_relative",

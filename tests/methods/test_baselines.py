@@ -12,7 +12,6 @@ import subfit_fx
 from subfit_fx import capture, prepare
 from subfit_fx.errors import InputError
 from subfit_fx.fit import removal
-from subfit_fx.selection import Candidate, select
 from subfit_fx.methods.layers import (
     BaselineOptions,
     Layer,
@@ -22,6 +21,7 @@ from subfit_fx.methods.layers import (
     stream_statistics,
 )
 from subfit_fx.methods.replaceme import fit_block
+from subfit_fx.selection import Candidate, select
 from subfit_fx.zoo import tiny_model
 
 CALIB = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
