@@ -84,7 +84,7 @@ def test_sequential_pipeline_holds_one_layer_of_statistics_and_matches_all_at_on
     assert kept.peak_bytes == kept.all_at_once_bytes == basic_peak and len(kept.groups) == 2
 
 
-@pytest.mark.parametrize("options", [{}, {"sequential": True, "rescore_every": 3}])
+@pytest.mark.parametrize("options", [{}, {"judge": "statistics", "sequential": True, "rescore_every": 3}])
 def test_subfit_policy_gives_the_same_scores_and_recipe_on_the_sequential_session(options, tmp_path):
     _, ep = captured("llama", LAYERS)
     data = batches()
