@@ -31,7 +31,9 @@ from subfit_fx.report import Report, build_report
 from subfit_fx.rewrite import apply_recipe
 from subfit_fx.selection import check_sparsity
 
-__all__ = ["Compressed", "calibration_batches", "compress", "load"]
+__all__ = ["BUDGET_TOLERANCE", "Compressed", "calibration_batches", "compress", "load"]
+
+BUDGET_TOLERANCE = 0.015  # net block sparsity; selection.repair_overshoot aims within it
 
 
 class Compressed:
@@ -142,6 +144,10 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     program = apply_recipe(ep, recipe, check=False)
     report = build_report(method, target, recipe, branches, block, count_params(ep), count_params(program),
                           ctx.scores, recipe.options, ctx.notes)
+    if abs(report.sparsity_actual - target) > BUDGET_TOLERANCE:
+        report.notes.append(f"budget: landed at {report.sparsity_actual:.2%} for a {target:.2%} target, more than "
+                            f"{BUDGET_TOLERANCE:.1%} away: the nearest this method's units (whole layers or "
+                            "branches) reach; compare it with others at this actual sparsity")
     return Compressed(program, recipe, report, module)
 
 

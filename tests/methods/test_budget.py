@@ -26,3 +26,11 @@ def test_every_method_lands_within_one_and_a_half_points(llama12, method):
     c = subfit_fx.compress(llama12, CALIB, 0.25, method, progress=False, **options)
     actual = c.report.sparsity_actual
     assert abs(actual - 0.25) <= 0.015, (method, actual, c.report.notes)
+
+
+def test_a_method_that_cannot_land_near_the_target_says_so():
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=4)  # one layer is 25 % of the blocks
+    c = subfit_fx.compress(model, CALIB, 0.15, "shortgpt", progress=False)
+    assert c.report.sparsity_actual == pytest.approx(0.25)
+    assert any(n.startswith("budget: landed at 25.00% for a 15.00% target") for n in c.report.notes)
