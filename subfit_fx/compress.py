@@ -29,11 +29,9 @@ from subfit_fx.models import resolve_model
 from subfit_fx.recipe import Recipe
 from subfit_fx.report import Report, build_report
 from subfit_fx.rewrite import apply_recipe
-from subfit_fx.selection import check_sparsity
+from subfit_fx.selection import BUDGET_TOLERANCE, check_sparsity
 
-__all__ = ["BUDGET_TOLERANCE", "Compressed", "calibration_batches", "compress", "load"]
-
-BUDGET_TOLERANCE = 0.015  # net block sparsity; selection.repair_overshoot aims within it
+__all__ = ["Compressed", "calibration_batches", "compress", "load"]
 
 
 class Compressed:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from subfit_fx.errors import InputError
 
-__all__ = ["Candidate", "check_sparsity", "repair_overshoot", "select", "sparsity_of"]
+__all__ = ["BUDGET_TOLERANCE", "Candidate", "check_sparsity", "repair_overshoot", "select", "sparsity_of"]
+
+BUDGET_TOLERANCE = 0.015  # net block sparsity a selection may land away from its target
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def sparsity_of(chosen: list[Candidate], block_params: int, group_costs: dict[st
 
 def select(candidates: list[Candidate], block_params: int, target: float,
            group_costs: dict[str, int] | None = None, already: list[Candidate] | None = None,
-           limit: int | None = None, tolerance: float = 0.015) -> list[str]:
+           limit: int | None = None, tolerance: float = BUDGET_TOLERANCE) -> list[str]:
     """Greedy by score per net parameter saved, until the net sparsity reaches `target` (the
     last choice overshoots by less than one branch). `already` chosen candidates count toward the
     budget; `limit` caps how many are added in this call (for re-scoring every k choices).
@@ -121,7 +123,7 @@ def select(candidates: list[Candidate], block_params: int, target: float,
 
 def repair_overshoot(chosen: list[Candidate], picked: list[str], pool: list[Candidate], block_params: int,
                       target: float, group_costs: dict[str, int] | None = None,
-                      tolerance: float = 0.015) -> list[str]:
+                      tolerance: float = BUDGET_TOLERANCE) -> list[str]:
     """Honest budgets: when the greedy selection overshoots the target by more than `tolerance`,
     swap one of this call's picks for up to two unchosen candidates so that the net sparsity lands
     within `tolerance` of the target (at or above it where possible, never under 90 % of it), at

@@ -30,6 +30,7 @@ from subfit_fx.data import Batch
 from subfit_fx.errors import InputError
 from subfit_fx.recipe import Recipe, Replacement, branch_records
 from subfit_fx.rewrite import stream_after
+from subfit_fx.selection import BUDGET_TOLERANCE
 
 __all__ = [
     "TOKEN_MODES",
@@ -298,7 +299,7 @@ def record_stream_after(session: Session, batches: list[Batch], label: str,
 
 
 def smallest_span(layers: list[Layer], block_params: int, target: float, cost: int = 0,
-                  tolerance: float = 0.015) -> tuple[int, list[int]]:
+                  tolerance: float = BUDGET_TOLERANCE) -> tuple[int, list[int]]:
     """The fewest contiguous layers n whose parameters, net of `cost` (a bypass), reach
     `target` of `block_params`, and the start indexes of all such spans of n layers. When that
     overshoots by more than `tolerance` but n - 1 layers land within `tolerance` below the target,
