@@ -28,7 +28,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_results
+from _common import RESULTS, command_line, write_results
 
 import subfit_fx
 from subfit_fx.checkpoints import ensure_smollm2
@@ -217,6 +217,8 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         "## Time per run (2 cores)", "", "| method | target | compress s | evaluate s |", "|---|---:|---:|---:|",
         *times, "",
         "## What each method replaced at 25 % (# = replaced)", "", *maps,
+        "## Commands that produced the rows (runs resume with --resume)", "",
+        *[f"- `{c}`" for c in dict.fromkeys(r.get("command", "(not recorded)") for r in rows)],
     ])
     write_results(args.name, {"dense": dense, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}
                               | {"model": str(model_dir)}}, md)
@@ -248,6 +250,7 @@ def main() -> None:
                 continue
             method, options = parse_spec(spec)
             row = run_one(model, tokenizer, calib, text, method, sparsity, args, options, name=spec)
+            row["command"] = command_line()
             rows.append(row)
             print(f"{spec:24s} {sparsity:.4f}: ppl {row['perplexity']:.2f} "
                   f"({row['perplexity'] / dense['perplexity']:.2f}x) choice {row['choice_accuracy']:.3f} "

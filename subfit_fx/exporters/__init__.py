@@ -14,15 +14,23 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "ExportResult", "ParityReport", "cache_program", "export_onnx", "export_onnx_kv", "optimize_onnx",
-    "quantize_int4", "quantize_int8",
+    "ExportResult",
+    "ParityReport",
+    "Tolerance",
+    "cache_program",
+    "export_onnx",
+    "export_onnx_kv",
+    "optimize_onnx",
+    "quantize_int4",
+    "quantize_int8",
+    "tolerance_for",
 ]
 
 _HOMES = {
     "ExportResult": "onnx_export", "export_onnx": "onnx_export",
     "cache_program": "kv_cache", "export_onnx_kv": "kv_cache",
     "optimize_onnx": "postprocess", "quantize_int4": "postprocess", "quantize_int8": "postprocess",
-    "ParityReport": "validate",
+    "ParityReport": "validate", "Tolerance": "validate", "tolerance_for": "validate",
 }
 
 

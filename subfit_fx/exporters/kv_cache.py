@@ -43,7 +43,7 @@ from subfit_fx.exporters.artifacts import model_bytes, save_model, set_metadata,
 from subfit_fx.exporters.onnx_export import BATCH, OPSET, SEQUENCE, ExportError, ExportResult, check_opset, to_onnx
 from subfit_fx.exporters.onnx_graph import drop_unused_inputs, rename_dims
 from subfit_fx.exporters.sources import ExportSource, as_source
-from subfit_fx.exporters.validate import Reference, check_kv
+from subfit_fx.exporters.validate import Reference, Tolerance, check_kv, tolerance_for
 from subfit_fx.runtime import KIND_KEY, KIND_KV_CACHE
 
 __all__ = [
@@ -252,14 +252,15 @@ def cache_program(model_or_compressed: Any, recipe: Any = None) -> CacheCapture:
 
 
 def export_onnx_kv(model_or_compressed: Any, path: str | Path, *, recipe: Any = None,
-                   validate: bool = True, force: bool = False, atol: float = 1e-4,
+                   validate: bool = True, force: bool = False, tolerance: Tolerance | None = None,
                    reference: Reference | None = None, opset: int = OPSET) -> ExportResult:
     """Export a causal LM (dense or compressed) as one ONNX graph with KV cache inputs and outputs.
 
     `recipe` defaults to the compressed model's. Layers whose attention the recipe replaces have no
     cache inputs or outputs. With `validate`, prefill from an empty cache, one decode step and a
     2-token step must match `reference` (default: the eager dense model, or the rewritten no-cache
-    program) within `atol`, or `ValidationError` is raised and nothing is written. An existing
+    program) within `tolerance` (default: `tolerance_for` the weights' dtype), or `ValidationError`
+    is raised and nothing is written. An existing
     `path` raises `OutputExistsError` unless `force`. `opset` is the ONNX opset (default 23, whose
     Attention op serves grouped-query attention straight from the cache).
 
@@ -291,7 +292,8 @@ def export_onnx_kv(model_or_compressed: Any, path: str | Path, *, recipe: Any = 
         save_model(model, staged)
         parity = None
         if validate:
-            parity = check_kv(staged, reference or src.reference, vocab_size=src.vocab_size, atol=atol)
+            parity = check_kv(staged, reference or src.reference, vocab_size=src.vocab_size,
+                              tolerance=tolerance or tolerance_for(src.dtype))
             parity.enforce("the KV-cache graph does not reproduce the no-cache logits")
         size = model_bytes(staged)
     names = ([v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs])

@@ -27,7 +27,7 @@ from subfit_fx.errors import InputError, SubfitError
 from subfit_fx.exporters.artifacts import model_bytes, save_model, set_metadata, staged_output
 from subfit_fx.exporters.onnx_graph import broadcast_rotary_caches, drop_unused_inputs, rename_dims
 from subfit_fx.exporters.sources import as_source
-from subfit_fx.exporters.validate import ParityReport, Reference, check_plain
+from subfit_fx.exporters.validate import ParityReport, Reference, Tolerance, check_plain, tolerance_for
 from subfit_fx.runtime import KIND_KEY, KIND_PLAIN, VOCAB_KEY
 
 __all__ = ["BATCH", "MIN_OPSET", "OPSET", "SEQUENCE", "VOCAB_KEY", "ExportError", "ExportResult", "check_opset",
@@ -105,13 +105,15 @@ def to_onnx(program: torch.export.ExportedProgram, input_names: list[str],
 
 
 def export_onnx(program_or_model: Any, path: str | Path, *, validate: bool = True, force: bool = False,
-                atol: float = 1e-4, reference: Reference | None = None, opset: int = OPSET) -> ExportResult:
+                tolerance: Tolerance | None = None, reference: Reference | None = None,
+                opset: int = OPSET) -> ExportResult:
     """Export a model, captured program or compressed model to one ONNX file without KV cache.
 
     Inputs are the program's (`input_ids`, `attention_mask`; an input the rewrite made unused is
     dropped), the output is `logits` (causal LM) or `last_hidden_state` (encoder). With `validate`,
     ONNX Runtime must match `reference` (default: the eager model, or the rewritten program) within
-    `atol` on a fresh batch, or `ValidationError` is raised and nothing is written. An existing
+    `tolerance` (default: `tolerance_for` the weights' dtype; see `validate`) on a fresh batch, or
+    `ValidationError` is raised and nothing is written. An existing
     `path` raises `OutputExistsError` unless `force`. `opset` is the ONNX opset (default 23).
 
     Example:
@@ -133,7 +135,8 @@ def export_onnx(program_or_model: Any, path: str | Path, *, validate: bool = Tru
         save_model(model, staged)
         parity = None
         if validate:
-            parity = check_plain(staged, reference or src.reference, vocab_size=src.vocab_size, atol=atol)
+            parity = check_plain(staged, reference or src.reference, vocab_size=src.vocab_size,
+                                 tolerance=tolerance or tolerance_for(src.dtype))
             parity.enforce("the ONNX graph does not compute what the torch program does")
         size = model_bytes(staged)
     return ExportResult(Path(path), [v.name for v in model.graph.inputs], outputs, parity, size)

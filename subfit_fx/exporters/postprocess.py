@@ -2,9 +2,10 @@
 
 Each pass reads one file and writes another (all or nothing, like the exporters) and checks the
 result against its input on the same random tokens - through the KV cache when the file has one.
-Fusions compute the same function, so they must match within `atol` (1e-4). Quantization changes
-the numbers on purpose: its max abs difference and top-1 agreement are reported, and it fails only
-when outputs are not finite or the top-1 agreement falls below `min_top1`.
+Fusions compute the same function, so they must match within `validate.EXACT` (relative 1e-4 of the
+logits' scale, KL 1e-5 nats). Quantization changes the numbers on purpose: its differences, KL and
+top-1 agreement are reported, and it fails only when outputs are not finite or the top-1
+agreement falls below `min_top1`.
 
 Example:
     >>> optimize_onnx("model.onnx", "model.opt.onnx")  # doctest: +SKIP
@@ -34,7 +35,7 @@ from subfit_fx.exporters.artifacts import (
     save_model,
     staged_output,
 )
-from subfit_fx.exporters.validate import ParityReport, compare_onnx
+from subfit_fx.exporters.validate import EXACT, ParityReport, Tolerance, compare_onnx
 from subfit_fx.runtime import KIND_KEY, KIND_KV_CACHE, VOCAB_KEY
 
 __all__ = ["FUSION_BACKENDS", "PostpassResult", "optimize_onnx", "quantize_int4", "quantize_int8"]
@@ -92,7 +93,7 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 def _run_pass(name: str, src: str | Path, dst: str | Path, transform: Callable[[Path, Path], dict[str, Any]],
-              *, validate: bool, force: bool, atol: float | None, min_top1: float | None) -> PostpassResult:
+              *, validate: bool, force: bool, tolerance: Tolerance) -> PostpassResult:
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise ModelLoadError(f"ONNX file '{src}' does not exist")
@@ -104,7 +105,7 @@ def _run_pass(name: str, src: str | Path, dst: str | Path, transform: Callable[[
         details["passes"] = _stamp(staged, name)
         parity = None
         if validate:
-            parity = compare_onnx(staged, src, vocab_size=vocab, kv_cache=kv, atol=atol, min_top1=min_top1,
+            parity = compare_onnx(staged, src, vocab_size=vocab, kv_cache=kv, tolerance=tolerance,
                                   what=f"{name} vs input")
             parity.enforce(f"pass '{name}' changed what the model computes beyond its tolerance")
         size = model_bytes(staged)
@@ -112,7 +113,7 @@ def _run_pass(name: str, src: str | Path, dst: str | Path, transform: Callable[[
 
 
 def optimize_onnx(src: str | Path, dst: str | Path, *, backend: str = "onnxscript", validate: bool = True,
-                  atol: float = 1e-4, force: bool = False) -> PostpassResult:
+                  tolerance: Tolerance = EXACT, force: bool = False) -> PostpassResult:
     """Fuse rotary embeddings, norms and attention into ONNX Runtime's contrib ops.
 
     `backend` "onnxscript" runs `onnxscript.rewriter.ort_fusions.optimize_for_ort` (fuses attention
@@ -145,8 +146,7 @@ def optimize_onnx(src: str | Path, dst: str | Path, *, backend: str = "onnxscrip
         save_model(model, out)
         return {"backend": backend, "fusions": fusions, "fused_ops": _op_counts(model)}
 
-    return _run_pass("optimize", src, dst, transform, validate=validate, force=force, atol=atol,
-                     min_top1=None)
+    return _run_pass("optimize", src, dst, transform, validate=validate, force=force, tolerance=tolerance)
 
 
 def quantize_int8(src: str | Path, dst: str | Path, *, validate: bool = True, min_top1: float | None = 0.5,
@@ -169,8 +169,8 @@ def quantize_int8(src: str | Path, dst: str | Path, *, validate: bool = True, mi
         ops = _op_counts(ir.load(str(out)))
         return {"weight_type": "int8", "per_channel": per_channel, "fused_ops": ops}
 
-    return _run_pass("int8", src, dst, transform, validate=validate, force=force, atol=None,
-                     min_top1=min_top1)
+    return _run_pass("int8", src, dst, transform, validate=validate, force=force,
+                     tolerance=Tolerance(min_top1=min_top1))
 
 
 def quantize_int4(src: str | Path, dst: str | Path, *, block_size: int = 32, validate: bool = True,
@@ -200,8 +200,8 @@ def quantize_int4(src: str | Path, dst: str | Path, *, block_size: int = 32, val
             onnx.save(proto, str(out))
         return {"bits": 4, "block_size": block_size, "fused_ops": _op_counts(ir.load(str(out)))}
 
-    return _run_pass("int4", src, dst, transform, validate=validate, force=force, atol=None,
-                     min_top1=min_top1)
+    return _run_pass("int4", src, dst, transform, validate=validate, force=force,
+                     tolerance=Tolerance(min_top1=min_top1))
 
 
 def _stamp(path: Path, name: str) -> str:

@@ -65,6 +65,12 @@ class ExportSource:
         return self.vocab_size == _output_width(self.program)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the weights (it sets the parity tolerance)."""
+        params = self.model.parameters() if self.model is not None else self.program.state_dict.values()
+        return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+
+    @property
     def output_name(self) -> str:
         """The ONNX output name of the plain graph."""
         return "logits" if self.causal else "last_hidden_state"

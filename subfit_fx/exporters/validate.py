@@ -5,10 +5,19 @@ dimension that export silently fixed shows up as an error. The KV-cache check ru
 empty cache, one decode step and a two-token continuation, and compares each with torch's logits
 for the whole sequence computed without a cache.
 
+The criterion scales with the model (a `Tolerance`): the max abs difference is divided by the
+reference's scale (its max |value|), because float32 round-off grows with depth and with the
+size of the logits - a fixed absolute bound rejects a 30-layer model whose logits reach 30 while
+letting a small model's real error through. Next to it: the top-1 agreement of the last axis, and
+for logits the KL divergence of the next-token distributions (reference || ONNX), max over
+positions. Thresholds per dtype (`tolerance_for`): float32 relative 1e-4 and KL 1e-5 nats;
+float16 / bfloat16 relative 2e-2 and KL 1e-3. Round-off of a deep float32 model sits near 1e-6
+relative and 1e-10 nats; a wrong weight or a mis-wired cache moves both by orders of magnitude.
+
 Example:
     >>> report = check_plain("model.onnx", reference, vocab_size=128)  # doctest: +SKIP
     >>> print(report.summary())  # doctest: +SKIP
-    onnx vs torch: max |diff| 1.2e-06 <= 1e-04, top-1 agreement 100.0% (batch 3 x seq 11)
+    onnx vs torch: max |diff| 1.2e-06 = 2.1e-07 of scale 5.8 <= 1.0e-04, KL 3.1e-12 <= 1.0e-05, ...
 """
 
 from __future__ import annotations
@@ -24,13 +33,16 @@ from subfit_fx.errors import ValidationError
 from subfit_fx.runtime import OnnxCausalLM, OnnxRunner
 
 __all__ = [
+    "EXACT",
     "ParityReport",
     "Reference",
+    "Tolerance",
     "check_kv",
     "check_plain",
     "compare_onnx",
     "compare_outputs",
     "random_tokens",
+    "tolerance_for",
 ]
 
 # (input_ids, attention_mask) -> logits or last_hidden_state
@@ -38,63 +50,120 @@ Reference = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class ParityReport:
-    """Outcome of one numerical check.
+class Tolerance:
+    """Bounds a parity check must meet; None leaves a number reported but unchecked.
 
-    `atol` is the bound on the max abs difference that decides `passed` (None: reported only);
-    `min_top1` likewise bounds the top-1 agreement of the last axis.
+    `rtol` bounds max |diff| / max |reference|, `max_kl` the largest per-position KL divergence
+    (nats) of the softmax over the last axis (logits only), `min_top1` the share of positions whose
+    argmax agrees.
+
+    Example:
+        >>> Tolerance(rtol=1e-4).max_kl is None
+        True
+    """
+
+    rtol: float | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
+
+
+# the same function computed another way (export, fusions) in float32
+EXACT = Tolerance(rtol=1e-4, max_kl=1e-5)
+_BY_DTYPE = {torch.float32: EXACT, torch.float64: EXACT,
+             torch.float16: Tolerance(rtol=2e-2, max_kl=1e-3), torch.bfloat16: Tolerance(rtol=2e-2, max_kl=1e-3)}
+
+
+def tolerance_for(dtype: torch.dtype) -> Tolerance:
+    """The exact-computation tolerance for a model whose weights are `dtype`.
+
+    Example:
+        >>> tolerance_for(torch.float16).rtol
+        0.02
+    """
+    return _BY_DTYPE.get(dtype, EXACT)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Outcome of one numerical check: the numbers, and the `Tolerance` that decides `passed`.
+
+    `scale` is max |reference|; `kl` is None when the outputs are not logits.
     """
 
     what: str
     max_abs_diff: float
     top1_agreement: float
     cases: tuple[str, ...]
-    atol: float | None = None
-    min_top1: float | None = None
+    scale: float = 1.0
+    kl: float | None = None
+    tolerance: Tolerance = Tolerance()
+
+    @property
+    def relative_diff(self) -> float:
+        """max |diff| divided by the reference's scale (max |value|).
+
+        Example:
+            >>> ParityReport("x", 2e-4, 1.0, (), scale=20.0).relative_diff
+            1e-05
+        """
+        return self.max_abs_diff / max(self.scale, 1e-30)
 
     @property
     def passed(self) -> bool:
         """True when every bound holds and the outputs are finite."""
+        tol = self.tolerance
         if not np.isfinite(self.max_abs_diff):
             return False
-        if self.atol is not None and self.max_abs_diff > self.atol:
+        if tol.rtol is not None and self.relative_diff > tol.rtol:
             return False
-        return self.min_top1 is None or self.top1_agreement >= self.min_top1
+        if tol.max_kl is not None and self.kl is not None and not self.kl <= tol.max_kl:
+            return False
+        return tol.min_top1 is None or self.top1_agreement >= tol.min_top1
 
     def summary(self) -> str:
         """One line: the numbers next to their bounds.
 
         Example:
-            >>> ParityReport("onnx vs torch", 2e-6, 1.0, ("batch 3 x seq 11",), atol=1e-4).summary()
-            'onnx vs torch: max |diff| 2.0e-06 <= 1.0e-04, top-1 agreement 100.0% (batch 3 x seq 11)'
+            >>> ParityReport("onnx vs torch", 2e-6, 1.0, ("b 3",), scale=4.0,
+            ...              tolerance=Tolerance(rtol=1e-4)).summary()
+            'onnx vs torch: max |diff| 2.0e-06 = 5.0e-07 of scale 4 <= 1.0e-04, top-1 agreement 100.0% (b 3)'
         """
-        diff = f"max |diff| {self.max_abs_diff:.1e}"
-        if self.atol is not None:
-            diff += f" {'<=' if self.max_abs_diff <= self.atol else '>'} {self.atol:.1e}"
+        tol = self.tolerance
+        diff = f"max |diff| {self.max_abs_diff:.1e} = {self.relative_diff:.1e} of scale {self.scale:.3g}"
+        if tol.rtol is not None:
+            diff += f" {'<=' if self.relative_diff <= tol.rtol else '>'} {tol.rtol:.1e}"
+        parts = [diff]
+        if self.kl is not None:
+            kl = f"KL {self.kl:.1e}"
+            if tol.max_kl is not None:
+                kl += f" {'<=' if self.kl <= tol.max_kl else '>'} {tol.max_kl:.1e}"
+            parts.append(kl)
         top1 = f"top-1 agreement {self.top1_agreement:.1%}"
-        if self.min_top1 is not None:
-            top1 += f" (min {self.min_top1:.0%})"
-        return f"{self.what}: {diff}, {top1} ({'; '.join(self.cases)})"
+        if tol.min_top1 is not None:
+            top1 += f" (min {tol.min_top1:.0%})"
+        parts.append(top1)
+        return f"{self.what}: {', '.join(parts)} ({'; '.join(self.cases)})"
 
     def to_dict(self) -> dict:
         """JSON-ready fields (for reports and benchmarks).
 
         Example:
-            >>> ParityReport("x", 0.5, 1.0, ("c",), atol=1e-4).to_dict()["passed"]
+            >>> ParityReport("x", 0.5, 1.0, ("c",), tolerance=EXACT).to_dict()["passed"]
             False
         """
-        return {"what": self.what, "max_abs_diff": self.max_abs_diff,
-                "top1_agreement": self.top1_agreement, "atol": self.atol, "min_top1": self.min_top1,
+        return {"what": self.what, "max_abs_diff": self.max_abs_diff, "scale": self.scale,
+                "relative_diff": self.relative_diff, "kl": self.kl, "top1_agreement": self.top1_agreement,
+                "rtol": self.tolerance.rtol, "max_kl": self.tolerance.max_kl, "min_top1": self.tolerance.min_top1,
                 "cases": list(self.cases), "passed": self.passed}
 
     def enforce(self, hint: str = "") -> ParityReport:
         """Return self, or raise `ValidationError` naming the numbers when the check failed.
 
         Example:
-            >>> ParityReport("x", 0.5, 1.0, ("c",), atol=1e-4).enforce()
+            >>> ParityReport("x", 0.5, 1.0, ("c",), tolerance=Tolerance(rtol=1e-4)).enforce()
             Traceback (most recent call last):
             ...
-            subfit_fx.errors.ValidationError: x: max |diff| 5.0e-01 > 1.0e-04, top-1 agreement 100.0% (c)
+            subfit_fx.errors.ValidationError: x: max |diff| 5.0e-01 = 5.0e-01 of scale 1 > 1.0e-04, ...
         """
         if not self.passed:
             raise ValidationError(self.summary() + (f"; {hint}" if hint else ""))
@@ -130,12 +199,29 @@ def compare_outputs(actual: np.ndarray, expected: np.ndarray) -> tuple[float, fl
     return diff, top1
 
 
+def _max_kl(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Largest KL(softmax(expected) || softmax(actual)) over positions, in nats."""
+    a = torch.log_softmax(torch.as_tensor(np.asarray(actual, np.float64)), -1)
+    e = torch.log_softmax(torch.as_tensor(np.asarray(expected, np.float64)), -1)
+    kl = (e.exp() * (e - a)).sum(-1)
+    return float(kl.max()) if kl.numel() else 0.0
+
+
+def _report(what: str, actual: np.ndarray, expected: np.ndarray, cases: tuple[str, ...], tolerance: Tolerance,
+            vocab_size: int | None) -> ParityReport:
+    diff, top1 = compare_outputs(actual, expected)
+    scale = float(np.abs(np.asarray(expected, np.float64)).max()) if np.size(expected) else 1.0
+    logits = vocab_size is not None and np.shape(expected)[-1] == vocab_size
+    kl = _max_kl(actual, expected) if logits and np.isfinite(diff) else None
+    return ParityReport(what, diff, top1, cases, scale=scale, kl=kl, tolerance=tolerance)
+
+
 def _torch_out(reference: Reference, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return reference(ids, mask).detach().float().numpy()
 
 
-def check_plain(path: str | Path, reference: Reference, *, vocab_size: int, atol: float = 1e-4,
+def check_plain(path: str | Path, reference: Reference, *, vocab_size: int, tolerance: Tolerance = EXACT,
                 batch: int = 3, seq: int = 11, seed: int = 0, threads: int | None = None) -> ParityReport:
     """ONNX Runtime vs `reference` on one random batch through a plain (no-cache) graph.
 
@@ -146,8 +232,8 @@ def check_plain(path: str | Path, reference: Reference, *, vocab_size: int, atol
     ids = random_tokens(vocab_size, batch, seq, seed)
     mask = torch.ones_like(ids)
     got = OnnxRunner(path, threads=threads)(ids.numpy(), mask.numpy())
-    diff, top1 = compare_outputs(got, _torch_out(reference, ids, mask))
-    return ParityReport("onnx vs torch", diff, top1, (f"batch {batch} x seq {seq}",), atol=atol)
+    return _report("onnx vs torch", got, _torch_out(reference, ids, mask), (f"batch {batch} x seq {seq}",),
+                   tolerance, vocab_size)
 
 
 def _kv_steps(lm: OnnxCausalLM, ids: np.ndarray, prompt: int) -> np.ndarray:
@@ -164,7 +250,7 @@ def _kv_steps(lm: OnnxCausalLM, ids: np.ndarray, prompt: int) -> np.ndarray:
     return np.concatenate(outs, axis=1)
 
 
-def check_kv(path: str | Path, reference: Reference, *, vocab_size: int, atol: float = 1e-4,
+def check_kv(path: str | Path, reference: Reference, *, vocab_size: int, tolerance: Tolerance = EXACT,
              batch: int = 3, prompt: int = 9, seed: int = 0, threads: int | None = None) -> ParityReport:
     """KV-cache graph vs `reference` (a no-cache forward): prefill, one decode step, a 2-token step.
 
@@ -174,20 +260,18 @@ def check_kv(path: str | Path, reference: Reference, *, vocab_size: int, atol: f
     ids = random_tokens(vocab_size, batch, prompt + 3, seed)
     got = _kv_steps(OnnxCausalLM(path, threads=threads), ids.numpy(), prompt)
     expected = _torch_out(reference, ids, torch.ones_like(ids))
-    diff, top1 = compare_outputs(got, expected)
     cases = (f"batch {batch}: prefill {prompt} from past 0", f"decode 1 at past {prompt}",
              f"2 tokens at past {prompt + 1}")
-    return ParityReport("onnx kv-cache vs torch", diff, top1, cases, atol=atol)
+    return _report("onnx kv-cache vs torch", got, expected, cases, tolerance, vocab_size)
 
 
 def compare_onnx(candidate: str | Path, baseline: str | Path, *, vocab_size: int, kv_cache: bool,
-                 atol: float | None = None, min_top1: float | None = None, what: str = "",
-                 threads: int | None = None) -> ParityReport:
+                 tolerance: Tolerance = EXACT, what: str = "", threads: int | None = None) -> ParityReport:
     """ONNX model vs ONNX model (a post-pass's output vs its input) on the same random tokens.
 
     Example:
         >>> compare_onnx("fused.onnx", "model.onnx", vocab_size=128, kv_cache=True,
-        ...              atol=1e-4).enforce()  # doctest: +SKIP
+        ...              tolerance=EXACT).enforce()  # doctest: +SKIP
     """
     batch, prompt = 3, 9
     ids = random_tokens(vocab_size, batch, prompt + 3, seed=1).numpy()
@@ -199,6 +283,4 @@ def compare_onnx(candidate: str | Path, baseline: str | Path, *, vocab_size: int
         a = OnnxRunner(candidate, threads=threads)(ids)
         b = OnnxRunner(baseline, threads=threads)(ids)
         cases = (f"batch {batch} x seq {ids.shape[1]}",)
-    diff, top1 = compare_outputs(a, b)
-    return ParityReport(what or f"{Path(candidate).name} vs {Path(baseline).name}", diff, top1, cases,
-                        atol=atol, min_top1=min_top1)
+    return _report(what or f"{Path(candidate).name} vs {Path(baseline).name}", a, b, cases, tolerance, vocab_size)

@@ -48,7 +48,7 @@ def test_default_export_uses_standard_attention_on_cache_heads(kv_file):
 def test_fusions_on_kv_graph_are_exact_and_generate(kv_file_opset20, tmp_path):
     kv_file = kv_file_opset20
     result = optimize_onnx(kv_file, tmp_path / "opt.onnx")
-    assert result.parity.passed and result.parity.atol == 1e-4
+    assert result.parity.passed and result.parity.tolerance.rtol == 1e-4
     assert result.details["fused_ops"].get("MultiHeadAttention", 0) == 2
     assert result.details["passes"] == "optimize"
     prompt = [[5, 6, 7, 8]]
@@ -68,7 +68,7 @@ def test_fusions_on_plain_graph(tmp_path):
 def test_quantization_is_reported(kv_file, tmp_path, quantize):
     result = quantize(kv_file, tmp_path / "q.onnx")
     parity = result.parity
-    assert parity.atol is None and parity.min_top1 == 0.5 and parity.passed
+    assert parity.tolerance.rtol is None and parity.tolerance.min_top1 == 0.5 and parity.passed
     assert 0 < parity.max_abs_diff < 1.0
     assert "top-1 agreement" in parity.summary()
     meta = model_metadata(create_session(result.path))
