@@ -135,6 +135,12 @@ class _ProgramBuilder(_Builder):
     def finish(self) -> None:
         # parameter placeholders come first, in the order of their specs
         self.ep.graph_signature.input_specs[:0] = self.new_specs
+        # a replaced span that ends the model (post-LN BERT's last layer) changes which node the
+        # program returns; the signature names it, so it must follow
+        returned = self.graph.output_node().args[0]
+        for spec, node in zip(self.ep.graph_signature.output_specs, returned):
+            if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node) and spec.arg.name != node.name:
+                spec.arg = TensorArgument(node.name)
 
 
 class _ModuleBuilder(_Builder):

@@ -65,3 +65,22 @@ def test_bypass_of_wrong_width_is_rejected():
                  tensors={"w": torch.zeros(32, 32)})
     with pytest.raises(RecipeMismatchError, match="features"):
         apply_recipe(ep, bad)
+
+
+def test_removing_the_last_layer_of_a_post_ln_encoder(tokens):
+    """The span ends at the program's output (BERT's final LayerNorm): the returned node changes,
+    and the program must still validate and return the stream after the layer before."""
+    model, ep = captured("bert", layers=3)
+    branches = find_branches(ep)
+    last = [b for b in branches if b.layer == 2]
+    recipe = Recipe("test", branch_records(branches),
+                    [Replacement(tuple(b.label for b in last), "remove")], {})
+    out = apply_recipe(ep, recipe).module()(*tokens)
+    layers = model.encoder.layer
+    with torch.no_grad():
+        model.encoder.layer = layers[:2]
+        try:
+            expected = model(input_ids=tokens[0], attention_mask=tokens[1]).last_hidden_state
+        finally:
+            model.encoder.layer = layers
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
