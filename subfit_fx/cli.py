@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 from subfit_fx.errors import SubfitError
 
@@ -39,17 +41,37 @@ def _drop_record(record: object) -> bool:
     return False
 
 
-__all__ = ["build_parser", "main", "print_summary", "run_guarded"]
+__all__ = ["build_parser", "main", "method_options_from_args", "print_summary", "run_guarded"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so bad arguments follow the one-line rule."""
+    """argparse that raises instead of exiting, so bad arguments follow the one-line rule, and
+    names the nearest valid flag for a misspelt one."""
+
+    flags: ClassVar[set[str]] = set()  # every --flag of every subcommand built so far
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
+        action = super().add_argument(*args, **kwargs)
+        _Parser.flags.update(o for o in action.option_strings if o.startswith("--"))
+        return action
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise SubfitError(f"{message} (see '{self.prog} --help')")
+        raise SubfitError(f"{message}{_nearest_flags(message)} (see '{self.prog} --help')")
+
+
+def _nearest_flags(message: str) -> str:
+    """'; did you mean --attention-rank?' for the misspelt flags an argparse message lists."""
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    hints = []
+    for token in message.split(":", 1)[1].split():
+        if token.startswith("--"):
+            near = difflib.get_close_matches(token.split("=", 1)[0], sorted(_Parser.flags), n=1, cutoff=0.6)
+            hints += [f"{token} -> {near[0]}"] if near else []
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -77,28 +99,40 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options the compress flags set: every flag named like a registered method's
+    option (`--attention-rank` -> attention_rank), unset ones left out; `compress` checks them
+    against the chosen method's options class.
+
+    Example:
+        >>> args = build_parser().parse_args(["compress", "m", "--calib", "t", "--out", "o", "--rounds", "2"])
+        >>> method_options_from_args(args)
+        {'rounds': 2}
+    """
+    from subfit_fx.methods import option_names
+
+    # holdout is a calibration setting (compress(holdout=...)), not a method option
+    return {k: v for k in sorted(option_names() - {"holdout"})
+            if (v := getattr(args, k, None)) is not None and v is not False}
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    if args.distributed or args.pipeline != "basic" or args.offload is not None or args.layers_per_pass != 1:
-        # the pipelines (and torch.distributed) only load when asked for
-        from subfit_fx.pipelines.cli import run_compress
-
-        return run_compress(args)
-
     from subfit_fx.atomic import check_output
-    from subfit_fx.compress import compress
+    from subfit_fx.methods import method_options
     from subfit_fx.selection import check_sparsity
 
     # Fail in seconds, before any long work, on what can be checked up front.
     target = check_sparsity(args.sparsity)
+    options = method_options_from_args(args)
+    method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
     check_output(Path(args.out), args.force)
-    options = {k: v for k, v in {
-        "score": args.score, "bypass_input": args.bypass_input, "attention_rank": args.attention_rank,
-        "ffn_basis": args.ffn_basis, "ridge": args.ridge, "rescore_every": args.rescore_every,
-        "sequential": args.sequential or None, "forms": args.forms, "distance_tokens": args.distance_tokens,
-        "eval_batches": args.eval_batches, "judge": args.judge, "judge_sequences": args.judge_sequences,
-        "rounds": args.rounds}.items() if v is not None}
+    if args.distributed or args.pipeline != "basic" or args.offload is not None or args.layers_per_pass != 1:
+        return _compress_on_pipeline(args, target, options)
+
+    from subfit_fx.compress import compress
+
     print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
     compressed = compress(args.model, args.calib, target, args.method, samples=args.samples,
                           seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
@@ -107,6 +141,49 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     print_summary(compressed.report)
     print(f"wrote {out}")
     return 0
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _compress_on_pipeline(args: argparse.Namespace, target: float, options: dict[str, Any]) -> int:
+    """compress on the chosen calibration pipeline, data-parallel when torchrun started us: every
+    rank calibrates its shard; rank 0 alone saves and prints."""
+    # the pipelines (and torch.distributed) only load when asked for
+    import torch.distributed as dist
+
+    from subfit_fx.pipelines.compose import SessionFactory, compress_distributed
+    from subfit_fx.pipelines.distributed import init_distributed
+
+    factory = SessionFactory(args.pipeline, offload=args.offload, layers_per_pass=args.layers_per_pass)
+    started = not (dist.is_available() and dist.is_initialized())
+    rank, world = init_distributed(args.backend)
+    started = started and world > 1
+    try:
+        if rank == 0:
+            print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity: {args.pipeline} "
+                  f"pipeline, {world} process{'es' if world > 1 else ''}", file=sys.stderr)
+        compressed = compress_distributed(
+            args.model, args.calib, target, args.method, factory=factory, samples=args.samples,
+            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, skip_first=args.skip_first,
+            holdout=args.holdout, **options)
+        if rank == 0:
+            out = compressed.save(args.out, force=args.force)
+            print_summary(compressed.report)
+            if factory.history:
+                first = factory.history[0]
+                print(f"sequential pipeline: {first['passes']} passes ({first['forward_cost']:.2f} full forwards); "
+                      f"statistics in memory at most {_mib(max(h['peak_bytes'] for h in factory.history))} "
+                      f"(all at once: {_mib(first['all_at_once_bytes'])}); "
+                      f"offloaded {_mib(first['offloaded_bytes'])}")
+            print(f"wrote {out}")
+        if world > 1:
+            dist.barrier()  # leave together: a rank tearing down while a peer still works can abort it
+        return 0
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def print_summary(report: object) -> None:
@@ -160,7 +237,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a local Hugging Face model directory or builtin:ARCH")
     p.add_argument("--calib", required=True, help="calibration text file (UTF-8)")
     p.add_argument("--sparsity", default="0.25", help="fraction of block parameters to remove, 0 < s < 0.9")
-    p.add_argument("--method", default="subfit", choices=sorted(METHODS), help="policy (default subfit)")
+    p.add_argument("--method", default="subfit", help=f"policy: {', '.join(sorted(METHODS))} (default subfit)")
     p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
@@ -172,6 +249,8 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                         "or rank them by a statistics-only score in one shot (statistics, fast)")
     p.add_argument("--judge-sequences", type=int, help="SubFit: held-out sequences the output judge runs (default 4)")
     p.add_argument("--rounds", type=int, help="SubFit: rounds of re-judging on the way to the budget (default 4)")
+    p.add_argument("--shortlist", type=float,
+                   help="SubFit: rounds after the first re-judge this multiple of the branches they need (default 3)")
     p.add_argument("--score", help="SubFit --judge statistics: fit_residual (default), rotation, magnitude, holdout")
     p.add_argument("--bypass-input", choices=("normalized", "stream"), help="bypass input (SubFit)")
     p.add_argument("--attention-rank", type=int, help="rank of attention bypasses (default width/8)")
@@ -219,8 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_compress_parser(sub)
     _add_demo_parser(sub)
-    for register in _EXTRA_PARSERS:
-        register(sub)
     import importlib
 
     for name in COMMAND_MODULES:
@@ -228,8 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Other modules add their subcommands here (keeps this file free of their imports).
-_EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 # Modules with `register(subparsers, commands)` that add subcommands (imported lazily).
 COMMAND_MODULES: list[str] = ["subfit_fx.exporters.cli_commands", "subfit_fx.eval_cli"]
 

@@ -24,7 +24,7 @@ from subfit_fx.capture import capture, is_causal_lm, max_positions
 from subfit_fx.data import Batch, load_tokenizer, split_batches, text_batches, token_batches
 from subfit_fx.errors import InputError
 from subfit_fx.html_report import write_html_report
-from subfit_fx.methods import METHODS, PolicyContext
+from subfit_fx.methods import PolicyContext, check_method, method_options
 from subfit_fx.models import resolve_model
 from subfit_fx.recipe import Recipe
 from subfit_fx.report import Report, build_report
@@ -119,8 +119,10 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
         True
     """
     target = check_sparsity(sparsity)
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    policy = check_method(method).policy
+    # strict (a misspelt key fails here, before any long work); the calibration's holdout reaches
+    # options classes that declare one (SubFit's held-out scoring checks it)
+    typed = method_options(method, options, **({"holdout": holdout} if holdout else {}))
     module, spec = _resolve(model)
     batches = calibration_batches(calib, module, model_path=spec, samples=samples, seq_len=seq_len,
                                   batch_size=batch_size, seed=seed, tokenizer=tokenizer)
@@ -132,10 +134,8 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     branches = find_branches(ep)
     block = count_block_params(ep, branches)
     session = (session_factory or prepare)(ep, branches, skip_first=skip_first, progress=progress)
-    if holdout:
-        options = {**options, "holdout": holdout}
-    ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), options)
-    recipe = METHODS[method](ctx)
+    ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), typed)
+    recipe = policy(ctx)
     recipe.base_model = spec
     recipe.options = {**recipe.options, "samples": samples, "seq_len": seq_len, "seed": seed,
                       "skip_first": skip_first, "holdout": holdout, "method": method}

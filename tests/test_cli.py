@@ -37,6 +37,12 @@ def test_inspect_saved_model_dir(tmp_path, capsys):
     (["inspect", "."], "not a model directory"),
     (["inspect", "builtin:nope"], "unknown built-in model"),
     (["nonsense"], "invalid choice"),
+    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--atention-rank", "8"],
+     "did you mean --atention-rank -> --attention-rank?"),
+    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--method", "shortgtp"],
+     "did you mean 'shortgpt'?"),
+    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--method", "shortgpt", "--rounds", "2"],
+     "option 'rounds' is not one of shortgpt's; it belongs to subfit"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
@@ -53,3 +59,14 @@ def test_cli_subprocess_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("subfit-fx: error:") and "Traceback" not in proc.stderr
+
+
+def test_every_method_option_has_one_compress_flag():
+    """The compress flags and the registry's options classes name the same things."""
+    from subfit_fx.cli import build_parser, method_options_from_args
+    from subfit_fx.methods import option_names
+
+    args = build_parser().parse_args(["compress", "m", "--calib", "t", "--out", "o"])
+    flags = set(vars(args))
+    assert option_names() - {"holdout"} <= flags  # holdout is the calibration's --holdout
+    assert method_options_from_args(args) == {}  # nothing set, nothing passed

@@ -7,7 +7,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -15,17 +16,44 @@ import torch
 from subfit_fx.branches import Branch
 from subfit_fx.calibrate import Session
 from subfit_fx.data import Batch
+from subfit_fx.errors import InputError
 from subfit_fx.fit import Fit, head_on_basis, reduced_rank, removal, ridge, shared_basis
 from subfit_fx.stats import BranchStats
 
-__all__ = ["OutputJudge", "PolicyContext", "default_ranks", "dense_reference", "fit_branch", "heldout_loss",
-           "kept_norm_params"]
+__all__ = ["NoOptions", "OutputJudge", "PolicyContext", "build_options", "default_ranks", "dense_reference",
+           "fit_branch", "heldout_loss", "kept_norm_params"]
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a policy that takes none."""
+
+
+def build_options(cls: type, values: dict[str, Any], method: str = "this method") -> Any:
+    """`cls(**values)`, where a key `cls` does not have is an error naming the nearest valid one.
+
+    Options classes are frozen dataclasses that validate themselves on construction.
+
+    Example:
+        >>> from subfit_fx.methods.subfit import SubfitOptions
+        >>> build_options(SubfitOptions, {"atention_rank": 8}, "subfit")
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.InputError: unknown option 'atention_rank' for subfit; did you mean 'attention_rank'? ...
+    """
+    valid = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise InputError(f"unknown option '{key}' for {method}; {hint}(valid: {', '.join(valid) or 'none'})")
+    return cls(**values)
 
 
 @dataclass
 class PolicyContext:
     """Inputs of a policy: a probed session, calibration batches (fit and held-out parts), the
-    parameter budget, and the method's options."""
+    parameter budget, and the method's options (its options object; a dict is checked on use)."""
 
     session: Session
     batches: list[Batch]
@@ -33,7 +61,7 @@ class PolicyContext:
     block_params: int
     target: float
     causal: bool
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> score name -> value
     notes: list[str] = field(default_factory=list)
 
@@ -41,6 +69,15 @@ class PolicyContext:
     def branches(self) -> list[Branch]:
         """All branches in graph order."""
         return self.session.branches
+
+    def options_as(self, cls: type) -> Any:
+        """The options as a `cls` (an options object passes through; a dict is built strictly).
+
+        Example:
+            >>> PolicyContext(None, [], [], 0, 0.25, True, {}).options_as(NoOptions)
+            NoOptions()
+        """
+        return self.options if isinstance(self.options, cls) else build_options(cls, dict(self.options))
 
     def record_score(self, label: str, name: str, value: float) -> None:
         """Keep a score for the report."""

@@ -38,7 +38,7 @@ def blockpruner(ctx: PolicyContext) -> Recipe:
     Example:
         >>> recipe = blockpruner(ctx)  # doctest: +SKIP
     """
-    opts = BaselineOptions.from_options(ctx.options)
+    opts = ctx.options_as(BaselineOptions)
     session = ctx.session
     batches = (ctx.holdout or ctx.batches)[: opts.eval_batches]
     reference = None if ctx.causal else dense_reference(session, batches)

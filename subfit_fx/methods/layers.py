@@ -79,16 +79,6 @@ class BaselineOptions:
         if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
             raise InputError(f"eval_batches={self.eval_batches!r} must be a positive integer")
 
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> BaselineOptions:
-        """Pick this class's fields out of a method-options dict (other keys belong to other methods).
-
-        Example:
-            >>> BaselineOptions.from_options({"ridge": 0.1, "score": "rotation"}).ridge
-            0.1
-        """
-        return cls(**{k: v for k, v in options.items() if k in cls.__dataclass_fields__ and v is not None})
-
 
 @dataclass(frozen=True)
 class Layer:

@@ -33,7 +33,7 @@ def llm_drop(ctx: PolicyContext) -> Recipe:
     Example:
         >>> recipe = llm_drop(ctx)  # doctest: +SKIP
     """
-    opts = BaselineOptions.from_options(ctx.options)
+    opts = ctx.options_as(BaselineOptions)
     stats = stream_statistics(ctx.session, ctx.batches, (), desc="llm-drop: importance")
     importance = {}
     for b in ctx.branches:

@@ -67,7 +67,7 @@ def replaceme(ctx: PolicyContext) -> Recipe:
     Example:
         >>> recipe = replaceme(ctx)  # doctest: +SKIP
     """
-    opts = BaselineOptions.from_options(ctx.options)
+    opts = ctx.options_as(BaselineOptions)
     layers = group_layers(ctx.branches)
     require_sequential(ctx.session, layers)
     width = ctx.branches[0].width

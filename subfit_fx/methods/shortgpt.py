@@ -41,7 +41,7 @@ def shortgpt(ctx: PolicyContext) -> Recipe:
     Example:
         >>> recipe = shortgpt(ctx)  # doctest: +SKIP
     """
-    opts = BaselineOptions.from_options(ctx.options)
+    opts = ctx.options_as(BaselineOptions)
     layers = group_layers(ctx.branches)
     require_sequential(ctx.session, layers)
     stats = stream_statistics(ctx.session, ctx.batches, (1,), desc="shortgpt: block influence")

@@ -187,7 +187,7 @@ def subfit(ctx: PolicyContext) -> Recipe:
     Example:
         >>> recipe = subfit(ctx)  # doctest: +SKIP
     """
-    opts = SubfitOptions(**{k: v for k, v in ctx.options.items() if k in SubfitOptions.__dataclass_fields__})
+    opts = ctx.options_as(SubfitOptions)
     if opts.judge == "output":
         return _subfit_judged(ctx, opts)
     return _subfit_statistics(ctx, opts)
@@ -477,7 +477,22 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
                             options={"sparsity": ctx.target, **asdict(opts)})
 
 
-GUARDED = {"judge": "statistics", "score": "holdout", "forms": "auto", "rescore_every": 1, "sequential": True}
+@dataclass(frozen=True)
+class GuardedOptions(SubfitOptions):
+    """`SubfitOptions` with the guarded preset as defaults (held-out scoring of every form,
+    re-scored after every choice, sequential fits).
+
+    Example:
+        >>> GuardedOptions().score, GuardedOptions(rescore_every=2).forms
+        ('holdout', 'auto')
+    """
+
+    judge: str = "statistics"
+    score: str = "holdout"
+    forms: str = "auto"
+    rescore_every: int | None = 1
+    sequential: bool = True
+    holdout: float = 0.25
 
 
 def subfit_guarded(ctx: PolicyContext) -> Recipe:
@@ -491,10 +506,9 @@ def subfit_guarded(ctx: PolicyContext) -> Recipe:
     """
     from subfit_fx.data import split_batches
 
+    ctx.options = ctx.options_as(GuardedOptions)
     if not ctx.holdout:
         ctx.batches, ctx.holdout = split_batches(ctx.batches, 0.25)
-    holdout = ctx.options.get("holdout") or 0.25
-    ctx.options = {**GUARDED, **ctx.options, "holdout": holdout}
     recipe = subfit(ctx)
     recipe.method = "subfit-guarded"
     return recipe

@@ -63,7 +63,7 @@ def uidl(ctx: PolicyContext) -> Recipe:
     Example:
         >>> recipe = uidl(ctx)  # doctest: +SKIP
     """
-    opts = BaselineOptions.from_options(ctx.options)
+    opts = ctx.options_as(BaselineOptions)
     layers = group_layers(ctx.branches)
     require_sequential(ctx.session, layers)
     n, starts = smallest_span(layers, ctx.block_params, ctx.target)
