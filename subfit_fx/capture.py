@@ -8,7 +8,6 @@ attribute name, so they equal the model's own module paths.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -165,7 +164,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple | None = None) -> torc
                            f"{_first_line(exc)}; pass example_inputs matching forward() or remove "
                            "data-dependent Python control flow from the model") from exc
     # Unused outputs of the model (BERT's pooler, for example) are dead weight in every later step.
-    from subfit_fx.passes.dead_code import clean_program
+    from subfit_fx.graph_cleanup import clean_program
 
     return clean_program(ep)
 
@@ -175,16 +174,3 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def read_json(path: Path) -> dict:
-    """Read a JSON object from `path` (a clear error when missing or malformed).
-
-    Example:
-        >>> read_json(Path("recipe.json"))  # doctest: +SKIP
-    """
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"'{path}' does not exist") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}); "
-                             "regenerate it") from exc

@@ -60,13 +60,7 @@ class Compressed:
             (tmp / "report.json").write_text(json.dumps(self.report.to_json(), indent=2, sort_keys=True) + "\n")
             (tmp / "report.md").write_text(self.report.to_markdown())
             write_html_report(tmp)
-            for hook in SAVE_HOOKS:
-                hook(self, tmp)
         return directory
-
-
-# Extra writers run inside the atomic save (the HTML report registers here).
-SAVE_HOOKS: list[Any] = []
 
 
 def calibration_batches(calib: Any, model: torch.nn.Module, *, model_path: str | None = None, samples: int = 64,

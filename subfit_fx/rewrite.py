@@ -28,7 +28,7 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from subfit_fx.branches import Branch, find_branches
 from subfit_fx.errors import RecipeMismatchError
-from subfit_fx.passes.dead_code import drop_unused_inputs, eliminate_dead_code
+from subfit_fx.graph_cleanup import drop_unused_inputs, eliminate_dead_code
 from subfit_fx.recipe import Recipe, Replacement
 
 __all__ = ["apply_recipe", "stream_after"]

@@ -11,10 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,17 +94,6 @@ class SessionFactory:
         return cls(ep, branches if branches is not None else find_branches(ep), skip_first, progress, **extra)
 
 
-@contextmanager
-def _prepare_replaced(module: Any, factory: SessionFactory) -> Iterator[None]:
-    # Bridge for a compress() without a session_factory argument (see docs/distributed.md).
-    original = module.prepare
-    module.prepare = factory
-    try:
-        yield
-    finally:
-        module.prepare = original
-
-
 def compress_distributed(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *,
                          factory: SessionFactory | None = None, **kwargs: Any) -> Any:
     """`subfit_fx.compress.compress` on the pipeline of `factory` (default: data-parallel over the
@@ -123,13 +108,9 @@ def compress_distributed(model: Any, calib: Any, sparsity: float = 0.25, method:
         >>> if rank_and_world()[0] == 0: c.save("out")  # doctest: +SKIP
     """
     factory = factory if factory is not None else SessionFactory()
-    # `subfit_fx.compress` the attribute is the function; the module is in sys.modules.
-    module = importlib.import_module("subfit_fx.compress")
-    if "session_factory" in inspect.signature(module.compress).parameters:
-        compressed = module.compress(model, calib, sparsity, method, session_factory=factory, **kwargs)
-    else:
-        with _prepare_replaced(module, factory):
-            compressed = module.compress(model, calib, sparsity, method, **kwargs)
+    from subfit_fx.compress import compress
+
+    compressed = compress(model, calib, sparsity, method, session_factory=factory, **kwargs)
     if issubclass(factory.session_class(), DistributedSession):
         check_same_recipe(compressed.recipe, factory.group)
     return compressed

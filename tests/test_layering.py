@@ -1,0 +1,65 @@
+"""The package's layering, pinned: no import cycles (module-level or lazy imports), and the
+library core never imports application code (the CLI, the demo, training of test models)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+import subfit_fx
+
+PACKAGE = Path(subfit_fx.__file__).parent
+APPLICATION = {"subfit_fx.cli", "subfit_fx.__main__", "subfit_fx.demo", "subfit_fx.training", "subfit_fx.eval_cli",
+               "subfit_fx.exporters.cli_commands", "subfit_fx.pipelines.cli", "subfit_fx.pipelines.__main__"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Package modules `path` imports anywhere (importing a.b.c also runs a.b's __init__)."""
+    named = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("subfit_fx"):
+            named |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            named |= {a.name for a in node.names if a.name.startswith("subfit_fx")}
+    chains = {".".join(m.split(".")[:i]) for m in named for i in range(2, m.count(".") + 2)}
+    return chains & modules.keys()
+
+
+def _graph() -> nx.DiGraph:
+    modules = _modules()
+    graph = nx.DiGraph()
+    graph.add_nodes_from(modules)
+    for name, path in modules.items():
+        ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        # a module's own parent packages are initialized before it anyway: not an arrow
+        graph.add_edges_from((name, dep) for dep in _imports(path, modules) - ancestors - {name})
+    return graph
+
+
+def test_no_import_cycles():
+    cycles = list(nx.simple_cycles(_graph()))
+    assert cycles == [], f"import cycles: {[' -> '.join(c) for c in cycles[:5]]}"
+
+
+def test_core_never_imports_application_code():
+    graph = _graph()
+    core = set(graph) - APPLICATION
+    assert APPLICATION <= set(graph), APPLICATION - set(graph)  # the list stays true to the tree
+    upward = [(a, b) for a, b in graph.edges if a in core and b in APPLICATION]
+    assert upward == []
+
+
+def test_the_check_sees_a_cycle():
+    graph = _graph()
+    graph.add_edge("subfit_fx.capture", "subfit_fx.rewrite")  # rewrite -> branches -> capture
+    assert list(nx.simple_cycles(graph))
