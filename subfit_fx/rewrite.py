@@ -26,12 +26,12 @@ from torch import fx
 from torch._guards import detect_fake_mode
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
-from subfit_fx.branches import Branch, find_branches
+from subfit_fx.branches import Branch, analyze_graph, find_branches, param_nodes_of_module
 from subfit_fx.errors import RecipeMismatchError
 from subfit_fx.graph_cleanup import drop_unused_inputs, eliminate_dead_code
 from subfit_fx.recipe import Recipe, Replacement
 
-__all__ = ["apply_recipe", "stream_after"]
+__all__ = ["apply_recipe", "apply_recipe_to_module", "stream_after"]
 
 aten = torch.ops.aten
 
@@ -225,3 +225,24 @@ def apply_recipe(ep: torch.export.ExportedProgram, recipe: Recipe, *, check: boo
     ep.graph_module.recompile()
     ep.validate()
     return ep
+
+
+def apply_recipe_to_module(graph_module: fx.GraphModule, recipe: Recipe, *, check: bool = True) -> fx.GraphModule:
+    """Apply `recipe` to a GraphModule in place (e.g. `ep.module()`): bypass weights become its
+    parameters; dead code and unused parameters go. The module form of `apply_recipe`.
+
+    Example:
+        >>> gm = apply_recipe_to_module(ep.module(), recipe)  # doctest: +SKIP
+    """
+    branches = analyze_graph(graph_module.graph, param_nodes_of_module(graph_module))
+    if check:  # before any mutation: a mismatched recipe leaves the module untouched
+        recipe.check_against(branches)
+    _apply(_ModuleBuilder(graph_module, recipe), recipe, {b.label: b for b in branches})
+    used = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(graph_module.named_parameters()):
+        if name not in used and "." not in name:
+            delattr(graph_module, name)
+    graph_module.delete_all_unused_submodules()
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module

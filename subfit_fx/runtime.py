@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,15 @@ import numpy as np
 import onnxruntime as ort
 
 from subfit_fx.errors import InputError, ModelLoadError
+from subfit_fx.onnx_format import (  # re-exported: readers of our files find the keys here too
+    KIND_KEY,
+    KIND_KV_CACHE,
+    KIND_PLAIN,
+    PAST_PATTERN,
+    SOURCE_KEY,
+    TOKENIZER_KEY,
+    VOCAB_KEY,
+)
 
 __all__ = [
     "KIND_KEY",
@@ -36,15 +44,7 @@ __all__ = [
     "position_ids_from_mask",
 ]
 
-# Written into the ONNX metadata by subfit_fx.exporters, read back here.
-KIND_KEY = "subfit_fx.kind"
-KIND_PLAIN = "plain"
-KIND_KV_CACHE = "kv-cache"
-SOURCE_KEY = "subfit_fx.source"
-VOCAB_KEY = "subfit_fx.vocab_size"
-TOKENIZER_KEY = "subfit_fx.tokenizer"
-
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PAST = PAST_PATTERN
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 

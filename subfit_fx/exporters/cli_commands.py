@@ -83,7 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _tokenizer(args: argparse.Namespace, metadata: dict[str, str], vocab: int) -> Any:
     from subfit_fx.data import ByteTokenizer
-    from subfit_fx.runtime import SOURCE_KEY, TOKENIZER_KEY
+    from subfit_fx.onnx_format import SOURCE_KEY, TOKENIZER_KEY
 
     directory = args.tokenizer or metadata.get(TOKENIZER_KEY)
     if directory:
@@ -138,10 +138,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """
     from subfit_fx.exporters.artifacts import model_bytes
     from subfit_fx.exporters.bench import decode_step, interleaved, kv_bytes_per_token, prefill_step
+    from subfit_fx.onnx_format import KIND_KEY
     from subfit_fx.runtime import OnnxCausalLM, OnnxRunner, create_session, model_metadata
 
     paths = {"dense": Path(args.dense), "compressed": Path(args.compressed)}
-    kinds = {name: model_metadata(create_session(p, threads=1)).get("subfit_fx.kind") for name, p in paths.items()}
+    kinds = {name: model_metadata(create_session(p, threads=1)).get(KIND_KEY) for name, p in paths.items()}
     if len(set(kinds.values())) != 1:
         raise InputError(f"compare like with like: {paths['dense']} is {kinds['dense']}, "
                          f"{paths['compressed']} is {kinds['compressed']}")

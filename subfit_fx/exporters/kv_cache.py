@@ -44,18 +44,14 @@ from subfit_fx.exporters.onnx_export import BATCH, OPSET, SEQUENCE, ExportError,
 from subfit_fx.exporters.onnx_graph import drop_unused_inputs, rename_dims
 from subfit_fx.exporters.sources import ExportSource, as_source
 from subfit_fx.exporters.validate import Reference, Tolerance, check_kv, tolerance_for
-from subfit_fx.runtime import KIND_KEY, KIND_KV_CACHE
+from subfit_fx.onnx_format import CACHE_LAYERS_KEY, KIND_KEY, KIND_KV_CACHE, PAST, PAST_SEQUENCE, PRESENT
 
 __all__ = [
     "CacheCapture", "CacheWrapper", "cache_program", "cache_shapes", "capture_with_cache", "export_onnx_kv",
     "removed_attention_layers",
 ]
 
-PAST = "past_key_values.{}.{}"
-PRESENT = "present.{}.{}"
-PAST_SEQUENCE = "past_sequence_length"
 TOTAL_SEQUENCE = "total_sequence_length"
-CACHE_LAYERS_KEY = "subfit_fx.cache_layers"
 
 
 def cache_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:

@@ -28,7 +28,7 @@ from subfit_fx.exporters.artifacts import model_bytes, save_model, set_metadata,
 from subfit_fx.exporters.onnx_graph import broadcast_rotary_caches, drop_unused_inputs, rename_dims
 from subfit_fx.exporters.sources import as_source
 from subfit_fx.exporters.validate import ParityReport, Reference, Tolerance, check_plain, tolerance_for
-from subfit_fx.runtime import KIND_KEY, KIND_PLAIN, VOCAB_KEY
+from subfit_fx.onnx_format import KIND_KEY, KIND_PLAIN, VOCAB_KEY
 
 __all__ = ["BATCH", "MIN_OPSET", "OPSET", "SEQUENCE", "VOCAB_KEY", "ExportError", "ExportResult", "check_opset",
            "export_onnx", "to_onnx"]

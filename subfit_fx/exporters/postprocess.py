@@ -36,12 +36,11 @@ from subfit_fx.exporters.artifacts import (
     staged_output,
 )
 from subfit_fx.exporters.validate import EXACT, ParityReport, Tolerance, compare_onnx
-from subfit_fx.runtime import KIND_KEY, KIND_KV_CACHE, VOCAB_KEY
+from subfit_fx.onnx_format import KIND_KEY, KIND_KV_CACHE, PASSES_KEY, VOCAB_KEY
 
 __all__ = ["FUSION_BACKENDS", "PostpassResult", "optimize_onnx", "quantize_int4", "quantize_int8"]
 
 FUSION_BACKENDS = ("onnxscript", "transformers")
-PASSES_KEY = "subfit_fx.passes"
 # ONNX Runtime contrib ops the fusions produce; counted for the report
 _FUSED_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "RotaryEmbedding",
               "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization",

@@ -85,7 +85,7 @@ class ExportSource:
 
     def metadata(self) -> dict[str, str]:
         """What exported files record about their source (read back by runtime and CLI)."""
-        from subfit_fx.runtime import SOURCE_KEY, TOKENIZER_KEY, VOCAB_KEY
+        from subfit_fx.onnx_format import SOURCE_KEY, TOKENIZER_KEY, VOCAB_KEY
 
         meta = {SOURCE_KEY: self.name, VOCAB_KEY: str(self.vocab_size)}
         if self.tokenizer_dir is not None:

@@ -15,9 +15,8 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from subfit_fx.branches import analyze_graph, param_nodes_of_module
 from subfit_fx.recipe import Recipe
-from subfit_fx.rewrite import _apply, _ModuleBuilder
+from subfit_fx.rewrite import apply_recipe_to_module
 
 __all__ = ["ReplaceBranchesPass"]
 
@@ -37,15 +36,5 @@ class ReplaceBranchesPass(PassBase):
         self.recipe, self.check = recipe, check
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        branches = analyze_graph(graph_module.graph, param_nodes_of_module(graph_module))
-        if self.check:  # before any mutation: a mismatched recipe leaves the module untouched
-            self.recipe.check_against(branches)
-        _apply(_ModuleBuilder(graph_module, self.recipe), self.recipe, {b.label: b for b in branches})
-        used = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
-        for name, _ in list(graph_module.named_parameters()):
-            if name not in used and "." not in name:
-                delattr(graph_module, name)
-        graph_module.delete_all_unused_submodules()
-        graph_module.graph.lint()
-        graph_module.recompile()
+        apply_recipe_to_module(graph_module, self.recipe, check=self.check)
         return PassResult(graph_module, True)
