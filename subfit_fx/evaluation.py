@@ -52,6 +52,26 @@ def _windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> tuple[float, int, int]:
+    """(summed next-token NLL in float64, correct top-1 predictions, predicted tokens) of a causal
+    LM's `logits` for `ids`; with `mask`, only pairs of real tokens count.
+
+    Example:
+        >>> nll, correct, count = next_token_loss(torch.zeros(1, 3, 4), torch.tensor([[1, 2, 3]]))
+        >>> round(nll / count, 4), count
+        (1.3863, 2)
+    """
+    logits, targets = logits[:, :-1].float(), ids[:, 1:]
+    # per-token cross-entropy: no second (batch, seq, vocab) tensor for large vocabularies
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    hit = (logits.argmax(-1) == targets).flatten()
+    if mask is not None:
+        valid = ((mask[:, 1:] > 0) & (mask[:, :-1] > 0)).flatten()
+        nll, hit = nll[valid], hit[valid]
+    return float(nll.double().sum()), int(hit.sum()), int(nll.numel())
+
+
 def perplexity_and_accuracy(module: Module, token_ids: torch.Tensor, seq_len: int, batch_size: int = 8, *,
                             progress: bool = True) -> dict[str, float]:
     """Perplexity exp(mean NLL over shifted tokens) and next-token top-1 accuracy of a causal LM
@@ -76,12 +96,8 @@ def perplexity_and_accuracy(module: Module, token_ids: torch.Tensor, seq_len: in
     groups = [torch.stack(c) for c in _chunks(windows, batch_size)]
     nll, correct, count = 0.0, 0, 0
     for batch in tqdm(groups, desc="perplexity", leave=False, unit="batch", disable=not progress):
-        logits = module(batch, torch.ones_like(batch))[:, :-1].float()
-        targets = batch[:, 1:]
-        # fused cross-entropy: no second (batch, seq, vocab) tensor for large vocabularies
-        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-        correct += int((logits.argmax(-1) == targets).sum())
-        count += targets.numel()
+        stats = next_token_loss(module(batch, torch.ones_like(batch)), batch)
+        nll, correct, count = nll + stats[0], correct + stats[1], count + stats[2]
     return {"perplexity": math.exp(nll / count), "next_token_accuracy": correct / count, "tokens": count,
             "windows": len(windows)}
 

@@ -67,6 +67,11 @@ class Recipe:
         kinds = {b["label"]: b["kind"] for b in self.branches}
         return [label for label in self.replaced_labels() if kinds.get(label) == "attention"]
 
+    def removed_attention_layers(self) -> list[int]:
+        """Layer indices (`Branch.layer`) whose attention the recipe replaces: their KV cache goes."""
+        removed = set(self.removed_attention_labels())
+        return sorted({b["layer"] for b in self.branches if b["label"] in removed})
+
     def bypass_params(self) -> int:
         """Parameters the recipe adds (each tensor counted once, so a shared basis counts once)."""
         used = {key for r in self.replacements for w, b in r.layers for key in (w, b) if key}

@@ -315,25 +315,18 @@ def heldout_perplexity(
     Example:
         >>> ppl = heldout_perplexity(model, tokenizer, test_text)  # doctest: +SKIP
     """
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    ids = ids[:max_tokens]
-    n = ids.numel() // seq_len
-    if n == 0:
+    from subfit_fx.evaluation import perplexity_and_accuracy
+
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][:max_tokens]
+    if ids.numel() < seq_len:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
-    windows = ids[: n * seq_len].view(n, seq_len)
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for i in range(0, n, batch_size):
-        batch = windows[i : i + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    try:
+        return perplexity_and_accuracy(lambda i, m: model(input_ids=i).logits, ids, seq_len, batch_size,
+                                       progress=False)["perplexity"]
+    finally:
+        model.train(was_training)
 
 
 def is_trained_model_dir(path: Path) -> bool:

@@ -186,14 +186,6 @@ def capture_with_cache(model: torch.nn.Module, cache_layers: list[int] | None = 
     return CacheCapture(ep, inputs, outputs, layers)
 
 
-def _layer_of(label: str) -> int:
-    digits = [int(part) for part in label.split(".") if part.isdigit()]
-    if not digits:
-        raise RecipeMismatchError(f"cannot tell the layer of attention branch '{label}' (no layer index "
-                                  "in the label)")
-    return digits[0]  # the rule subfit_fx.branches uses for Branch.layer
-
-
 def removed_attention_layers(recipe: Any) -> list[int]:
     """Layer indices whose attention `recipe` replaces (removed, or bypassed by a linear map).
 
@@ -203,7 +195,7 @@ def removed_attention_layers(recipe: Any) -> list[int]:
     """
     if recipe is None:
         return []
-    return sorted({_layer_of(label) for label in recipe.removed_attention_labels()})
+    return recipe.removed_attention_layers()
 
 
 def _check_labels(program: torch.export.ExportedProgram, recipe: Any, removed: list[int]) -> None:

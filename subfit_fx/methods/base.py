@@ -17,6 +17,7 @@ from subfit_fx.branches import Branch
 from subfit_fx.calibrate import Session
 from subfit_fx.data import Batch
 from subfit_fx.errors import InputError
+from subfit_fx.evaluation import next_token_loss
 from subfit_fx.fit import Fit, head_on_basis, reduced_rank, removal, ridge, shared_basis
 from subfit_fx.stats import BranchStats
 
@@ -105,12 +106,8 @@ def heldout_loss(session: Session, batches: list[Batch], causal: bool,
         ids, mask = batch
         out = session.forward(batch)
         if causal:
-            logits, labels = out[:, :-1].float(), ids[:, 1:]
-            valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                    reduction="none")
-            total += float(nll[valid.reshape(-1)].sum())
-            count += float(valid.sum())
+            nll, _, tokens = next_token_loss(out, ids, mask)
+            total, count = total + nll, count + tokens
         else:
             ref = reference[i] if reference is not None else out
             keep = mask > 0
