@@ -1,5 +1,11 @@
 """prepare -> calibrate: instrument a capture with probes and stream batches through it.
 
+The `Session` is the calibration boundary: a policy asks it for what it needs - branch
+statistics (`calibrate`), the streams after branches (`record_streams`), every branch's input and
+output as batches pass (`watch`), outputs under a set of replacements (`replaced`, `forward`) - and
+never touches the probes, their shared token context or the probed module, which belong to the
+session and the pipelines (`subfit_fx.pipelines`) that run it.
+
 Example:
     >>> from subfit_fx import capture
     >>> from subfit_fx.zoo import tiny_model
@@ -11,8 +17,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Final
 
 import torch
 from tqdm.auto import tqdm
@@ -22,9 +30,17 @@ from subfit_fx.data import Batch
 from subfit_fx.errors import CalibrationError
 from subfit_fx.fit import Fit
 from subfit_fx.passes.probes import BranchProbe, ProbeContext, insert_probes
+from subfit_fx.rewrite import stream_after
 from subfit_fx.stats import BranchStats
 
-__all__ = ["Session", "prepare"]
+__all__ = ["REMOVE", "Session", "prepare"]
+
+REMOVE: Final = "remove"  # a replacement that removes the branch (its output becomes 0)
+Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _zeros(x: torch.Tensor, _z: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x)
 
 
 class Session:
@@ -35,8 +51,8 @@ class Session:
         self.ep = ep
         self.branches = branches
         self.by_label = {b.label: b for b in branches}
-        self.context = ProbeContext(skip_first=skip_first)
-        self.module, self.probes = insert_probes(ep, branches, self.context)
+        self._context = ProbeContext(skip_first=skip_first)
+        self._module, self._probes = insert_probes(ep, branches, self._context)
         self.progress = progress
 
     # -- running --------------------------------------------------------------------------
@@ -45,8 +61,8 @@ class Session:
     def forward(self, batch: Batch) -> torch.Tensor:
         """Run one batch through the probed graph (probes do what they are set to do)."""
         ids, mask = batch
-        self.context.set_batch(mask)
-        return self.module(ids, mask)
+        self._context.set_batch(mask)
+        return self._module(ids, mask)
 
     def run(self, batches: Iterable[Batch], desc: str | None = None,
             each: Callable[[Batch, torch.Tensor], None] | None = None) -> None:
@@ -60,11 +76,14 @@ class Session:
 
     # -- replacements ---------------------------------------------------------------------
 
-    def set_replacement(self, label: str, fit: Fit | None, input_kind: str = "normalized") -> None:
-        """Make the probe of `label` return fit(z) instead of y (None: back to the original)."""
-        probe = self.probes[label]
-        if fit is None:
-            probe.replacement = None
+    def set_replacement(self, label: str, fit: Fit | str | None, input_kind: str = "normalized") -> None:
+        """Make branch `label` return fit(z) (or fit(x) for input_kind "stream"), 0 for `REMOVE`,
+        or its own output again for None."""
+        probe = self._probes[label]
+        if fit is None or isinstance(fit, str):
+            if fit not in (None, REMOVE):
+                raise ValueError(f"replacement {fit!r} is not a Fit, REMOVE or None")
+            probe.replacement = None if fit is None else _zeros
             return
         stream = input_kind == "stream" or self.by_label[label].normalized is None
 
@@ -75,8 +94,87 @@ class Session:
 
     def clear_replacements(self) -> None:
         """Restore every branch."""
-        for probe in self.probes.values():
+        for probe in self._probes.values():
             probe.replacement = None
+
+    @contextmanager
+    def replaced(self, replacements: Mapping[str, Fit | str | None] | None = None,
+                 input_kind: str = "normalized") -> Iterator[Session]:
+        """Within the block exactly `replacements` apply (every other branch runs as in the dense
+        model); whatever was set before comes back on exit.
+
+        Example:
+            >>> with session.replaced({"model.layers.1.mlp": REMOVE}):  # doctest: +SKIP
+            ...     logits = session.forward(batch)
+        """
+        saved = {label: probe.replacement for label, probe in self._probes.items()}
+        self.clear_replacements()
+        try:
+            for label, fit in (replacements or {}).items():
+                self.set_replacement(label, fit, input_kind)
+            yield self
+        finally:
+            for label, fn in saved.items():
+                self._probes[label].replacement = fn
+
+    # -- streams --------------------------------------------------------------------------
+
+    def real_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of `t` (batch, seq, width) that count in the current batch (no padding; not the
+        first token with skip_first), flattened to (tokens, width)."""
+        return self._context.select(t)
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        """(batch, seq) bool mask of the tokens that count in the current batch (None: all)."""
+        return self._context.token_mask
+
+    def watch(self, batches: Iterable[Batch], each: Callable[[str, torch.Tensor, torch.Tensor], None],
+              labels: Iterable[str] | None = None, desc: str | None = None) -> None:
+        """Run `batches`, calling `each(label, x, y)` with every watched branch's input stream `x`
+        and output `y` (its replacement's, where one is set), in graph order within each batch.
+
+        Example:
+            >>> session.watch(batches, lambda label, x, y: print(label, x.shape))  # doctest: +SKIP
+        """
+        labels = list(labels) if labels is not None else [b.label for b in self.branches]
+
+        def hook_for(label: str) -> Callable[..., None]:
+            return lambda _module, args, out: each(label, args[0], out)
+
+        handles = [self._probes[label].register_forward_hook(hook_for(label)) for label in labels]
+        try:
+            self.run(batches, desc)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def stream_map(self, label: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Map the residual sum `x + y` of branch `label` to the stream after it: identity for
+        pre-LN models, the graph's own LayerNorm (same weights and eps) for post-LN ones."""
+        nodes = {n.name: n for n in self._module.graph.nodes}
+        node = stream_after(self.by_label[label], nodes)
+        if node.target is not torch.ops.aten.layer_norm.default:
+            return lambda v: v
+        args = [*node.args, None, None, None, None][:5]
+        shape, weight, bias = list(args[1]), _attr(self._module, args[2]), _attr(self._module, args[3])
+        eps = 1e-5 if args[4] is None else float(args[4])
+        return lambda v: torch.nn.functional.layer_norm(v, shape, weight, bias, eps)
+
+    @torch.no_grad()
+    def record_streams(self, batches: list[Batch], labels: Iterable[str], desc: str | None = "record streams",
+                       *, after_norm: bool = True) -> dict[str, list[torch.Tensor]]:
+        """The stream after each branch in `labels`, one (batch, seq, width) tensor per batch
+        (`after_norm=False`: the residual sum x + y before a post-LN norm).
+
+        Example:
+            >>> streams = session.record_streams(batches, ["model.layers.1.mlp"])  # doctest: +SKIP
+        """
+        labels = list(labels)
+        maps = {label: self.stream_map(label) if after_norm else (lambda v: v) for label in labels}
+        kept: dict[str, list[torch.Tensor]] = {label: [] for label in labels}
+        self.watch(batches, lambda label, x, y: kept[label].append(maps[label]((x + y).detach())), labels, desc)
+        return kept
 
     # -- statistics -----------------------------------------------------------------------
 
@@ -101,7 +199,7 @@ class Session:
         Raises `CalibrationError` when no token was seen or a statistic is not finite.
         """
         labels = list(labels) if labels is not None else [b.label for b in self.branches]
-        probes: dict[str, BranchProbe] = {label: self.probes[label] for label in labels}
+        probes: dict[str, BranchProbe] = {label: self._probes[label] for label in labels}
         for label, probe in probes.items():
             probe.start_observing(inputs, (targets or {}).get(label))
         try:
@@ -124,7 +222,14 @@ def prepare(ep: torch.export.ExportedProgram, branches: list[Branch] | None = No
     Example:
         >>> from subfit_fx import capture
         >>> from subfit_fx.zoo import tiny_model
-        >>> len(prepare(capture(tiny_model("gpt2"))).probes)
+        >>> len(prepare(capture(tiny_model("gpt2"))).branches)
         4
     """
     return Session(ep, branches if branches is not None else find_branches(ep), skip_first, progress)
+
+
+def _attr(module: torch.nn.Module, arg: Any) -> Any:
+    """Value of a graph argument that is a `get_attr` node (a parameter), else the argument itself."""
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        return functools.reduce(getattr, str(arg.target).split("."), module)
+    return arg

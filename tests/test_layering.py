@@ -63,3 +63,15 @@ def test_the_check_sees_a_cycle():
     graph = _graph()
     graph.add_edge("subfit_fx.capture", "subfit_fx.rewrite")  # rewrite -> branches -> capture
     assert list(nx.simple_cycles(graph))
+
+
+def test_policies_ask_the_session_and_never_reach_into_it():
+    """Probes, their token context and the probed module belong to the calibration package
+    (calibrate.py and the pipelines); a policy uses the Session's requests only."""
+    import re
+
+    internals = re.compile(r"\._probes\b|\._context\b|\._module\b|\.probes\b|\.recorded\b|\bProbeContext\b"
+                           r"|\bBranchProbe\b|\.context\.(select|token_mask)")
+    offenders = [f"{path.name}:{n}" for path in sorted((PACKAGE / "methods").glob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if internals.search(line)]
+    assert offenders == []

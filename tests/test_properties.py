@@ -71,11 +71,11 @@ def test_capture_branches_zero_bypass_and_observers(config, picks):
 
     # 3. observers on every branch leave the outputs bitwise unchanged and see every real token
     session = prepare(ep, branches, progress=False)
-    for probe in session.probes.values():
+    for probe in session._probes.values():
         probe.start_observing(("normalized", "stream"))
     with torch.no_grad():
         observed = session.forward((ids, mask))
-    tokens = {label: int(probe.stop_observing().tokens) for label, probe in session.probes.items()}
+    tokens = {label: int(probe.stop_observing().tokens) for label, probe in session._probes.items()}
     assert torch.equal(observed, dense), f"{arch}: observers changed the outputs"
     assert tokens == dict.fromkeys(tokens, int(mask.sum())), "statistics must count real tokens, not padding"
 

@@ -132,13 +132,8 @@ class OutputJudge:
     def __init__(self, session: Session, batches: list[Batch], causal: bool) -> None:
         self.session, self.batches, self.causal = session, batches, causal
         self.calls = 0
-        saved = {label: p.replacement for label, p in session.probes.items()}
-        session.clear_replacements()
-        try:
+        with session.replaced():  # the dense model, whatever is set now
             self.reference = [self._prepare(session.forward(b), b) for b in batches]
-        finally:
-            for label, fn in saved.items():
-                session.probes[label].replacement = fn
 
     def _prepare(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         keep = batch[1] > 0

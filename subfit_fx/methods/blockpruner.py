@@ -7,6 +7,7 @@ to the dense output for encoders. It is measured on the held-out calibration par
 one, else on the calibration batches (at most `eval_batches` of them).
 
 Example:
+    >>> import torch
     >>> from subfit_fx import compress
     >>> from subfit_fx.zoo import tiny_model
     >>> c = compress(tiny_model("llama", layers=4), torch.randint(3, 128, (4, 16)), 0.25, method="blockpruner",
@@ -19,10 +20,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import torch
 from tqdm.auto import tqdm
 
-from subfit_fx.fit import removal
+from subfit_fx.calibrate import REMOVE
 from subfit_fx.methods.base import PolicyContext, dense_reference, heldout_loss
 from subfit_fx.methods.layers import BaselineOptions, layer_recipe
 from subfit_fx.recipe import Recipe, Replacement
@@ -58,13 +58,13 @@ def blockpruner(ctx: PolicyContext) -> Recipe:
             bar = tqdm(remaining, desc=f"blockpruner: step {step + 1}", leave=False, unit="branch",
                        disable=not session.progress)
             for b in bar:
-                session.set_replacement(b.label, removal(torch.zeros(1, 1), 0.0, b.width))
+                session.set_replacement(b.label, REMOVE)
                 trial[b.label] = loss()
                 session.set_replacement(b.label, None)
                 if step == 0:
                     ctx.record_score(b.label, "blockpruner_loss_increase_alone", trial[b.label] - base)
             best = min(remaining, key=lambda b: trial[b.label])  # ties: the earlier branch
-            session.set_replacement(best.label, removal(torch.zeros(1, 1), 0.0, best.width))
+            session.set_replacement(best.label, REMOVE)
             removed.append(best.label)
             losses[best.label] = trial[best.label]
             remaining.remove(best)

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,6 @@ from subfit_fx.calibrate import Session
 from subfit_fx.data import Batch
 from subfit_fx.errors import InputError
 from subfit_fx.recipe import Recipe, Replacement, branch_records
-from subfit_fx.rewrite import stream_after
 from subfit_fx.selection import BUDGET_TOLERANCE
 
 __all__ = [
@@ -117,13 +115,6 @@ def require_sequential(session: Session, layers: list[Layer]) -> None:
                              "subfit, llm-drop or blockpruner for this model")
 
 
-def _attr(module: torch.nn.Module, arg: Any) -> Any:
-    """Value of a graph argument that is a `get_attr` node (a parameter), else the argument itself."""
-    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-        return functools.reduce(getattr, str(arg.target).split("."), module)
-    return arg
-
-
 def post_norm(session: Session, branch: Branch) -> Callable[[torch.Tensor], torch.Tensor]:
     """Map the residual sum `x + y` of `branch` to the stream after it: identity for pre-LN
     models, the graph's own LayerNorm (same weights and eps) for post-LN ones.
@@ -137,14 +128,7 @@ def post_norm(session: Session, branch: Branch) -> Callable[[torch.Tensor], torc
         >>> float(out.std(-1).mean()) < 1.1
         True
     """
-    nodes = {n.name: n for n in session.module.graph.nodes}
-    node = stream_after(branch, nodes)
-    if node.target is not aten.layer_norm.default:
-        return lambda v: v
-    args = [*node.args, None, None, None, None][:5]
-    shape, weight, bias = list(args[1]), _attr(session.module, args[2]), _attr(session.module, args[3])
-    eps = 1e-5 if args[4] is None else float(args[4])
-    return lambda v: torch.nn.functional.layer_norm(v, shape, weight, bias, eps)
+    return session.stream_map(branch.label)
 
 
 @dataclass
@@ -230,39 +214,29 @@ def stream_statistics(session: Session, batches: Iterable[Batch], span_lengths: 
 
     def rows(t: torch.Tensor) -> dict[str, torch.Tensor]:
         r, p = state["last"]
-        return {"all": session.context.select(t), "last": t[r, p]}
+        return {"all": session.real_tokens(t), "last": t[r, p]}
 
-    def hook_for(label: str) -> Callable[..., None]:
-        to_stream = post_norm(session, session.by_label[label])
+    to_stream = {b.label: post_norm(session, b) for b in session.branches}
 
-        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            x = args[0]
-            if label == first_label:
-                state["last"] = _last_rows(session.context.token_mask, x.shape[0], x.shape[1])
-                state["boundaries"] = {0: rows(x)}
-            before, after = rows(x), rows(to_stream(x + out))
-            for mode in TOKEN_MODES:
-                stats.add(("branch", label), mode, before[mode], after[mode])
-            if label in ends:
-                end = ends[label] + 1
-                bounds = state["boundaries"]
-                bounds[end] = after
-                for n in lengths:
-                    if end - n in bounds:
-                        for mode in TOKEN_MODES:
-                            stats.add(("span", end - n, n), mode, bounds[end - n][mode], after[mode])
-                for old in [k for k in bounds if k < end - keep]:
-                    del bounds[old]
+    def each(label: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        if label == first_label:
+            state["last"] = _last_rows(session.token_mask, x.shape[0], x.shape[1])
+            state["boundaries"] = {0: rows(x)}
+        before, after = rows(x), rows(to_stream[label](x + out))
+        for mode in TOKEN_MODES:
+            stats.add(("branch", label), mode, before[mode], after[mode])
+        if label in ends:
+            end = ends[label] + 1
+            bounds = state["boundaries"]
+            bounds[end] = after
+            for n in lengths:
+                if end - n in bounds:
+                    for mode in TOKEN_MODES:
+                        stats.add(("span", end - n, n), mode, bounds[end - n][mode], after[mode])
+            for old in [k for k in bounds if k < end - keep]:
+                del bounds[old]
 
-        return hook
-
-    handles = [session.probes[label].register_forward_hook(hook_for(label))
-               for label in (b.label for b in session.branches)]
-    try:
-        session.run(batches, desc)
-    finally:
-        for handle in handles:
-            handle.remove()
+    session.watch(batches, each, desc=desc)
     stats.sums = session.reduce_sums(stats.sums)  # data-parallel: each rank saw its shard
     return stats
 
@@ -276,16 +250,7 @@ def record_stream_after(session: Session, batches: list[Batch], label: str,
     Example:
         >>> outs = record_stream_after(session, batches, "model.layers.1.mlp")  # doctest: +SKIP
     """
-    probe = session.probes[label]
-    to_stream = post_norm(session, session.by_label[label])
-    kept: list[torch.Tensor] = []
-    probe.record = True
-    try:
-        session.run(batches, desc, lambda _batch, _out: kept.append(to_stream(probe.recorded)))
-    finally:
-        probe.record = False
-        probe.recorded = None
-    return kept
+    return session.record_streams(batches, [label], desc)[label]
 
 
 def smallest_span(layers: list[Layer], block_params: int, target: float, cost: int = 0,

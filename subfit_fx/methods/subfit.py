@@ -129,20 +129,7 @@ def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: _Fitter, 
     session = ctx.session
     order = [b.label for b in ctx.branches if b.label in chosen]
     session.clear_replacements()
-    for label in order:
-        session.probes[label].record = True
-    dense: dict[str, list[torch.Tensor]] = {label: [] for label in order}
-
-    def keep(_batch, _out) -> None:
-        for label in order:
-            dense[label].append(session.probes[label].recorded)
-
-    try:
-        session.run(ctx.batches, "sequential: dense targets", keep)
-    finally:
-        for label in order:
-            session.probes[label].record = False
-            session.probes[label].recorded = None
+    dense = session.record_streams(ctx.batches, order, "sequential: dense targets", after_norm=False)
     refit: dict[str, Fit] = {}
     for label in order:
         if fits[label].form == "remove":  # nothing to fit; later bypasses see it removed

@@ -274,7 +274,7 @@ class DistributedSession(Session):
             >>> session.run(batches, "calibrate")  # doctest: +SKIP
         """
         # Whether any probe observes is decided by the policy, identically on every rank.
-        observing = {label: p.stats for label, p in self.probes.items() if p.stats is not None}
+        observing = {label: p.stats for label, p in self._probes.items() if p.stats is not None}
         if self.rank != 0:
             for s in observing.values():
                 if self._reduced.get(id(s)) is s:

@@ -186,7 +186,7 @@ class _StopForward(Exception):
 
 
 class _Truncated:
-    """Stands in for `session.module`: runs it, and ends the forward quietly at `_StopForward`."""
+    """Stands in for `session._module`: runs it, and ends the forward quietly at `_StopForward`."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
@@ -200,8 +200,8 @@ class _Truncated:
 
 def _last_probe(session: Session, group: list[str]) -> tuple[BranchProbe, float]:
     """The group's probe that runs last, and the fraction of the graph's probes run up to it."""
-    module = session.module
-    ids = {id(session.probes[label]) for label in group}
+    module = session._module
+    ids = {id(session._probes[label]) for label in group}
     position, last, total = -1, None, 0
     for node in module.graph.nodes:
         if node.op == "call_module" and isinstance(sub := module.get_submodule(node.target), BranchProbe):
@@ -218,12 +218,12 @@ def _stop_after(session: Session, probe: BranchProbe) -> Iterator[None]:
         raise _StopForward
 
     handle = probe.register_forward_hook(stop)
-    module = session.module
-    session.module = _Truncated(module)  # type: ignore[assignment]
+    module = session._module
+    session._module = _Truncated(module)  # type: ignore[assignment]
     try:
         yield
     finally:
-        session.module = module
+        session._module = module
         handle.remove()
 
 

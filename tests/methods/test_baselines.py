@@ -182,11 +182,8 @@ def test_stream_after_layer_is_next_layer_input(models, arch):
     session = prepare(capture(models[arch]), progress=False)
     layers = group_layers(session.branches)
     seen = []
-    handle = session.probes[layers[1].labels[0]].register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
-    try:
-        after = record_stream_after(session, BATCHES, layers[0].labels[-1])
-    finally:
-        handle.remove()
+    session.watch(BATCHES, lambda _label, x, _y: seen.append(x), labels=[layers[1].labels[0]])
+    after = record_stream_after(session, BATCHES, layers[0].labels[-1])
     assert len(seen) == len(after) == len(BATCHES)
     for a, b in zip(after, seen):
         assert torch.allclose(a, b, atol=1e-6)

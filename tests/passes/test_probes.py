@@ -14,11 +14,11 @@ def test_observers_leave_outputs_bitwise_equal(arch, tokens):
     model, ep = captured(arch)
     session = prepare(ep, progress=False)
     ids, mask = tokens
-    for probe in session.probes.values():
+    for probe in session._probes.values():
         probe.start_observing(("normalized", "stream"))
     with torch.no_grad():
         assert torch.equal(session.forward(tokens), HFWrapper(model)(ids, mask))
-    assert all(int(p.stop_observing().tokens) == int(mask.sum()) for p in session.probes.values())
+    assert all(int(p.stop_observing().tokens) == int(mask.sum()) for p in session._probes.values())
 
 
 def test_padding_and_first_token_are_excluded(tokens):

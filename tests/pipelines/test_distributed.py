@@ -69,11 +69,11 @@ def _rank(rank: int, init: str, ep: torch.export.ExportedProgram, out: str, data
                         "forwards": len(calls),
                         "one_batch": flat(session.calibrate(data[:1], desc=None))}  # rank 1 gets no batch
         session.forward = forward
-        for probe in session.probes.values():  # one observation window, two passes
+        for probe in session._probes.values():  # one observation window, two passes
             probe.start_observing()
         session.run(data[:2])
         session.run(data[2:])
-        result["two_passes"] = flat({label: p.stop_observing() for label, p in session.probes.items()})
+        result["two_passes"] = flat({label: p.stop_observing() for label, p in session._probes.items()})
         # a policy's own sums: rank 1 never created ("b",) (as after an empty shard)
         own = {("a",): torch.full((3,), rank + 1.0, dtype=torch.float64)}
         if rank == 0:
