@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from subfit_fx.errors import InputError
@@ -24,7 +25,7 @@ class Candidate:
     """A replaceable branch: its score (damage), its parameters and its bypass's parameters.
     `group` names a one-time cost (e.g. a shared FFN basis) paid when the first member is chosen."""
 
-    label: str
+    label: Hashable  # the candidate's id: a branch label, or e.g. a (label, form) choice
     score: float
     params: int
     bypass_params: int

@@ -141,6 +141,17 @@ class OutputJudge:
             return torch.log_softmax(out[keep].float(), dim=-1)
         return out[keep].double()
 
+    def of(self, fits: dict[str, Fit], input_kind: str = "normalized") -> float:
+        """The divergence with exactly `fits` replacing their branches (the rest dense); the
+        session's replacements are left as they were.
+
+        Example:
+            >>> judge.of({"model.layers.1.mlp": fit})  # doctest: +SKIP
+            0.012
+        """
+        with self.session.replaced(fits, input_kind):
+            return self()
+
     @torch.no_grad()
     def __call__(self) -> float:
         """Divergence of the session's current graph (replacements as set) from the dense model."""

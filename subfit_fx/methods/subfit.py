@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -160,8 +161,11 @@ def _alternatives(ctx: PolicyContext, opts: SubfitOptions, fits: dict[str, Fit],
     return out
 
 
-def _key(label: str, form: str) -> str:
-    return label if form == "fit" else f"{label}#{form}"
+class Choice(NamedTuple):
+    """A candidate replacement: a branch and the form that replaces it ("fit": the default bypass)."""
+
+    label: str
+    form: str = "fit"
 
 
 def subfit(ctx: PolicyContext) -> Recipe:
@@ -192,48 +196,46 @@ def _subfit_statistics(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     if opts.score == "holdout":
         reference = None if ctx.causal else dense_reference(session, ctx.holdout)
 
-        def holdout_scores(fits: dict[str, Fit]) -> dict[str, float]:
+        def holdout_scores(fits: dict[Choice, Fit]) -> dict[Choice, float]:
             """Held-out loss increase with only this branch replaced (others as currently set)."""
             base = heldout_loss(session, ctx.holdout, ctx.causal, reference)
             out = {}
             for key, fit in fits.items():
-                label = key.split("#")[0]
-                session.set_replacement(label, fit, opts.bypass_input)
+                session.set_replacement(key.label, fit, opts.bypass_input)
                 out[key] = max(heldout_loss(session, ctx.holdout, ctx.causal, reference) - base, 0.0)
-                session.set_replacement(label, None)
+                session.set_replacement(key.label, None)
             return out
 
-    def score_all(labels: list[str], fits: dict[str, Fit]) -> dict[str, float]:
+    def score_all(labels: list[str], fits: dict[str, Fit]) -> dict[Choice, float]:
         alts = _alternatives(ctx, opts, {label: fits[label] for label in labels}, stats)
-        flat = {_key(label, form): fit for label, forms in alts.items() for form, fit in forms.items()}
+        flat = {Choice(label, form): fit for label, forms in alts.items() for form, fit in forms.items()}
         for label in labels:
             for name, fn in SCORES.items():
                 ctx.record_score(label, name, fn(stats[label], fits[label]))
         if opts.score != "holdout":
-            return {label: ctx.scores[label][opts.score] for label in labels}
+            return {Choice(label): ctx.scores[label][opts.score] for label in labels}
         assert holdout_scores is not None
         values = holdout_scores(flat)
         for key, value in values.items():
-            label, _, form = key.partition("#")
-            ctx.record_score(label, "holdout" if not form else f"holdout_{form}", value)
+            ctx.record_score(key.label, "holdout" if key.form == "fit" else f"holdout_{key.form}", value)
         candidate_fits.update(flat)
         return values
 
-    def candidate(key: str, score: float) -> Candidate:
-        label = key.partition("#")[0]
+    def candidate(key: Choice, score: float) -> Candidate:
+        label = key.label
         fit = candidate_fits[key]
         cost = fit.params + (kept_norm_params(session.by_label[label], opts.bypass_input) if fit.layers else 0)
         return Candidate(key, score, session.by_label[label].params, cost,
                          "ffn_basis" if fit.form == "shared" else None, branch=label)
 
-    candidate_fits: dict[str, Fit] = {}
+    candidate_fits: dict[Choice, Fit] = {}
     fits = fitter.fits(stats, all_ffn)
-    candidate_fits.update(fits)
+    candidate_fits.update({Choice(label): fit for label, fit in fits.items()})
     scores = score_all(list(stats), fits)
-    chosen: list[str] = []  # candidate keys
+    chosen: list[Choice] = []
     while True:
-        taken = {k.split("#")[0] for k in chosen}
-        pool = [candidate(k, v) for k, v in scores.items() if k.split("#")[0] not in taken]
+        taken = {k.label for k in chosen}
+        pool = [candidate(k, v) for k, v in scores.items() if k.label not in taken]
         picks = select(pool, ctx.block_params, ctx.target, {"ffn_basis": fitter.basis_params},
                        already=[candidate(k, 0.0) for k in chosen], limit=opts.rescore_every)
         chosen += picks
@@ -241,22 +243,22 @@ def _subfit_statistics(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
             break
         # Re-score the rest with the chosen branches replaced (compounding errors).
         for key in chosen:
-            session.set_replacement(key.split("#")[0], candidate_fits[key], opts.bypass_input)
-        taken = {k.split("#")[0] for k in chosen}
+            session.set_replacement(key.label, candidate_fits[key], opts.bypass_input)
+        taken = {k.label for k in chosen}
         remaining = [b.label for b in ctx.branches if b.label not in taken]
         if not remaining:
             break
         stats.update(session.calibrate(ctx.batches, remaining, (opts.bypass_input,), desc="re-score"))
         new_fits = fitter.fits({label: stats[label] for label in remaining},
                                [label for label in all_ffn if label in remaining])
-        candidate_fits.update(new_fits)
-        scores = {k: v for k, v in scores.items() if k.split("#")[0] not in remaining}
+        candidate_fits.update({Choice(label): fit for label, fit in new_fits.items()})
+        scores = {k: v for k, v in scores.items() if k.label not in remaining}
         scores.update(score_all(remaining, new_fits))
         session.clear_replacements()
     session.clear_replacements()
 
     # Final fits from the dense statistics; the FFN basis is fitted on the chosen FFNs only.
-    forms = {k.split("#")[0]: (k.partition("#")[2] or "fit") for k in chosen}
+    forms = {k.label: k.form for k in chosen}
     fit_labels = [label for label, form in forms.items() if form == "fit"]
     chosen_ffn = [label for label in fit_labels if session.by_label[label].kind == "ffn"]
     final = fitter.fits({label: dense_stats[label] for label in fit_labels}, chosen_ffn)
@@ -279,7 +281,7 @@ def _judged_candidates(ctx: PolicyContext, opts: SubfitOptions, alts: dict[str, 
     for (label, form), value in damage.items():
         fit = alts[label][form]
         cost = fit.params + (kept_norm_params(ctx.session.by_label[label], opts.bypass_input) if fit.layers else 0)
-        out.append(Candidate(_key(label, form), value, ctx.session.by_label[label].params, cost,
+        out.append(Candidate(Choice(label, form), value, ctx.session.by_label[label].params, cost,
                              "ffn_basis" if fit.form == "shared" else None, branch=label))
     return out
 
@@ -302,14 +304,7 @@ def _shortlist(pool: list[Candidate], need: float, multiple: float, minimum: int
 def _keep_better(ctx: PolicyContext, opts: SubfitOptions, judge: OutputJudge, old: dict[str, Fit],
                  new: dict[str, Fit], what: str) -> dict[str, Fit]:
     """`new` fits if they judge no worse than `old` at the output (both whole sets), else `old`."""
-    session = ctx.session
-    scores = []
-    for fits in (old, new):
-        session.clear_replacements()
-        for label, fit in fits.items():
-            session.set_replacement(label, fit, opts.bypass_input)
-        scores.append(judge())
-    session.clear_replacements()
+    scores = [judge.of(fits, opts.bypass_input) for fits in (old, new)]
     kept = new if scores[1] <= scores[0] else old
     ctx.notes.append(f"{what}: divergence {scores[0]:.4g} -> {scores[1]:.4g} "
                      f"({'kept' if kept is new else 'rejected'})")
@@ -322,13 +317,8 @@ def _never_worse_than_removal(ctx: PolicyContext, opts: SubfitOptions, judge: Ou
     better (one forward per bypass), then keep the result only if it judges no worse than removing
     every chosen branch: the selection never does worse at the output than plain removal of the
     same branches."""
-    session = ctx.session
-
     def judged(candidate: dict[str, Fit]) -> float:
-        session.clear_replacements()
-        for label, fit in candidate.items():
-            session.set_replacement(label, fit, opts.bypass_input)
-        return judge()
+        return judge.of(candidate, opts.bypass_input)
 
     current, best = dict(fits), judged(fits)
     swapped = []
@@ -339,7 +329,6 @@ def _never_worse_than_removal(ctx: PolicyContext, opts: SubfitOptions, judge: Ou
             current, best = trial, value
             swapped.append(label)
     everything = judged(removed)
-    session.clear_replacements()
     if swapped:
         ctx.notes.append(f"bypasses that judged worse than removal in the final selection, removed: {swapped}")
     if everything < best:
@@ -419,14 +408,14 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
             for form in [f for f in alts[label] if f != "remove"]:
                 if fresh[label, form] >= fresh[label, "remove"]:
                     del fresh[label, form]
-        damage.update(fresh)
+        # a re-judged branch's older judgements go: a fit dominated now must not come back
+        # through the stale pool (budget repair)
+        damage = {key: value for key, value in damage.items() if key[0] not in labels} | fresh
         for (label, form), value in fresh.items():
             ctx.record_score(label, "judged" if form == "fit" else f"judged_{form}", value)
         pool = _judged_candidates(ctx, opts, alts, fresh)
         picks = select(pool, ctx.block_params, step_target, group_costs, already=already, tolerance=1.0)
-        for key in picks:
-            label, _, form = key.partition("#")
-            chosen[label] = form or "fit"
+        chosen.update(picks)
         stale = [c for c in _judged_candidates(ctx, opts, alts, damage) if c.key not in chosen]
         bar.update(1)
         if sparsity_of(_judged_candidates(ctx, opts, alts, {(lb, f): 0.0 for lb, f in chosen.items()}),
@@ -437,12 +426,10 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     mine = _judged_candidates(ctx, opts, alts, {(lb, f): damage[lb, f] for lb, f in chosen.items()})
     keys = repair_overshoot(mine, [c.label for c in mine], stale, ctx.block_params, ctx.target, group_costs)
     if sorted(keys) != sorted(c.label for c in mine):
-        ctx.notes.append(f"budget repair: {sorted(set(c.label for c in mine) - set(keys))} swapped for "
-                         f"{sorted(set(keys) - set(c.label for c in mine))}")
-        chosen = {}
-        for key in keys:
-            label, _, form = key.partition("#")
-            chosen[label] = form or "fit"
+        out, into = sorted(set(c.label for c in mine) - set(keys)), sorted(set(keys) - set(c.label for c in mine))
+        ctx.notes.append(f"budget repair: {', '.join(f'{k.label} ({k.form})' for k in out)} swapped for "
+                         f"{', '.join(f'{k.label} ({k.form})' for k in into)}")
+        chosen = dict(keys)
     session.clear_replacements()
     # Final fits from the dense statistics; the FFN basis is fitted on the chosen FFNs only.
     fit_labels = [label for label, form in chosen.items() if form == "fit"]

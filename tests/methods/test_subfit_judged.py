@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import subfit_fx
@@ -40,6 +40,9 @@ def _divergence(model: torch.nn.Module, held: torch.Tensor, replacements: dict) 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=st.sampled_from(["llama", "gpt2", "bert", "qwen2"]), sparsity=st.sampled_from([0.2, 0.3, 0.4]),
        seed=st.integers(0, 3))
+# found by this property: budget repair swapped in a fit judged in an early round although a later
+# round found it dominated by removal
+@example(arch="qwen2", sparsity=0.3, seed=3)
 def test_default_is_judged_and_never_worse_than_removal(arch, sparsity, seed):
     model, calib = _model(arch), _calib(seed)
     c = subfit_fx.compress(model, calib, sparsity, progress=False)
