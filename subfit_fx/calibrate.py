@@ -18,9 +18,9 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -33,27 +33,117 @@ from subfit_fx.passes.probes import BranchProbe, ProbeContext, insert_probes
 from subfit_fx.rewrite import stream_after
 from subfit_fx.stats import BranchStats
 
-__all__ = ["REMOVE", "Session", "prepare"]
+__all__ = ["PIPELINES", "REMOVE", "LocalReducer", "OnePass", "Pipeline", "Reducer", "Session", "prepare",
+           "register_pipeline"]
 
 REMOVE: Final = "remove"  # a replacement that removes the branch (its output becomes 0)
-Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _zeros(x: torch.Tensor, _z: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
+Target = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Reducer(Protocol):
+    """Where the data lives: which batches this process runs, and how its sums combine with the
+    other processes' (`LocalReducer`: one process; `subfit_fx.pipelines.AllReduce`: data-parallel)."""
+
+    rank: int
+    world: int
+
+    def shard(self, batches: list[Batch]) -> list[Batch]:
+        """The batches this process runs."""
+
+    def stats(self, stats: dict[str, BranchStats]) -> dict[str, BranchStats]:
+        """Statistics of one observation, summed over processes (in place)."""
+
+    def sums(self, sums: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        """A policy's own sums, summed over processes."""
+
+
+class LocalReducer:
+    """One process: every batch runs here and every sum is complete already.
+
+    Example:
+        >>> LocalReducer().shard([1, 2, 3])
+        [1, 2, 3]
+    """
+
+    rank, world = 0, 1
+
+    def shard(self, batches: list[Batch]) -> list[Batch]:
+        """All of them."""
+        return batches
+
+    def stats(self, stats: dict[str, BranchStats]) -> dict[str, BranchStats]:
+        """As they are."""
+        return stats
+
+    def sums(self, sums: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        """As they are."""
+        return sums
+
+
+class Pipeline(Protocol):
+    """How `Session.calibrate` gathers statistics: in one pass (`OnePass`) or e.g. layer by layer
+    (`subfit_fx.pipelines.LayerByLayer`), always through `Session.observe`."""
+
+    def calibrate(self, session: Session, batches: list[Batch], labels: list[str], inputs: tuple[str, ...],
+                  desc: str | None, targets: dict[str, Target] | None) -> dict[str, BranchStats]:
+        """Statistics of `labels`."""
+
+
+class OnePass:
+    """Every requested branch observed in one pass over the batches (the basic pipeline).
+
+    Example:
+        >>> OnePass().calibrate  # doctest: +ELLIPSIS
+        <bound method OnePass.calibrate of ...>
+    """
+
+    def calibrate(self, session: Session, batches: list[Batch], labels: list[str], inputs: tuple[str, ...],
+                  desc: str | None, targets: dict[str, Target] | None) -> dict[str, BranchStats]:
+        """One observation of all `labels`."""
+        return session.observe(batches, labels, inputs, desc, targets)
+
+
+# name -> Pipeline factory (keyword options); subfit_fx.pipelines registers "sequential"
+PIPELINES: dict[str, Callable[..., Pipeline]] = {"basic": OnePass}
+
+
+def register_pipeline(name: str, factory: Callable[..., Pipeline]) -> None:
+    """Make a pipeline available by name (`SessionFactory(name)`, `--pipeline name`).
+
+    Example:
+        >>> register_pipeline("basic", OnePass); "basic" in PIPELINES
+        True
+    """
+    PIPELINES[name] = factory
+
+
+class _StopForward(Exception):
+    """Raised after the last probe a pass needs: the rest of the graph cannot change its statistics."""
+
+
 class Session:
-    """A probed, runnable copy of a capture plus its branches: the workspace of every policy."""
+    """A probed, runnable copy of a capture plus its branches: the workspace of every policy.
+
+    `pipeline` decides how `calibrate` gathers statistics (default `OnePass`), `reducer` where the
+    data lives (default `LocalReducer`); both are strategies, so policies never know which run.
+    """
 
     def __init__(self, ep: torch.export.ExportedProgram, branches: list[Branch], skip_first: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, *, pipeline: Pipeline | None = None, reducer: Reducer | None = None) -> None:
         self.ep = ep
         self.branches = branches
         self.by_label = {b.label: b for b in branches}
+        self.pipeline = pipeline or OnePass()
+        self.reducer = reducer or LocalReducer()
         self._context = ProbeContext(skip_first=skip_first)
         self._module, self._probes = insert_probes(ep, branches, self._context)
-        self.progress = progress
+        self.progress = progress and self.reducer.rank == 0  # one progress bar, on rank 0
 
     # -- running --------------------------------------------------------------------------
 
@@ -65,14 +155,32 @@ class Session:
         return self._module(ids, mask)
 
     def run(self, batches: Iterable[Batch], desc: str | None = None,
-            each: Callable[[Batch, torch.Tensor], None] | None = None) -> None:
-        """Run all batches (with a progress bar when `desc` is given), calling `each(batch, out)`."""
-        batches = list(batches)
+            each: Callable[[Batch, torch.Tensor], None] | None = None, *, stop_after: str | None = None) -> None:
+        """Run this process's share of `batches` (all of them in one process; a progress bar when
+        `desc` is given), calling `each(batch, out)`. `stop_after`: end each forward right after
+        that branch (then `each` is not called)."""
+        batches = self.reducer.shard(list(batches))
         bar = tqdm(batches, desc=desc, leave=False, disable=not (self.progress and desc), unit="batch")
-        for batch in bar:
-            out = self.forward(batch)
-            if each is not None:
-                each(batch, out)
+        handle = None
+        if stop_after is not None:
+            handle = self._probes[stop_after].register_forward_hook(_stop_forward)
+        try:
+            for batch in bar:
+                try:
+                    out = self.forward(batch)
+                except _StopForward:
+                    continue
+                if each is not None:
+                    each(batch, out)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def execution_order(self) -> list[str]:
+        """Branch labels in the order the graph runs their probes."""
+        owner = {id(probe): label for label, probe in self._probes.items()}
+        return [owner[id(self._module.get_submodule(n.target))] for n in self._module.graph.nodes
+                if n.op == "call_module" and id(self._module.get_submodule(n.target)) in owner]
 
     # -- replacements ---------------------------------------------------------------------
 
@@ -179,33 +287,40 @@ class Session:
     # -- statistics -----------------------------------------------------------------------
 
     def reduce_sums(self, sums: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
-        """Combine sums that a policy accumulated itself over `run` passes (hooks, `each=`).
-
-        Here they are complete already; a data-parallel session (`subfit_fx.pipelines`), whose
-        `run` streams one rank's shard, sums them over the ranks.
+        """Combine sums that a policy accumulated itself over `run` passes (hooks, `each=`): in one
+        process they are complete already; data-parallel, each process saw its shard, so the
+        reducer sums them over processes.
 
         Example:
             >>> session.reduce_sums({"n": torch.ones(1)})  # doctest: +SKIP
             {'n': tensor([1.])}
         """
-        return sums
+        return self.reducer.sums(sums)
 
     def calibrate(self, batches: Iterable[Batch], labels: Iterable[str] | None = None,
                   inputs: tuple[str, ...] = ("normalized",), desc: str | None = "calibrate",
-                  targets: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
-                  ) -> dict[str, BranchStats]:
-        """Accumulate statistics for `labels` (default: all branches) over `batches`.
+                  targets: dict[str, Target] | None = None) -> dict[str, BranchStats]:
+        """Statistics for `labels` (default: all branches) over `batches`, gathered by the session's
+        pipeline. `targets[label](x, y)` replaces a branch's regression target (default: y).
 
         Raises `CalibrationError` when no token was seen or a statistic is not finite.
         """
         labels = list(labels) if labels is not None else [b.label for b in self.branches]
+        return self.pipeline.calibrate(self, list(batches), labels, inputs, desc, targets)
+
+    def observe(self, batches: list[Batch], labels: list[str], inputs: tuple[str, ...] = ("normalized",),
+                desc: str | None = None, targets: dict[str, Target] | None = None, *,
+                stop_after: str | None = None) -> dict[str, BranchStats]:
+        """One pass that accumulates the statistics of `labels` (the building block of every
+        pipeline), summed over processes; `stop_after` ends each forward after that branch."""
         probes: dict[str, BranchProbe] = {label: self._probes[label] for label in labels}
         for label, probe in probes.items():
             probe.start_observing(inputs, (targets or {}).get(label))
         try:
-            self.run(batches, desc)
+            self.run(batches, desc, stop_after=stop_after)
         finally:
             stats = {label: probe.stop_observing() for label, probe in probes.items()}
+        stats = self.reducer.stats(stats)
         for label, s in stats.items():
             if int(s.tokens) == 0:
                 raise CalibrationError("calibration saw no tokens (all padding?); pass non-empty sequences")
@@ -213,6 +328,12 @@ class Session:
                 raise CalibrationError(f"statistics of '{label}' hold NaN or Inf (non-finite activations); "
                                        "check the model in float32 and the calibration text")
         return stats
+
+
+def _stop_forward(*_: Any) -> None:
+    # raised here, not passed in: an exception held by a local of a frame in its own traceback
+    # would make a cycle that keeps the whole forward's activations alive until a gc run
+    raise _StopForward
 
 
 def prepare(ep: torch.export.ExportedProgram, branches: list[Branch] | None = None, *, skip_first: bool = False,

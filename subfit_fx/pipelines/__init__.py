@@ -2,7 +2,8 @@
 *sequential* goes layer by layer with one layer's statistics alive at a time; either runs in one
 process or data-parallel over torch.distributed (statistics all-reduced in float64).
 
-Each pipeline is a `Session` subclass, so every policy runs on any of them unchanged.
+Each is a strategy a `Session` is built with (`SessionFactory`), so every policy runs on any of
+them unchanged.
 
 Example:
     >>> from subfit_fx.pipelines import SessionFactory
@@ -12,9 +13,9 @@ Example:
 
 from __future__ import annotations
 
-from subfit_fx.pipelines.compose import PIPELINES, SequentialDistributedSession, SessionFactory, compress_distributed
+from subfit_fx.pipelines.compose import PIPELINES, SessionFactory, compress_distributed
 from subfit_fx.pipelines.distributed import (
-    DistributedSession,
+    AllReduce,
     all_reduce_stats,
     all_reduce_sum,
     all_reduce_tensors,
@@ -24,8 +25,8 @@ from subfit_fx.pipelines.distributed import (
     shard_batches,
 )
 from subfit_fx.pipelines.sequential import (
+    LayerByLayer,
     SequentialResult,
-    SequentialSession,
     layer_groups,
     offload_stats,
     sequential_calibrate,
@@ -34,10 +35,9 @@ from subfit_fx.pipelines.sequential import (
 
 __all__ = [
     "PIPELINES",
-    "DistributedSession",
-    "SequentialDistributedSession",
+    "AllReduce",
+    "LayerByLayer",
     "SequentialResult",
-    "SequentialSession",
     "SessionFactory",
     "all_reduce_stats",
     "all_reduce_sum",

@@ -1,12 +1,14 @@
 """Pick a calibration pipeline for `compress`: basic or sequential, one process or data-parallel.
 
-A pipeline is a kind of `Session` (its `calibrate` and `run`), so policies never know which one
-they run on. `SessionFactory` builds the right one with `prepare`'s signature;
-`compress_distributed` runs `compress` with it and checks that all ranks agree on the recipe.
+A session composes two strategies: a pipeline (`calibrate.PIPELINES`: "basic" `OnePass`,
+"sequential" `LayerByLayer`) and a reducer (`LocalReducer`, or `AllReduce` over a process
+group), so policies never know which run. `SessionFactory` builds sessions with `prepare`'s
+signature; `compress_distributed` runs `compress` with it and checks that all ranks agree on
+the recipe.
 
 Example:
-    >>> SessionFactory("sequential", distributed=False).session_class().__name__
-    'SequentialSession'
+    >>> type(SessionFactory("sequential", distributed=False).pipeline_strategy()).__name__
+    'LayerByLayer'
 """
 
 from __future__ import annotations
@@ -18,31 +20,19 @@ from typing import Any
 import torch
 
 from subfit_fx.branches import Branch, find_branches
-from subfit_fx.calibrate import Session
+from subfit_fx.calibrate import PIPELINES, LocalReducer, Pipeline, Session
 from subfit_fx.errors import InputError
-from subfit_fx.pipelines.distributed import DistributedSession, check_same_recipe, rank_and_world
-from subfit_fx.pipelines.sequential import SequentialSession
+from subfit_fx.pipelines.distributed import AllReduce, check_same_recipe, rank_and_world
+from subfit_fx.pipelines.sequential import LayerByLayer
 
-__all__ = ["PIPELINES", "SequentialDistributedSession", "SessionFactory", "compress_distributed"]
-
-PIPELINES = ("basic", "sequential")
-
-
-class SequentialDistributedSession(SequentialSession, DistributedSession):
-    """Layer by layer, and data-parallel: each layer's sweep is sharded and its statistics are
-    summed over ranks as soon as the sweep ends (one layer's statistics in flight at a time).
-
-    Example:
-        >>> [c.__name__ for c in SequentialDistributedSession.__mro__[1:4]]
-        ['SequentialSession', 'DistributedSession', 'Session']
-    """
+__all__ = ["PIPELINES", "SessionFactory", "compress_distributed"]
 
 
 @dataclass
 class SessionFactory:
     """Builds sessions like `prepare(ep, branches, skip_first=, progress=)`, for a pipeline.
 
-    `distributed`: None uses a `DistributedSession` when a process group is initialized.
+    `distributed`: None reduces over the process group (`AllReduce`) when one is initialized.
     `offload` and `layers_per_pass` belong to the sequential pipeline. `history` gathers the
     memory summaries of every sequential calibration of the sessions it built.
 
@@ -66,32 +56,33 @@ class SessionFactory:
         if self.pipeline != "sequential" and (self.offload is not None or self.layers_per_pass != 1):
             raise InputError("offload and layers_per_pass apply to the sequential pipeline; "
                              "pass pipeline='sequential'")
-        if not isinstance(self.layers_per_pass, int) or self.layers_per_pass < 1:
-            raise InputError(f"layers_per_pass={self.layers_per_pass!r} must be a positive integer")
-        if self.offload is not None and not Path(self.offload).is_dir():
-            raise InputError(f"offload directory '{self.offload}' does not exist; create it or pass an existing one")
+        self.pipeline_strategy()  # validates its options now, before any long work
 
-    def session_class(self) -> type[Session]:
-        """The Session subclass this factory builds.
+    def is_distributed(self) -> bool:
+        """Whether the sessions built are data-parallel (`distributed`, or else an initialized group).
 
         Example:
-            >>> SessionFactory(distributed=True).session_class().__name__
-            'DistributedSession'
+            >>> SessionFactory(distributed=True).is_distributed()
+            True
         """
-        distributed = self.distributed if self.distributed is not None else rank_and_world(self.group)[1] > 1
-        return {("basic", False): Session, ("basic", True): DistributedSession,
-                ("sequential", False): SequentialSession,
-                ("sequential", True): SequentialDistributedSession}[self.pipeline, bool(distributed)]
+        return self.distributed if self.distributed is not None else rank_and_world(self.group)[1] > 1
+
+    def pipeline_strategy(self) -> Pipeline:
+        """A fresh pipeline strategy for one session (the sequential one reports into `history`).
+
+        Example:
+            >>> type(SessionFactory().pipeline_strategy()).__name__
+            'OnePass'
+        """
+        if self.pipeline == "sequential":
+            return LayerByLayer(self.offload, self.layers_per_pass, self.history)
+        return PIPELINES[self.pipeline]()
 
     def __call__(self, ep: torch.export.ExportedProgram, branches: list[Branch] | None = None, *,
                  skip_first: bool = False, progress: bool = True) -> Session:
-        cls = self.session_class()
-        extra: dict[str, Any] = {}
-        if issubclass(cls, SequentialSession):
-            extra.update(offload=self.offload, layers_per_pass=self.layers_per_pass, history=self.history)
-        if issubclass(cls, DistributedSession):
-            extra["group"] = self.group
-        return cls(ep, branches if branches is not None else find_branches(ep), skip_first, progress, **extra)
+        return Session(ep, branches if branches is not None else find_branches(ep), skip_first, progress,
+                       pipeline=self.pipeline_strategy(),
+                       reducer=AllReduce(self.group) if self.is_distributed() else LocalReducer())
 
 
 def compress_distributed(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *,
@@ -111,6 +102,6 @@ def compress_distributed(model: Any, calib: Any, sparsity: float = 0.25, method:
     from subfit_fx.compress import compress
 
     compressed = compress(model, calib, sparsity, method, session_factory=factory, **kwargs)
-    if issubclass(factory.session_class(), DistributedSession):
+    if factory.is_distributed():
         check_same_recipe(compressed.recipe, factory.group)
     return compressed

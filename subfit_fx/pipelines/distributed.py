@@ -1,10 +1,10 @@
 """Data-parallel calibration on torch.distributed: each rank sees its shard, statistics are summed.
 
 Statistics are additive (METHOD.md), so the float64 all-reduce (sum) of per-rank statistics equals,
-to float64 rounding, the statistics of one process over all batches. `DistributedSession` puts this
-in the one place where a session streams batches, `run`: every pass through it (calibration
-included) covers only this rank's shard, and the statistics observed during the pass are summed
-over ranks at its end. Every rank then holds bitwise identical statistics (ring and tree
+to float64 rounding, the statistics of one process over all batches. `AllReduce` is the `Reducer`
+strategy of a `Session` that does this: every pass through `Session.run` (calibration included)
+covers only this rank's shard, and the statistics of each observation (`Session.observe`) are
+summed over ranks at its end. Every rank then holds bitwise identical statistics (ring and tree
 all-reduces give every rank the same bits), so every policy, SubFit and the baselines, runs
 unchanged and deterministically on all ranks, and only rank 0 writes.
 
@@ -15,7 +15,7 @@ references use it, so every rank evaluates the full holdout: identical results, 
 `session.reduce_sums(sums)` (`all_reduce_tensors`), or `all_reduce_sum` for a few numbers.
 
 Launch with torchrun (see docs/distributed.md); without an initialized process group everything
-here is a no-op and a `DistributedSession` is a plain `Session`.
+here is a no-op and `AllReduce` is a `LocalReducer`.
 
 Example:
     >>> [len(shard_batches(range(5), rank, 2)) for rank in (0, 1)]
@@ -26,24 +26,21 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 import zlib
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from subfit_fx.branches import Branch, find_branches
-from subfit_fx.calibrate import Session
 from subfit_fx.data import Batch
 from subfit_fx.errors import CalibrationError, InputError
 from subfit_fx.recipe import Recipe
 from subfit_fx.stats import BranchStats
 
 __all__ = [
-    "DistributedSession",
+    "AllReduce",
     "all_reduce_stats",
     "all_reduce_sum",
     "all_reduce_tensors",
@@ -237,52 +234,27 @@ def check_same_recipe(recipe: Recipe, group: Any = None) -> None:
             "or run the method in one process")
 
 
-class DistributedSession(Session):
-    """A `Session` for data-parallel calibration: `run` streams this rank's shard of the batches
-    and sums the statistics observed during the pass over the ranks of `group` (see the module
-    docstring). Progress bars show on rank 0 only. Without a process group it is a `Session`.
+class AllReduce:
+    """The data-parallel `Reducer`: this rank runs its shard of the batches; statistics and a
+    policy's own sums are summed over the ranks of `group`. Without a process group it is local.
 
     Example:
-        >>> from subfit_fx import capture
-        >>> from subfit_fx.zoo import tiny_model
-        >>> session = DistributedSession(capture(tiny_model("llama")))  # doctest: +SKIP
-        >>> stats = session.calibrate(batches)  # the same on every rank  # doctest: +SKIP
+        >>> AllReduce().world  # no process group: one rank
+        1
     """
 
-    def __init__(self, ep: torch.export.ExportedProgram, branches: list[Branch] | None = None,
-                 skip_first: bool = False, progress: bool = True, *, group: Any = None, **kwargs: Any) -> None:
+    def __init__(self, group: Any = None) -> None:
         self.group = group
         self.rank, self.world = rank_and_world(group)
-        self._reduced: weakref.WeakValueDictionary[int, BranchStats] = weakref.WeakValueDictionary()
-        super().__init__(ep, branches if branches is not None else find_branches(ep), skip_first,
-                         progress and self.rank == 0, **kwargs)
 
-    def reduce_sums(self, sums: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        """Sums a policy accumulated itself over `run` passes (which saw this rank's shard),
-        summed over ranks (`all_reduce_tensors`). `Session.reduce_sums` returns them as they are.
+    def shard(self, batches: list[Batch]) -> list[Batch]:
+        """This rank's shard."""
+        return shard_batches(batches, self.rank, self.world)
 
-        Example:
-            >>> stats.sums = session.reduce_sums(stats.sums)  # doctest: +SKIP
-        """
+    def stats(self, stats: dict[str, BranchStats]) -> dict[str, BranchStats]:
+        """Summed over ranks, in place (every rank must observe the same labels)."""
+        return all_reduce_stats(stats, self.group)
+
+    def sums(self, sums: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        """Summed over ranks (`all_reduce_tensors`)."""
         return all_reduce_tensors(sums, self.group)
-
-    def run(self, batches: Iterable[Batch], desc: str | None = None,
-            each: Callable[[Batch, torch.Tensor], None] | None = None) -> None:
-        """Run this rank's shard of `batches`; then sum the statistics of observing probes over ranks.
-
-        Example:
-            >>> session.run(batches, "calibrate")  # doctest: +SKIP
-        """
-        # Whether any probe observes is decided by the policy, identically on every rank.
-        observing = {label: p.stats for label, p in self._probes.items() if p.stats is not None}
-        if self.rank != 0:
-            for s in observing.values():
-                if self._reduced.get(id(s)) is s:
-                    # A second pass in one observation window: these already hold the sum over
-                    # ranks (on every rank); count it once, from rank 0.
-                    for t in s.tensors().values():
-                        t.zero_()
-        super().run(shard_batches(batches, self.rank, self.world), desc, each)
-        if observing:
-            all_reduce_stats(observing, self.group)
-            self._reduced.update({id(s): s for s in observing.values()})

@@ -16,14 +16,13 @@ instead of one (`SequentialResult.forward_cost` counts them). With no replacemen
 statistics are bitwise those of the basic pipeline: each probe accumulates the same tokens in the
 same order.
 
-`SequentialSession` makes this the session's `calibrate`, so every policy runs on it unchanged.
+`LayerByLayer` makes this a session's `calibrate` (a pipeline strategy), so every policy runs on
+it unchanged.
 
 Example:
-    >>> from subfit_fx import capture
-    >>> from subfit_fx.zoo import tiny_model
-    >>> session = SequentialSession(capture(tiny_model("llama", layers=2)), progress=False)  # doctest: +SKIP
+    >>> session = SessionFactory("sequential")(ep)  # doctest: +SKIP
     >>> stats = session.calibrate(batches)  # doctest: +SKIP
-    >>> session.history[-1]["peak_bytes"] < session.history[-1]["all_at_once_bytes"]  # doctest: +SKIP
+    >>> session.pipeline.history[-1]["peak_bytes"] < session.pipeline.history[-1]["all_at_once_bytes"]  # doctest: +SKIP
     True
 """
 
@@ -33,24 +32,22 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from subfit_fx.branches import Branch, find_branches
-from subfit_fx.calibrate import Session
+from subfit_fx.branches import Branch
+from subfit_fx.calibrate import Session, Target, register_pipeline
 from subfit_fx.data import Batch
 from subfit_fx.errors import InputError
-from subfit_fx.passes.probes import BranchProbe
 from subfit_fx.stats import SCALARS, BranchStats
 
 __all__ = [
+    "LayerByLayer",
     "SequentialResult",
-    "SequentialSession",
     "layer_groups",
     "offload_stats",
     "sequential_calibrate",
@@ -58,7 +55,6 @@ __all__ = [
     "stats_nbytes",
 ]
 
-Target = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def stats_nbytes(stats: BranchStats | Mapping[str, BranchStats]) -> int:
@@ -181,52 +177,6 @@ def layer_groups(branches: list[Branch], labels: Iterable[str] | None = None,
             for i in range(0, len(order), layers_per_pass)]
 
 
-class _StopForward(Exception):
-    """Raised after the last probe of a group: the rest of the graph cannot change its statistics."""
-
-
-class _Truncated:
-    """Stands in for `session._module`: runs it, and ends the forward quietly at `_StopForward`."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
-        try:
-            return self.module(*args, **kwargs)
-        except _StopForward:
-            return None
-
-
-def _last_probe(session: Session, group: list[str]) -> tuple[BranchProbe, float]:
-    """The group's probe that runs last, and the fraction of the graph's probes run up to it."""
-    module = session._module
-    ids = {id(session._probes[label]) for label in group}
-    position, last, total = -1, None, 0
-    for node in module.graph.nodes:
-        if node.op == "call_module" and isinstance(sub := module.get_submodule(node.target), BranchProbe):
-            total += 1
-            if id(sub) in ids:
-                position, last = total, sub
-    assert last is not None, f"no probe of {group} in the graph"
-    return last, position / total
-
-
-@contextmanager
-def _stop_after(session: Session, probe: BranchProbe) -> Iterator[None]:
-    def stop(_module: torch.nn.Module, _args: Any, _out: Any) -> None:
-        raise _StopForward
-
-    handle = probe.register_forward_hook(stop)
-    module = session._module
-    session._module = _Truncated(module)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        session._module = module
-        handle.remove()
-
-
 def sequential_calibrate(session: Session, batches: Iterable[Batch], labels: Iterable[str] | None = None, *,
                          inputs: tuple[str, ...] = ("normalized",), targets: dict[str, Target] | None = None,
                          reduce: Callable[[str, BranchStats], Any] | None = None,
@@ -235,9 +185,9 @@ def sequential_calibrate(session: Session, batches: Iterable[Batch], labels: Ite
                          desc: str | None = "sequential") -> SequentialResult:
     """Calibrate `labels` (default: all branches) one layer at a time.
 
-    Each group of `layers_per_pass` layers gets one sweep over `batches` through the session's
-    one-pass calibration (for a `DistributedSession`: sharded and all-reduced, one layer at a time),
-    with the forward stopped after the group's last probe. Its statistics then go to
+    Each group of `layers_per_pass` layers gets one sweep over `batches` (`Session.observe`:
+    data-parallel, sharded and all-reduced one layer at a time), with the forward stopped after
+    the group's last branch. Its statistics then go to
     `reduce(label, stats)` (the result is kept, the statistics dropped), else to `offload` (a
     scratch directory; memory-mapped back), else stay in memory. `on_group(labels, values)` runs
     after each group (values: the results or statistics of its labels), e.g. to set replacements
@@ -250,19 +200,17 @@ def sequential_calibrate(session: Session, batches: Iterable[Batch], labels: Ite
         True
     """
     groups = layer_groups(session.branches, labels, layers_per_pass)
-    # A SequentialSession's own calibrate is this function: run the class below it for each group.
-    one_pass = super(SequentialSession, session).calibrate if isinstance(session, SequentialSession) \
-        else session.calibrate
+    order = session.execution_order()
     batches = list(batches)
     result = SequentialResult(groups=groups)
     scratch = Path(tempfile.mkdtemp(dir=offload, prefix="subfit-stats-")) if offload is not None else None
     try:
         for i, group in enumerate(groups):
-            probe, fraction = _last_probe(session, group)
+            last = max(order.index(label) for label in group)
             wanted = {label: targets[label] for label in group if label in targets} if targets else None
-            with _stop_after(session, probe):
-                stats = one_pass(batches, group, inputs, desc=desc and f"{desc} {i + 1}/{len(groups)}",
-                                 targets=wanted)
+            stats = session.observe(batches, group, inputs, desc and f"{desc} {i + 1}/{len(groups)}", wanted,
+                                    stop_after=order[last])
+            fraction = (last + 1) / len(order)
             live = stats_nbytes(stats)
             result.peak_bytes = max(result.peak_bytes, result.resident_bytes + live)
             result.all_at_once_bytes += live
@@ -287,40 +235,42 @@ def sequential_calibrate(session: Session, batches: Iterable[Batch], labels: Ite
     return result
 
 
-class SequentialSession(Session):
-    """A `Session` whose `calibrate` is the sequential pipeline, so any policy runs on it unchanged.
+@dataclass
+class LayerByLayer:
+    """The sequential pipeline as a `Session` strategy: `Session.calibrate` runs
+    `sequential_calibrate`, so every policy runs on it unchanged.
 
     `offload`: scratch directory for statistics (None: kept in CPU memory). `history` collects
-    `SequentialResult.summary()` of every calibrate call (pass a list to collect them elsewhere).
+    `SequentialResult.summary()` of every calibrate call.
 
     Example:
-        >>> from subfit_fx import capture
+        >>> from subfit_fx import capture, find_branches
+        >>> from subfit_fx.calibrate import Session
         >>> from subfit_fx.zoo import tiny_model
-        >>> s = SequentialSession(capture(tiny_model("llama")), offload="/tmp")  # doctest: +SKIP
+        >>> ep = capture(tiny_model("llama"))
+        >>> s = Session(ep, find_branches(ep), pipeline=LayerByLayer(), progress=False)
+        >>> ids = torch.randint(3, 128, (2, 8))
+        >>> _ = s.calibrate([(ids, torch.ones_like(ids))]); s.pipeline.history[-1]["passes"]
+        2
     """
 
-    def __init__(self, ep: torch.export.ExportedProgram, branches: list[Branch] | None = None,
-                 skip_first: bool = False, progress: bool = True, *, offload: str | Path | None = None,
-                 layers_per_pass: int = 1, history: list[dict[str, float]] | None = None, **kwargs: Any) -> None:
-        if not isinstance(layers_per_pass, int) or layers_per_pass < 1:
-            raise InputError(f"layers_per_pass={layers_per_pass!r} must be a positive integer")
-        if offload is not None and not Path(offload).is_dir():
-            raise InputError(f"offload directory '{offload}' does not exist; create it or pass an existing one")
-        super().__init__(ep, branches if branches is not None else find_branches(ep), skip_first, progress,
-                         **kwargs)
-        self.offload = offload
-        self.layers_per_pass = layers_per_pass
-        self.history = history if history is not None else []
+    offload: str | Path | None = None
+    layers_per_pass: int = 1
+    history: list[dict[str, float]] = field(default_factory=list)
 
-    def calibrate(self, batches: Iterable[Batch], labels: Iterable[str] | None = None,
-                  inputs: tuple[str, ...] = ("normalized",), desc: str | None = "calibrate",
-                  targets: dict[str, Target] | None = None) -> dict[str, BranchStats]:
-        """Statistics of `labels` (default: all branches), computed one layer at a time.
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers_per_pass, int) or self.layers_per_pass < 1:
+            raise InputError(f"layers_per_pass={self.layers_per_pass!r} must be a positive integer")
+        if self.offload is not None and not Path(self.offload).is_dir():
+            raise InputError(f"offload directory '{self.offload}' does not exist; create it or pass an existing one")
 
-        Example:
-            >>> stats = session.calibrate(batches)  # doctest: +SKIP
-        """
-        result = sequential_calibrate(self, batches, labels, inputs=inputs, targets=targets,
+    def calibrate(self, session: Session, batches: list[Batch], labels: list[str], inputs: tuple[str, ...],
+                  desc: str | None, targets: dict[str, Target] | None) -> dict[str, BranchStats]:
+        """Statistics of `labels`, computed one layer (group) at a time."""
+        result = sequential_calibrate(session, batches, labels, inputs=inputs, targets=targets,
                                       offload=self.offload, layers_per_pass=self.layers_per_pass, desc=desc)
         self.history.append(result.summary())
         return result.stats
+
+
+register_pipeline("sequential", LayerByLayer)

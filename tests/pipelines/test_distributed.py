@@ -16,8 +16,8 @@ from subfit_fx.errors import CalibrationError, InputError
 from subfit_fx.methods.base import PolicyContext
 from subfit_fx.methods.subfit import subfit
 from subfit_fx.pipelines import (
-    DistributedSession,
-    SequentialDistributedSession,
+    AllReduce,
+    LayerByLayer,
     SessionFactory,
     all_reduce_stats,
     all_reduce_sum,
@@ -45,14 +45,15 @@ def test_without_a_process_group_everything_is_local():
     _, ep = captured("llama", 8)
     data = batches()
     dense = prepare(ep, progress=False).calibrate(data, desc=None)
-    session = DistributedSession(ep, progress=False)
-    assert (session.rank, session.world) == (0, 1)
+    session = SessionFactory(distributed=True)(ep, progress=False)
+    assert (session.reducer.rank, session.reducer.world) == (0, 1)
     got = session.calibrate(data, desc=None)
     assert all(torch.equal(got[label].gram["normalized"], s.gram["normalized"]) for label, s in dense.items())
     assert all_reduce_stats(got) is got and all_reduce_sum([2.0]) == [2.0]
     check_same_recipe(Recipe("subfit", [], []))
-    assert SessionFactory().session_class().__name__ == "Session"
-    assert SessionFactory("sequential", distributed=True).session_class() is SequentialDistributedSession
+    assert not SessionFactory().is_distributed()  # no process group
+    both = SessionFactory("sequential", distributed=True)(ep, progress=False)
+    assert isinstance(both.pipeline, LayerByLayer) and isinstance(both.reducer, AllReduce)
     with pytest.raises(InputError, match="unknown pipeline"):
         SessionFactory("pipelined")
 
@@ -62,18 +63,13 @@ def _rank(rank: int, init: str, ep: torch.export.ExportedProgram, out: str, data
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=timedelta(seconds=90))
     try:
-        session = DistributedSession(ep, progress=False)
+        session = SessionFactory(distributed=True)(ep, progress=False)
         forward, calls = session.forward, []
         session.forward = lambda batch: calls.append(batch) or forward(batch)  # count this rank's batches
         result: dict = {"basic": flat(session.calibrate(data, inputs=("normalized", "stream"), desc=None)),
                         "forwards": len(calls),
                         "one_batch": flat(session.calibrate(data[:1], desc=None))}  # rank 1 gets no batch
         session.forward = forward
-        for probe in session._probes.values():  # one observation window, two passes
-            probe.start_observing()
-        session.run(data[:2])
-        session.run(data[2:])
-        result["two_passes"] = flat({label: p.stop_observing() for label, p in session._probes.items()})
         # a policy's own sums: rank 1 never created ("b",) (as after an empty shard)
         own = {("a",): torch.full((3,), rank + 1.0, dtype=torch.float64)}
         if rank == 0:
@@ -84,7 +80,8 @@ def _rank(rank: int, init: str, ep: torch.export.ExportedProgram, out: str, data
             session.calibrate(data, labels[: 2 + rank], desc=None)
         except CalibrationError as exc:
             result["mismatch"] = str(exc)
-        result["sequential"] = flat(SequentialDistributedSession(ep, progress=False).calibrate(data, desc=None))
+        result["sequential"] = flat(SessionFactory("sequential", distributed=True)(ep, progress=False)
+                                    .calibrate(data, desc=None))
         ctx = PolicyContext(session, data, [], count_block_params(ep, session.branches), 0.25, True, dict(OPTIONS))
         recipe = subfit(ctx)
         check_same_recipe(recipe)
@@ -126,8 +123,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     session = prepare(ep, progress=False)
     one = {"basic": flat(session.calibrate(data, inputs=("normalized", "stream"), desc=None)),
            "one_batch": flat(session.calibrate(data[:1], desc=None))}
-    one["sequential"] = one["two_passes"] = one["basic"]
-    for key in ("basic", "one_batch", "sequential", "two_passes"):
+    one["sequential"] = one["basic"]
+    for key in ("basic", "one_batch", "sequential"):
         # identical on every rank, bit for bit (so every rank's policy decides the same) ...
         assert_close(ranks[1][key], ranks[0][key], rtol=0.0)
         # ... and equal to one process over all the data, to float64 rounding

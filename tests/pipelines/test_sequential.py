@@ -14,7 +14,7 @@ from subfit_fx.errors import InputError
 from subfit_fx.fit import removal
 from subfit_fx.methods.base import PolicyContext
 from subfit_fx.methods.subfit import subfit
-from subfit_fx.pipelines import SequentialSession, layer_groups, sequential_calibrate, stats_nbytes
+from subfit_fx.pipelines import SessionFactory, layer_groups, sequential_calibrate, stats_nbytes
 from subfit_fx.pipelines.cli import main
 from subfit_fx.scores import rotation
 from subfit_fx.stats import BranchStats
@@ -94,15 +94,16 @@ def test_subfit_policy_gives_the_same_scores_and_recipe_on_the_sequential_sessio
         return ctx, subfit(ctx)
 
     ctx_basic, basic = run(prepare(ep, progress=False))
-    seq = SequentialSession(ep, progress=False, offload=tmp_path)
+    seq = SessionFactory("sequential", offload=tmp_path)(ep, progress=False)
     ctx_seq, recipe = run(seq)
     assert ctx_seq.scores == ctx_basic.scores  # every score of every branch, exactly
     assert recipe.replaced_labels() == basic.replaced_labels() != []
     assert recipe.tensors.keys() == basic.tensors.keys()
     assert all(torch.equal(recipe.tensors[k], basic.tensors[k]) for k in basic.tensors)
-    assert seq.history[0]["peak_bytes"] == 2 * ONE_BRANCH
+    history = seq.pipeline.history
+    assert history[0]["peak_bytes"] == 2 * ONE_BRANCH
     # re-scoring and sequential refits go through the sequential session too
-    assert len(seq.history) > 1 if options else len(seq.history) == 1
+    assert len(history) > 1 if options else len(history) == 1
 
 
 def test_replacements_set_between_layers_feed_the_next_layers():
