@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -96,6 +97,25 @@ def set_metadata(model: ir.Model, values: dict[str, str]) -> None:
         >>> set_metadata(ir_model, {"subfit_fx.kind": "plain"})  # doctest: +SKIP
     """
     model.metadata_props.update({k: str(v) for k, v in values.items()})
+
+
+@contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR inside the block (exporters' "torchvision is not
+    installed"-style noise), restoring their levels after.
+
+    Example:
+        >>> with quiet_loggers("torch.onnx"): pass
+    """
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import onnx_ir as ir
 import torch
 
 from subfit_fx.errors import InputError, SubfitError
-from subfit_fx.exporters.artifacts import model_bytes, save_model, set_metadata, staged_output
+from subfit_fx.exporters.artifacts import model_bytes, quiet_loggers, save_model, set_metadata, staged_output
 from subfit_fx.exporters.onnx_graph import broadcast_rotary_caches, drop_unused_inputs, rename_dims
 from subfit_fx.exporters.sources import as_source
 from subfit_fx.exporters.validate import ParityReport, Reference, Tolerance, check_plain, tolerance_for
@@ -85,21 +84,15 @@ def to_onnx(program: torch.export.ExportedProgram, input_names: list[str],
         >>> [v.name for v in model.graph.outputs]  # doctest: +SKIP
         ['logits']
     """
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
-    levels = [lg.level for lg in loggers]
     try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)  # "torchvision is not installed" and similar noise
-        with contextlib.redirect_stdout(io.StringIO()):
+        with (quiet_loggers("torch.onnx", "torch.onnx._internal.exporter._registration"),
+              contextlib.redirect_stdout(io.StringIO())):
             onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=input_names,
                                              output_names=output_names, verbose=False,
                                              opset_version=check_opset(opset))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ExportError(f"torch.onnx.export failed: {first}") from exc
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
     broadcast_rotary_caches(onnx_program.model)
     return onnx_program.model
 

@@ -17,9 +17,7 @@ Example:
 from __future__ import annotations
 
 import collections
-import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from subfit_fx.exporters.artifacts import (
     EXTERNAL_DATA_THRESHOLD,
     data_path,
     model_bytes,
+    quiet_loggers,
     save_model,
     staged_output,
 )
@@ -76,19 +75,6 @@ def _vocab_and_kind(path: Path) -> tuple[int, bool]:
 def _op_counts(model: ir.Model) -> dict[str, int]:
     counts = collections.Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph))
     return {op: counts[op] for op in _FUSED_OPS if counts[op]}
-
-
-@contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _run_pass(name: str, src: str | Path, dst: str | Path, transform: Callable[[Path, Path], dict[str, Any]],
@@ -161,7 +147,7 @@ def quantize_int8(src: str | Path, dst: str | Path, *, validate: bool = True, mi
 
     def transform(src: Path, out: Path) -> dict[str, Any]:
         external = data_path(src).is_file()
-        with _quiet("onnxruntime.quantization", "root"):
+        with quiet_loggers("onnxruntime.quantization", "root"):
             quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
                              op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external,
                              extra_options={"MatMulConstBOnly": True})
@@ -186,7 +172,7 @@ def quantize_int4(src: str | Path, dst: str | Path, *, block_size: int = 32, val
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     def transform(src: Path, out: Path) -> dict[str, Any]:
-        with _quiet("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
+        with quiet_loggers("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
             # accuracy_level 4: int8 activations in the kernel, ONNX Runtime's fast CPU path
             quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size,
                                              is_symmetric=True, accuracy_level=4)
