@@ -184,7 +184,9 @@ def _replace_span(builder: _Builder, r: Replacement, first: Branch, last: Branch
                   nodes: dict[str, fx.Node]) -> None:
     x = builder.resolve(nodes[first.skip])
     end = stream_after(last, nodes)
-    anchor = next(iter(end.users))
+    # right after `end`, hence before every user of it (users are not kept in graph order: the
+    # KV-cache capture has a metadata assert that reads the stream before the next layer does)
+    anchor = end.next
     new = x if r.action == "remove" else builder.add(x, builder.chain(x, r.layers, anchor), anchor)
     end.replace_all_uses_with(new)
     builder.replaced[end] = new

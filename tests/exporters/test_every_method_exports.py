@@ -1,0 +1,25 @@
+"""Every method's output exports with KV cache and validates under the scale-aware criterion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subfit_fx import compress
+from subfit_fx.exporters.kv_cache import export_onnx_kv
+from subfit_fx.zoo import tiny_model
+
+METHODS = ("subfit", "subfit-guarded", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_compressed_model_exports_with_kv_cache(arch, method, tmp_path):
+    model = tiny_model(arch, hidden=32, layers=4)
+    calib = torch.randint(3, 128, (12, 16), generator=torch.Generator().manual_seed(0))
+    c = compress(model, calib, 0.25, method, progress=False)
+    result = export_onnx_kv(c, tmp_path / "kv.onnx")
+    assert result.parity.passed and result.parity.kl is not None and result.parity.kl < 1e-5
+    removed = c.recipe.removed_attention_layers()
+    assert result.details["removed_attention_layers"] == removed
+    assert not set(result.details["cache_layers"]) & set(removed)
