@@ -126,11 +126,17 @@ def _convert(path: Path, out: Path) -> None:
     kwargs = {"gguf_file": path.name, "local_files_only": True}
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, **kwargs)
-        model = tf.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+        model, info = tf.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32,
+                                                              output_loading_info=True, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot load GGUF file '{path}': {_first_line(exc)}; check that the file is "
                              "complete, or convert it to a Hugging Face directory") from exc
     config = model.config
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    if missing:  # transformers would fill them with random values: a silently wrong model
+        raise ModelLoadError(f"GGUF file '{path}' lacks {len(missing)} weight(s) the model needs (e.g. "
+                             f"'{missing[0]}'); the file is incomplete or of another architecture variant")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state = model.state_dict()

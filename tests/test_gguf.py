@@ -15,8 +15,9 @@ from subfit_fx.gguf import gguf_directory
 HIDDEN, LAYERS, FFN, HEADS, KV, VOCAB = 64, 2, 128, 4, 2, 300
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64) with a byte-ish vocabulary, float32 tensors, in GGUF."""
+def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0, skip: str | None = None) -> Path:
+    """A 2-layer Llama (hidden 64) with a byte-ish vocabulary, float32 tensors, in GGUF
+    (`skip`: leave out the tensor of that name)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -39,7 +40,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     w.add_eos_token_id(2)
 
     def t(name: str, *shape: int) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if name != skip:
+            w.add_tensor(name, values)
 
     t("token_embd.weight", VOCAB, HIDDEN)
     w.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
@@ -124,3 +127,12 @@ def test_gguf_of_an_unsupported_architecture_is_refused(tmp_path, capsys):
 def test_missing_gguf_file(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "none.gguf")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_gguf_missing_a_weight_is_refused_not_filled_with_random_values(tmp_path):
+    bad = write_tiny_gguf(tmp_path / "partial.gguf", skip="blk.1.ffn_down.weight")
+    from subfit_fx.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="lacks 1 weight"):
+        gguf_directory(bad)
+    assert not list((tmp_path / "cache").glob("gguf/partial-*"))  # nothing half-converted left behind
