@@ -120,7 +120,7 @@ USER_ERRORS = {
     "sparsity-above-1": (_with("--sparsity", "1.5"), ["sparsity", "0 < sparsity < 0.9"]),
     "sparsity-nan": (_with("--sparsity", "nan"), ["sparsity", "0 < sparsity < 0.9"]),
     "sparsity-not-a-number": (_with("--sparsity", "abc"), ["'abc' is not a number", "0.25"]),
-    "unknown-method": (lambda t, c: [*_with()(t, c), "--method", "bogus"], ["invalid choice", "bogus", "--help"]),
+    "unknown-method": (lambda t, c: [*_with()(t, c), "--method", "bogus"], ["unknown method 'bogus'", "choose one of"]),
     "missing-output-parent": (lambda t, c: _compress_argv("builtin:llama", c, t / "no" / "such" / "out"),
                               ["does not exist", "create it first"]),
 }
