@@ -214,11 +214,14 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         "## Continuation-choice accuracy (chance = 0.25)", "",
         *table(rows, dense, "choice_accuracy", ".3f", None), "",
         f"![perplexity ratio vs actual sparsity]({png.name})", "",
+        "Speed of every method's 25 % model in ONNX Runtime, next to its quality: "
+        "[quality_speed.md](quality_speed.md) (benchmarks/quality_speed.py). What was tried for the missed "
+        "targets, and what is next: [quality_findings.md](quality_findings.md).", "",
         "## Time per run (2 cores)", "", "| method | target | compress s | evaluate s |", "|---|---:|---:|---:|",
         *times, "",
         "## What each method replaced at 25 % (# = replaced)", "", *maps,
         "## Commands that produced the rows (runs resume with --resume)", "",
-        *[f"- `{c}`" for c in dict.fromkeys(r.get("command", "(not recorded)") for r in rows)],
+        *[f"- `{c}`" for c in dict.fromkeys(r.get("command", "(not recorded: rows of earlier runs, same protocol and settings)") for r in rows)],
     ])
     write_results(args.name, {"dense": dense, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}
                               | {"model": str(model_dir)}}, md)
