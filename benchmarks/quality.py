@@ -39,6 +39,7 @@ from subfit_fx.training import default_data_dir
 
 METHODS = ["subfit", "subfit:judge=statistics", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner"]
 SPARSITIES = [0.125, 0.1875, 0.25, 0.3125, 0.375]
+EARLIER = "(not recorded: rows of earlier runs, same protocol and settings)"
 
 
 def eval_split(split: str) -> str:
@@ -221,7 +222,7 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         *times, "",
         "## What each method replaced at 25 % (# = replaced)", "", *maps,
         "## Commands that produced the rows (runs resume with --resume)", "",
-        *[f"- `{c}`" for c in dict.fromkeys(r.get("command", "(not recorded: rows of earlier runs, same protocol and settings)") for r in rows)],
+        *[f"- `{c}`" for c in dict.fromkeys(r.get("command", EARLIER) for r in rows)],
     ])
     write_results(args.name, {"dense": dense, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}
                               | {"model": str(model_dir)}}, md)
