@@ -179,8 +179,8 @@ class Session:
     def execution_order(self) -> list[str]:
         """Branch labels in the order the graph runs their probes."""
         owner = {id(probe): label for label, probe in self._probes.items()}
-        return [owner[id(self._module.get_submodule(n.target))] for n in self._module.graph.nodes
-                if n.op == "call_module" and id(self._module.get_submodule(n.target)) in owner]
+        calls = (id(self._module.get_submodule(n.target)) for n in self._module.graph.nodes if n.op == "call_module")
+        return [owner[i] for i in calls if i in owner]
 
     # -- replacements ---------------------------------------------------------------------
 
@@ -259,7 +259,17 @@ class Session:
 
     def stream_map(self, label: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """Map the residual sum `x + y` of branch `label` to the stream after it: identity for
-        pre-LN models, the graph's own LayerNorm (same weights and eps) for post-LN ones."""
+        pre-LN models, the graph's own LayerNorm (same weights and eps) for post-LN ones.
+
+        Example:
+            >>> from subfit_fx import capture
+            >>> from subfit_fx.zoo import tiny_model
+            >>> s = prepare(capture(tiny_model("bert")), progress=False)
+            >>> with torch.no_grad():
+            ...     out = s.stream_map(s.branches[0].label)(torch.randn(1, 3, 64) * 5)
+            >>> float(out.std(-1).mean()) < 1.1
+            True
+        """
         nodes = {n.name: n for n in self._module.graph.nodes}
         node = stream_after(self.by_label[label], nodes)
         if node.target is not torch.ops.aten.layer_norm.default:

@@ -44,7 +44,6 @@ __all__ = [
     "position_ids_from_mask",
 ]
 
-_PAST = PAST_PATTERN
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
@@ -128,7 +127,7 @@ class OnnxRunner:
         self.session = create_session(path, providers=providers, threads=threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        if any(_PAST.match(n) for n in self.input_names):
+        if any(PAST_PATTERN.match(n) for n in self.input_names):
             raise InputError(f"'{path}' takes a KV cache; run it with OnnxCausalLM")
 
     def feeds(self, input_ids: object, attention_mask: object | None = None) -> dict[str, np.ndarray]:
@@ -176,7 +175,7 @@ class OnnxCausalLM:
         # past input name -> (present output name, (heads, head_dim), numpy dtype)
         self.cache: dict[str, tuple[str, tuple[int, int], type]] = {}
         for i in inputs:
-            match = _PAST.match(i.name)
+            match = PAST_PATTERN.match(i.name)
             if not match:
                 continue
             present = f"present.{match[1]}.{match[2]}"
@@ -195,7 +194,7 @@ class OnnxCausalLM:
         self.has_cache_graph = kind == KIND_KV_CACHE or (kind is None and bool(self.cache))
         providers = self.session.get_providers()
         self.device = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.layers_with_cache = sorted({int(_PAST.match(n)[1]) for n in self.cache})
+        self.layers_with_cache = sorted({int(PAST_PATTERN.match(n)[1]) for n in self.cache})
 
     def empty_cache(self, batch: int) -> dict[str, ort.OrtValue]:
         """A past-length-0 cache for `batch` sequences (what prefill takes).

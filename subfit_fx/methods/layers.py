@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,6 @@ __all__ = [
     "StreamStats",
     "group_layers",
     "layer_recipe",
-    "post_norm",
     "record_stream_after",
     "require_sequential",
     "smallest_span",
@@ -113,22 +112,6 @@ def require_sequential(session: Session, layers: list[Layer]) -> None:
             raise InputError(f"layer {layer.index} has parallel residual branches ({', '.join(layer.labels)} "
                              "read the same stream); layer-level methods need sequential layers: use "
                              "subfit, llm-drop or blockpruner for this model")
-
-
-def post_norm(session: Session, branch: Branch) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Map the residual sum `x + y` of `branch` to the stream after it: identity for pre-LN
-    models, the graph's own LayerNorm (same weights and eps) for post-LN ones.
-
-    Example:
-        >>> from subfit_fx import capture, prepare
-        >>> from subfit_fx.zoo import tiny_model
-        >>> s = prepare(capture(tiny_model("bert")), progress=False)
-        >>> with torch.no_grad():
-        ...     out = post_norm(s, s.branches[0])(torch.randn(1, 3, 64) * 5)
-        >>> float(out.std(-1).mean()) < 1.1
-        True
-    """
-    return session.stream_map(branch.label)
 
 
 @dataclass
@@ -216,7 +199,7 @@ def stream_statistics(session: Session, batches: Iterable[Batch], span_lengths: 
         r, p = state["last"]
         return {"all": session.real_tokens(t), "last": t[r, p]}
 
-    to_stream = {b.label: post_norm(session, b) for b in session.branches}
+    to_stream = {b.label: session.stream_map(b.label) for b in session.branches}
 
     def each(label: str, x: torch.Tensor, out: torch.Tensor) -> None:
         if label == first_label:
