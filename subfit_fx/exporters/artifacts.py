@@ -11,16 +11,14 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import onnx_ir as ir
 
-from subfit_fx.errors import InputError, OutputExistsError
+from subfit_fx.atomic import atomic_file
+from subfit_fx.errors import InputError
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -120,7 +118,8 @@ def quiet_loggers(*names: str) -> Iterator[None]:
 
 @contextmanager
 def staged_output(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path named like `path`; on normal exit move it (and its sidecar) into place.
+    """Yield a temporary path named like `path`; on normal exit move it (and its sidecar) into place
+    (`subfit_fx.atomic.atomic_file`; the parent directory is created).
 
     Raises `OutputExistsError` when `path` exists and `force` is false. If the block raises, nothing
     is written and an existing output is left untouched.
@@ -134,21 +133,6 @@ def staged_output(path: str | Path, force: bool = False) -> Iterator[Path]:
         raise InputError(f"output '{path}' must end in .onnx")
     if path.is_dir():
         raise InputError(f"output '{path}' is a directory; pass a file name ending in .onnx")
-    if path.exists() and not force:
-        raise OutputExistsError(f"'{path}' exists; pass force=True (--force) to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        staged = tmpdir / path.name
+    with atomic_file(path, force, companions=[data_path(path).name]) as staged:
         yield staged
-        if not staged.is_file():
-            raise FileNotFoundError(f"nothing was written to {staged}")
-        staged_data, final_data = data_path(staged), data_path(path)
-        # sidecar first: the .onnx that appears last always finds its weights
-        if staged_data.is_file():
-            os.replace(staged_data, final_data)
-        elif final_data.is_file():
-            final_data.unlink()  # the replaced model's weights; the new model has none outside
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
