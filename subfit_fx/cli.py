@@ -120,23 +120,24 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from subfit_fx.atomic import check_output
+    from subfit_fx.compress import CalibrationConfig
     from subfit_fx.methods import method_options
     from subfit_fx.selection import check_sparsity
 
     # Fail in seconds, before any long work, on what can be checked up front.
     target = check_sparsity(args.sparsity)
+    config = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                               seed=args.seed, skip_first=args.skip_first, holdout=args.holdout)
     options = method_options_from_args(args)
     method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
     check_output(Path(args.out), args.force)
     if args.distributed or args.pipeline != "basic" or args.offload is not None or args.layers_per_pass != 1:
-        return _compress_on_pipeline(args, target, options)
+        return _compress_on_pipeline(args, target, config, options)
 
     from subfit_fx.compress import compress
 
     print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
-    compressed = compress(args.model, args.calib, target, args.method, samples=args.samples,
-                          seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-                          skip_first=args.skip_first, holdout=args.holdout, **options)
+    compressed = compress(args.model, args.calib, target, args.method, calibration=config, **options)
     out = compressed.save(args.out, force=args.force)
     print_summary(compressed.report)
     print(f"wrote {out}")
@@ -147,7 +148,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _compress_on_pipeline(args: argparse.Namespace, target: float, options: dict[str, Any]) -> int:
+def _compress_on_pipeline(args: argparse.Namespace, target: float, config: Any, options: dict[str, Any]) -> int:
     """compress on the chosen calibration pipeline, data-parallel when torchrun started us: every
     rank calibrates its shard; rank 0 alone saves and prints."""
     # the pipelines (and torch.distributed) only load when asked for
@@ -165,9 +166,7 @@ def _compress_on_pipeline(args: argparse.Namespace, target: float, options: dict
             print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity: {args.pipeline} "
                   f"pipeline, {world} process{'es' if world > 1 else ''}", file=sys.stderr)
         compressed = compress_distributed(
-            args.model, args.calib, target, args.method, factory=factory, samples=args.samples,
-            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, skip_first=args.skip_first,
-            holdout=args.holdout, **options)
+            args.model, args.calib, target, args.method, factory=factory, calibration=config, **options)
         if rank == 0:
             out = compressed.save(args.out, force=args.force)
             print_summary(compressed.report)

@@ -10,8 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,60 @@ from subfit_fx.report import Report, build_report
 from subfit_fx.rewrite import apply_recipe
 from subfit_fx.selection import BUDGET_TOLERANCE, check_sparsity
 
-__all__ = ["Compressed", "calibration_batches", "compress", "load"]
+__all__ = ["CalibrationConfig", "Compressed", "calibration_batches", "compress", "load"]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration data is drawn and used, checked when built: `samples` sequences of `seq_len`
+    tokens (from a text file), `batch_size` per forward, `seed` for sampling and fits, `skip_first`
+    (statistics ignore each sequence's first token, an attention sink), `holdout` (fraction of
+    sequences kept for held-out scoring).
+
+    Example:
+        >>> CalibrationConfig(samples=32).seq_len
+        256
+        >>> CalibrationConfig(samples=0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.InputError: samples=0 must be a positive integer...
+    """
+
+    samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    skip_first: bool = False
+    holdout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name}={value!r} must be a positive integer; pass e.g. {name}=8")
+        if not 0 <= self.holdout < 1:
+            raise InputError(f"holdout={self.holdout} must be a fraction in [0, 1); pass e.g. holdout=0.25")
+
+    @classmethod
+    def take(cls, kwargs: dict[str, Any], base: CalibrationConfig | None = None) -> CalibrationConfig:
+        """Pop this class's fields from a function's `kwargs` into a config on top of `base`.
+
+        Example:
+            >>> kwargs = {"samples": 8, "rounds": 2}
+            >>> CalibrationConfig.take(kwargs).samples, kwargs
+            (8, {'rounds': 2})
+        """
+        given = {name: kwargs.pop(name) for name in list(kwargs) if name in cls.__dataclass_fields__}
+        return dataclasses.replace(base or cls(), **given)
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings a recipe records (batch size changes memory, not the result, so it is left out).
+
+        Example:
+            >>> sorted(CalibrationConfig().recorded())
+            ['holdout', 'samples', 'seed', 'seq_len', 'skip_first']
+        """
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
 
 
 class Compressed:
@@ -63,25 +118,26 @@ class Compressed:
         return directory
 
 
-def calibration_batches(calib: Any, model: torch.nn.Module, *, model_path: str | None = None, samples: int = 64,
-                        seq_len: int = 256, batch_size: int = 8, seed: int = 0,
-                        tokenizer: Any = None) -> list[Batch]:
+def calibration_batches(calib: Any, model: torch.nn.Module, config: CalibrationConfig | None = None, *,
+                        model_path: str | None = None, tokenizer: Any = None) -> list[Batch]:
     """Token batches from a text file path, an (N, L) id tensor, or (ids, mask) batches.
 
     Example:
-        >>> len(calibration_batches(torch.zeros(4, 8, dtype=torch.long), None, batch_size=2))
+        >>> len(calibration_batches(torch.zeros(4, 8, dtype=torch.long), None, CalibrationConfig(batch_size=2)))
         2
     """
+    config = config or CalibrationConfig()
     if isinstance(calib, str | Path):
         tok = tokenizer or load_tokenizer(model, model_path)
-        return text_batches(calib, tok, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+        return text_batches(calib, tok, samples=config.samples, seq_len=config.seq_len,
+                            batch_size=config.batch_size, seed=config.seed,
                             max_len=max_positions(model) if model is not None else None)
     if isinstance(calib, torch.Tensor):
         limit = max_positions(model) if model is not None else None
         if limit is not None and calib.shape[-1] > limit:
             raise InputError(f"calibration sequences have {calib.shape[-1]} tokens, more than the model's "
                              f"{limit} positions; use shorter sequences")
-    return token_batches(calib, batch_size)
+    return token_batches(calib, config.batch_size)
 
 
 def _resolve(model: Any) -> tuple[torch.nn.Module, str | None]:
@@ -94,15 +150,16 @@ def _resolve(model: Any) -> tuple[torch.nn.Module, str | None]:
     raise InputError(f"model must be an nn.Module, a model directory or builtin:ARCH, not {type(model).__name__}")
 
 
-def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *, samples: int = 64,
-             seq_len: int = 256, batch_size: int = 8, seed: int = 0, skip_first: bool = False,
-             holdout: float = 0.0, tokenizer: Any = None, progress: bool = True,
+def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *,
+             calibration: CalibrationConfig | None = None, tokenizer: Any = None, progress: bool = True,
              session_factory: Callable[..., Session] | None = None, **options: Any) -> Compressed:
     """Compress `model` to `sparsity` (net fraction of transformer-block parameters) with `method`.
 
     `calib`: a text file (tokenized with the model's tokenizer, chunked into `samples`
     sequences of `seq_len`), an (N, L) token tensor, or a list of (ids, mask) batches.
-    `options` go to the method (for SubFit: see `SubfitOptions`). `session_factory` (default
+    `calibration` holds the calibration settings; its fields may also be given as keywords
+    (`samples=32`), which override it. The other `options` go to the method (for SubFit: see
+    `SubfitOptions`). `session_factory` (default
     `prepare`) picks the calibration pipeline, e.g. `subfit_fx.pipelines.SessionFactory("sequential")`
     (layer by layer) or a data-parallel one under torchrun (docs/distributed.md).
 
@@ -114,25 +171,24 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     """
     target = check_sparsity(sparsity)
     policy = check_method(method).policy
+    config = CalibrationConfig.take(options, calibration)
     # strict (a misspelt key fails here, before any long work); the calibration's holdout reaches
     # options classes that declare one (SubFit's held-out scoring checks it)
-    typed = method_options(method, options, **({"holdout": holdout} if holdout else {}))
+    typed = method_options(method, options, **({"holdout": config.holdout} if config.holdout else {}))
     module, spec = _resolve(model)
-    batches = calibration_batches(calib, module, model_path=spec, samples=samples, seq_len=seq_len,
-                                  batch_size=batch_size, seed=seed, tokenizer=tokenizer)
-    fit_batches, held = split_batches(batches, holdout)
-    if holdout and not held:
+    batches = calibration_batches(calib, module, config, model_path=spec, tokenizer=tokenizer)
+    fit_batches, held = split_batches(batches, config.holdout)
+    if config.holdout and not held:
         raise InputError("holdout needs at least two calibration sequences; pass more --samples")
-    torch.manual_seed(seed)
+    torch.manual_seed(config.seed)
     ep = capture(module)
     branches = find_branches(ep)
     block = count_block_params(ep, branches)
-    session = (session_factory or prepare)(ep, branches, skip_first=skip_first, progress=progress)
+    session = (session_factory or prepare)(ep, branches, skip_first=config.skip_first, progress=progress)
     ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), typed)
     recipe = policy(ctx)
     recipe.base_model = spec
-    recipe.options = {**recipe.options, "samples": samples, "seq_len": seq_len, "seed": seed,
-                      "skip_first": skip_first, "holdout": holdout, "method": method}
+    recipe.options = {**recipe.options, **config.recorded(), "method": method}
     program = apply_recipe(ep, recipe, check=False)
     report = build_report(method, target, recipe, branches, block, count_params(ep), count_params(program),
                           ctx.scores, recipe.options, ctx.notes)

@@ -7,6 +7,7 @@ import torch
 
 import subfit_fx
 from subfit_fx.branches import count_params
+from subfit_fx.errors import InputError
 from subfit_fx.zoo import tiny_model
 
 CALIB = torch.randint(3, 128, (12, 24), generator=torch.Generator().manual_seed(0))
@@ -116,3 +117,16 @@ def test_auto_forms_judge_bypass_removal_and_full_map_on_held_out_data(models):
     assert c.report.sparsity_actual >= 0.25 - 0.015
     with pytest.raises(subfit_fx.errors.InputError, match="held-out"):
         subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, forms="fit-or-remove", **STATS)
+
+
+def test_calibration_config_is_one_checked_object(models):
+    with pytest.raises(InputError, match="seq_len=0 must be a positive integer"):
+        subfit_fx.CalibrationConfig(seq_len=0)
+    with pytest.raises(InputError, match="holdout=1.5"):
+        subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, holdout=1.5)
+    # keywords override the config; the recipe records the settings that shaped it
+    config = subfit_fx.CalibrationConfig(seed=3, batch_size=2)
+    a = subfit_fx.compress(models["llama"], CALIB, 0.25, "llm-drop", calibration=config, progress=False)
+    b = subfit_fx.compress(models["llama"], CALIB, 0.25, "llm-drop", progress=False, seed=3, batch_size=2)
+    assert a.recipe.to_json() == b.recipe.to_json()
+    assert a.recipe.options["seed"] == 3 and "batch_size" not in a.recipe.options
