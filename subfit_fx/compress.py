@@ -189,7 +189,7 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     recipe = policy(ctx)
     recipe.base_model = spec
     recipe.options = {**recipe.options, **config.recorded(), "method": method}
-    program = apply_recipe(ep, recipe, check=False)
+    program = apply_recipe(ep, recipe, check=False, branches=branches)
     report = build_report(method, target, recipe, branches, block, count_params(ep), count_params(program),
                           ctx.scores, recipe.options, ctx.notes)
     if abs(report.sparsity_actual - target) > BUDGET_TOLERANCE:

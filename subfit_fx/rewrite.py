@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 
 import torch
 from torch import fx
@@ -208,20 +209,21 @@ def _apply(builder: _Builder, recipe: Recipe, branches: dict[str, Branch]) -> No
 
 
 def apply_recipe(ep: torch.export.ExportedProgram, recipe: Recipe, *, check: bool = True,
-                 inplace: bool = False) -> torch.export.ExportedProgram:
+                 inplace: bool = False, branches: Sequence[Branch] | None = None) -> torch.export.ExportedProgram:
     """Return a program in which the recipe's branches are removed or bypassed.
 
     The recipe is checked against the program's branches before anything changes
-    (`RecipeMismatchError`). The result passes `ep.validate()` and exports to ONNX.
+    (`RecipeMismatchError`). The result passes `ep.validate()` and exports to ONNX. `branches`:
+    `find_branches(ep)` when the caller has them already (discovery runs once per program).
 
     Example:
         >>> compressed = apply_recipe(ep, recipe)  # doctest: +SKIP
     """
-    branches = {b.label: b for b in find_branches(ep)}
+    by_label = {b.label: b for b in (branches if branches is not None else find_branches(ep))}
     if check:
-        recipe.check_against(list(branches.values()))
+        recipe.check_against(list(by_label.values()))
     ep = ep if inplace else copy.deepcopy(ep)
-    _apply(_ProgramBuilder(ep, recipe), recipe, branches)
+    _apply(_ProgramBuilder(ep, recipe), recipe, by_label)
     drop_unused_inputs(ep)
     ep.graph_module.graph.lint()
     ep.graph_module.recompile()

@@ -122,7 +122,7 @@ def test_auto_forms_judge_bypass_removal_and_full_map_on_held_out_data(models):
 def test_calibration_config_is_one_checked_object(models):
     with pytest.raises(InputError, match="seq_len=0 must be a positive integer"):
         subfit_fx.CalibrationConfig(seq_len=0)
-    with pytest.raises(InputError, match="holdout=1.5"):
+    with pytest.raises(InputError, match=r"holdout=1\.5"):
         subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, holdout=1.5)
     # keywords override the config; the recipe records the settings that shaped it
     config = subfit_fx.CalibrationConfig(seed=3, batch_size=2)

@@ -198,10 +198,8 @@ def removed_attention_layers(recipe: Any) -> list[int]:
     return recipe.removed_attention_layers()
 
 
-def _check_labels(program: torch.export.ExportedProgram, recipe: Any, removed: list[int]) -> None:
-    from subfit_fx.branches import find_branches
-
-    attention = {b.label: b.layer for b in find_branches(program) if b.kind == "attention"}
+def _check_labels(branches: list[Any], recipe: Any, removed: list[int]) -> None:
+    attention = {b.label: b.layer for b in branches if b.kind == "attention"}
     for label in recipe.removed_attention_labels():
         if attention.get(label) not in removed:
             raise RecipeMismatchError(f"recipe replaces attention '{label}', which this model does not have "
@@ -230,12 +228,14 @@ def cache_program(model_or_compressed: Any, recipe: Any = None) -> CacheCapture:
     layers = len(cache_shapes(src.model))
     cap = capture_with_cache(src.model, [j for j in range(layers) if j not in removed])
     if recipe is not None:
+        from subfit_fx.branches import find_branches
         from subfit_fx.rewrite import apply_recipe
 
-        _check_labels(cap.program, recipe, removed)
+        branches = find_branches(cap.program)
+        _check_labels(branches, recipe, removed)
         # check=False: the recipe's per-branch parameter counts were taken on the no-cache capture;
         # here k/v projections of cached layers also feed `present`, so their branches own fewer.
-        cap.program = apply_recipe(cap.program, recipe, check=False, inplace=True)
+        cap.program = apply_recipe(cap.program, recipe, check=False, inplace=True, branches=branches)
     return cap
 
 

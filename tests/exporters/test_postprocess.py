@@ -76,6 +76,16 @@ def test_quantization_is_reported(kv_file, tmp_path, quantize):
     assert result.bytes < kv_file.stat().st_size
 
 
+def test_int8_keeps_gated_ffn_down_projections_float(kv_file, tmp_path):
+    # the down projection reads gate * up: its activation outliers break one int8 scale per tensor
+    kept = quantize_int8(kv_file, tmp_path / "kept.onnx")
+    every = quantize_int8(kv_file, tmp_path / "all.onnx", keep_gated_down=False)
+    assert kept.details["kept_float"] == 2 and every.details["kept_float"] == 0
+    integer = "MatMulInteger"
+    assert kept.details["fused_ops"][integer] + 2 == every.details["fused_ops"][integer]
+    assert every.bytes < kept.bytes
+
+
 def test_pass_refuses_to_overwrite_its_input(kv_file):
     with pytest.raises(InputError, match="overwrite its input"):
         optimize_onnx(kv_file, kv_file, force=True)
