@@ -28,14 +28,13 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, write_results
+from _common import DATA, RESULTS, command_line, write_results
 
 import subfit_fx
 from subfit_fx.checkpoints import ensure_smollm2
 from subfit_fx.data import read_text, text_batches
 from subfit_fx.evaluation import evaluate
 from subfit_fx.gguf import cache_root
-from subfit_fx.training import default_data_dir
 
 METHODS = ["subfit", "subfit:judge=statistics", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner"]
 SPARSITIES = [0.125, 0.1875, 0.25, 0.3125, 0.375]
@@ -44,13 +43,13 @@ EARLIER = "(not recorded: rows of earlier runs, same protocol and settings)"
 
 def eval_split(split: str) -> str:
     """wikitext-2 test.txt, halved at a line boundary: 'dev' (first half) or 'test' (second half)."""
-    text = read_text(default_data_dir() / "wikitext-2" / "test.txt")
+    text = read_text(DATA / "wikitext-2" / "test.txt")
     cut = text.index("\n", len(text) // 2)
     return text[:cut] if split == "dev" else text[cut:]
 
 
 def calibration(tokenizer: Any, samples: int, seq_len: int, seed: int = 0) -> list:
-    return text_batches(default_data_dir() / "wikitext-2" / "valid.txt", tokenizer, samples=samples,
+    return text_batches(DATA / "wikitext-2" / "valid.txt", tokenizer, samples=samples,
                         seq_len=seq_len, batch_size=8, seed=seed)
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-
-from subfit_fx.training import REFERENCE_DEFAULTS, heldout_perplexity, train_reference_model
+from training import REFERENCE_DEFAULTS, heldout_perplexity, train_reference_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data"

