@@ -20,7 +20,7 @@ from pathlib import Path
 
 from subfit_fx.errors import InputError, OutputExistsError
 
-__all__ = ["atomic_dir", "atomic_file", "check_output", "relax_permissions"]
+__all__ = ["atomic_dir", "atomic_file", "check_not_input", "check_output", "relax_permissions"]
 
 
 def relax_permissions(path: Path) -> None:
@@ -38,8 +38,27 @@ def relax_permissions(path: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse an existing output unless `force`; check the parent is a writable directory.
+def check_not_input(path: Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse an output that is, contains or lies inside one of `inputs` (symlinks resolved).
+
+    Example:
+        >>> check_not_input(Path("model/out"), [Path("model")])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.InputError: output 'model/out' lies in or over the input 'model'; ...
+    """
+    target = Path(path).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            raise InputError(f"output '{path}' lies in or over the input '{given}'; choose an output path "
+                             "outside it")
+
+
+def check_output(path: Path, force: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse an existing output unless `force`, and an output that is, contains or lies inside one
+    of `inputs` (symlinks resolved: a forced write must never delete what it reads); check the
+    parent is a writable directory.
 
     Example:
         >>> check_output(Path("/nonexistent-dir/x"), force=False)  # doctest: +ELLIPSIS
@@ -48,6 +67,7 @@ def check_output(path: Path, force: bool) -> None:
         subfit_fx.errors.InputError: ...
     """
     path = Path(path)
+    check_not_input(path, inputs)
     if path.exists() and not force:
         raise OutputExistsError(f"output '{path}' already exists; pass --force to replace it or choose "
                                 "another path")

@@ -130,7 +130,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                                seed=args.seed, skip_first=args.skip_first, holdout=args.holdout)
     options = method_options_from_args(args)
     method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
-    check_output(Path(args.out), args.force)
+    check_output(Path(args.out), args.force, inputs=[p for p in (args.model, args.calib) if Path(p).exists()])
     if args.distributed or args.pipeline != "basic" or args.offload is not None or args.layers_per_pass != 1:
         return _compress_on_pipeline(args, target, config, options)
 

@@ -220,6 +220,34 @@ def test_existing_output_is_refused_without_force(tmp_path, calib, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out"]  # no temp sibling
 
 
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["model", "inside-model", "over-model", "calib", "symlink-to-model"])
+def test_output_never_lies_in_or_over_an_input(model_dir, tmp_path, calib, capsys, where):
+    """`compress DIR --out DIR --force` once deleted the model it was reading."""
+    model = tmp_path / "models" / "llama"
+    shutil.copytree(model_dir, model)
+    before = _tree(model)
+    link = tmp_path / "link"
+    link.symlink_to(model)
+    out = {"model": model, "inside-model": model / "out", "over-model": model.parent, "calib": calib,
+           "symlink-to-model": link}[where]
+    assert main(_compress_argv(str(model), calib, out, "--force")) == 2
+    assert_one_line_error(capsys.readouterr().err, "lies in or over the input", "outside it")
+    assert _tree(model) == before and calib.is_file()
+
+
+def test_export_output_never_lies_in_its_input(compressed_dir, tmp_path, capsys):
+    moved = tmp_path / "compressed"
+    shutil.copytree(compressed_dir, moved)
+    before = _tree(moved)
+    assert main(["export", str(moved), "--out", str(moved / "m.onnx")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "lies in or over the input")
+    assert _tree(moved) == before
+
+
 def test_same_seed_rerun_with_force_replaces_output_byte_identically(model_dir, compressed_dir, tmp_path, calib):
     """Determinism (same model, data, options, seed -> same bytes) and --force replacing an output."""
     out = tmp_path / "out"

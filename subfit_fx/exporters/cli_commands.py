@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from subfit_fx.atomic import check_not_input
 from subfit_fx.errors import InputError, OutputExistsError
 
 __all__ = ["COMMANDS", "cmd_bench", "cmd_export", "cmd_generate", "register"]
@@ -50,6 +51,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise InputError(f"--out '{out}' must end in .onnx")
+    check_not_input(out, [args.model] if Path(args.model).exists() else [])
     if out.exists() and not args.force:
         raise OutputExistsError(f"'{out}' exists; pass --force to overwrite it")
     passes: list[tuple[str, Any]] = []
