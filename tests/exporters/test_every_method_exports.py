@@ -1,4 +1,4 @@
-"""Every method's output exports with KV cache and validates under the scale-aware criterion."""
+"""Every method's output exports with and without KV cache and validates under the scale-aware criterion."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from subfit_fx import compress
 from subfit_fx.exporters.kv_cache import export_onnx_kv
+from subfit_fx.exporters.onnx_export import export_onnx
 from subfit_fx.zoo import tiny_model
 
 METHODS = ("subfit", "subfit-guarded", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner")
@@ -14,7 +15,7 @@ METHODS = ("subfit", "subfit-guarded", "shortgpt", "uidl", "replaceme", "llm-dro
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", METHODS)
-def test_compressed_model_exports_with_kv_cache(arch, method, tmp_path):
+def test_compressed_model_exports_with_and_without_kv_cache(arch, method, tmp_path):
     model = tiny_model(arch, hidden=32, layers=4)
     calib = torch.randint(3, 128, (12, 16), generator=torch.Generator().manual_seed(0))
     c = compress(model, calib, 0.25, method, progress=False)
@@ -23,3 +24,5 @@ def test_compressed_model_exports_with_kv_cache(arch, method, tmp_path):
     removed = c.recipe.removed_attention_layers()
     assert result.details["removed_attention_layers"] == removed
     assert not set(result.details["cache_layers"]) & set(removed)
+    plain = export_onnx(c, tmp_path / "plain.onnx")
+    assert plain.parity.passed and plain.parity.kl is not None and plain.parity.kl < 1e-5
