@@ -86,6 +86,18 @@ def test_int8_keeps_gated_ffn_down_projections_float(kv_file, tmp_path):
     assert every.bytes < kept.bytes
 
 
+def test_lossy_check_runs_on_greedy_text_and_still_rejects_another_model(kv_file, tmp_path):
+    from subfit_fx.exporters.validate import Tolerance, compare_onnx
+
+    other = tmp_path / "other.onnx"
+    export_onnx_kv(tiny_model("llama", layers=2, seed=1), other)
+    lossy = Tolerance(min_top1=0.5)
+    same = compare_onnx(kv_file, kv_file, vocab_size=128, kv_cache=True, tolerance=lossy)
+    assert same.passed and same.top1_agreement == 1.0 and "greedy" in same.summary()
+    wrong = compare_onnx(other, kv_file, vocab_size=128, kv_cache=True, tolerance=lossy)
+    assert not wrong.passed and wrong.top1_agreement < 0.5
+
+
 def test_pass_refuses_to_overwrite_its_input(kv_file):
     with pytest.raises(InputError, match="overwrite its input"):
         optimize_onnx(kv_file, kv_file, force=True)
