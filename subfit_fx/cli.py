@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from subfit_fx.cli_types import positive_int
 from subfit_fx.errors import SubfitError
 
 
@@ -238,30 +239,33 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True, help="calibration text file (UTF-8)")
     p.add_argument("--sparsity", default="0.25", help="fraction of block parameters to remove, 0 < s < 0.9")
     p.add_argument("--method", default="subfit", help=f"policy: {', '.join(sorted(METHODS))} (default subfit)")
-    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--samples", type=positive_int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sequence sampling (default 0)")
     p.add_argument("--skip-first", action="store_true", help="leave the first token out of statistics")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of sequences held out for scoring")
     p.add_argument("--judge", choices=("output", "statistics"),
                    help="SubFit: judge candidates at the model's output on held-out sequences (output, default) "
                         "or rank them by a statistics-only score in one shot (statistics, fast)")
-    p.add_argument("--judge-sequences", type=int, help="SubFit: held-out sequences the output judge runs (default 4)")
-    p.add_argument("--rounds", type=int, help="SubFit: rounds of re-judging on the way to the budget (default 4)")
+    p.add_argument("--judge-sequences", type=positive_int,
+                   help="SubFit: held-out sequences the output judge runs (default 4)")
+    p.add_argument("--rounds", type=positive_int,
+                   help="SubFit: rounds of re-judging on the way to the budget (default 4)")
     p.add_argument("--shortlist", type=float,
                    help="SubFit: rounds after the first re-judge this multiple of the branches they need (default 3)")
     p.add_argument("--score", help="SubFit --judge statistics: fit_residual (default), rotation, magnitude, holdout")
     p.add_argument("--bypass-input", choices=("normalized", "stream"), help="bypass input (SubFit)")
-    p.add_argument("--attention-rank", type=int, help="rank of attention bypasses (default width/8)")
-    p.add_argument("--ffn-basis", type=int, help="size of the shared FFN basis (default width/2)")
+    p.add_argument("--attention-rank", type=positive_int, help="rank of attention bypasses (default width/8)")
+    p.add_argument("--ffn-basis", type=positive_int, help="size of the shared FFN basis (default width/2)")
     p.add_argument("--ridge", type=float, help="relative ridge strength (default 1e-3)")
-    p.add_argument("--rescore-every", type=int, help="re-score after every k choices")
+    p.add_argument("--rescore-every", type=positive_int, help="re-score after every k choices")
     p.add_argument("--sequential", action="store_true", help="sequential error-correcting fits")
     p.add_argument("--pipeline", choices=("basic", "sequential"), default="basic",
                    help="calibrate all branches in one pass (basic) or one layer at a time (sequential)")
     p.add_argument("--offload", help="sequential pipeline: scratch directory for statistics (default: CPU memory)")
-    p.add_argument("--layers-per-pass", type=int, default=1, help="sequential pipeline: layers per pass (default 1)")
+    p.add_argument("--layers-per-pass", type=positive_int, default=1,
+                   help="sequential pipeline: layers per pass (default 1)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel calibration; launch with torchrun (see docs/distributed.md)")
     p.add_argument("--backend", choices=("gloo", "nccl"),
@@ -271,7 +275,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                         "(fit-or-remove) or bypass, removal or a full linear map (auto)")
     p.add_argument("--distance-tokens", choices=("last", "all"),
                    help="UIDL/ReplaceMe: tokens of the angular distance (default last)")
-    p.add_argument("--eval-batches", type=int, help="BlockPruner: batches judging each removal (default all)")
+    p.add_argument("--eval-batches", type=positive_int, help="BlockPruner: batches judging each removal (default all)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from subfit_fx.cli_types import positive_int
 from subfit_fx.errors import InputError
 
 __all__ = ["DEFAULT_MAX_SEQ_LEN", "register", "run_eval"]
@@ -94,11 +95,11 @@ def register(subparsers: argparse._SubParsersAction,
     p = subparsers.add_parser("eval", help="evaluate a dense or compressed model on a text (METHOD.md protocol)")
     p.add_argument("model", help="a Hugging Face model directory, builtin:ARCH, or a compressed directory")
     p.add_argument("--text", required=True, help="evaluation text file (UTF-8); never the calibration text")
-    p.add_argument("--seq-len", type=int, help=f"window length (default: the model's context, at most "
+    p.add_argument("--seq-len", type=positive_int, help=f"window length (default: the model's context, at most "
                                                f"{DEFAULT_MAX_SEQ_LEN})")
-    p.add_argument("--max-tokens", type=int, help="use only the first N tokens for perplexity")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
-    p.add_argument("--choice-items", type=int, default=100, help="continuation-choice questions (default 100)")
+    p.add_argument("--max-tokens", type=positive_int, help="use only the first N tokens for perplexity")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--choice-items", type=positive_int, default=100, help="continuation-choice questions (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the continuation-choice questions (default 0)")
     p.add_argument("--no-dense", action="store_true", help="compressed DIR: skip evaluating the dense base model")
     p.add_argument("--json", action="store_true", help="print JSON (no progress bars)")

@@ -11,7 +11,7 @@ import networkx as nx
 import subfit_fx
 
 PACKAGE = Path(subfit_fx.__file__).parent
-APPLICATION = {"subfit_fx.cli", "subfit_fx.__main__", "subfit_fx.demo", "subfit_fx.eval_cli",
+APPLICATION = {"subfit_fx.cli", "subfit_fx.cli_types", "subfit_fx.__main__", "subfit_fx.demo", "subfit_fx.eval_cli",
                "subfit_fx.exporters.cli_commands", "subfit_fx.pipelines.cli", "subfit_fx.pipelines.__main__"}
 
 

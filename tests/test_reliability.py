@@ -391,3 +391,14 @@ def test_interrupt_that_a_library_turns_into_another_error_still_exits_130(tmp_p
     assert main(_compress_argv("builtin:llama", calib, out)) == 130
     assert_one_line_error(capsys.readouterr().err, "no output was written", prefix="subfit-fx: interrupted")
     assert_no_output(out)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "a.onnx", "b.onnx", "--repeats", "0"],
+    ["generate", "m.onnx", "--prompt", "x", "--max-new-tokens", "-5"],
+    ["eval", "builtin:llama", "--text", "t.txt", "--batch-size", "0"],
+    ["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--samples", "0"],
+])
+def test_numeric_options_are_range_checked_by_the_parser(argv, capsys):
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, "not a positive integer")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from subfit_fx.atomic import check_not_input
+from subfit_fx.cli_types import positive_int
 from subfit_fx.errors import InputError, OutputExistsError
 
 __all__ = ["COMMANDS", "cmd_bench", "cmd_export", "cmd_generate", "register"]
@@ -220,18 +221,18 @@ def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | 
     p.add_argument("onnx", help="ONNX file written by 'subfit-fx export --kv-cache'")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded at export)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-k", type=positive_int, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
 
     p = subparsers.add_parser("bench", help="time a dense and a compressed ONNX model against each other")
     p.add_argument("dense", help="the dense model's ONNX file")
     p.add_argument("compressed", help="the compressed model's ONNX file (same kind of export)")
     p.add_argument("--seq", type=_seq_list, default=[128], help="sequence / past lengths, e.g. 128,512")
-    p.add_argument("--repeats", type=int, default=10, help="interleaved timed runs per model (default 10)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--repeats", type=positive_int, default=10, help="interleaved timed runs per model (default 10)")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
