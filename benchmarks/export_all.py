@@ -13,7 +13,6 @@ Writes docs/results/export_all.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -22,23 +21,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
-from quality import parse_spec, setup
+from quality import one_sparsity_parser, parse_spec, setup
 
 import subfit_fx
 from subfit_fx.errors import ValidationError
 from subfit_fx.exporters.kv_cache import export_onnx_kv
 from subfit_fx.exporters.onnx_export import export_onnx
 
-METHODS = ["subfit", "shortgpt", "uidl", "replaceme", "llm-drop"]
-
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", type=Path, default=None, help="model dir (default: SmolLM2-135M-Instruct)")
-parser.add_argument("--methods", nargs="+", default=METHODS, help="method specs, as in quality.py")
-parser.add_argument("--sparsity", type=float, default=0.25)
-parser.add_argument("--samples", type=int, default=64, help="calibration sequences (as quality.py)")
-parser.add_argument("--seq-len", type=int, default=256, help="calibration length (as quality.py)")
-parser.add_argument("--eval-tokens", type=int, default=8192, help="only to find quality.py's cached dense run")
-parser.add_argument("--choice-items", type=int, default=200, help="likewise")
+parser = one_sparsity_parser(__doc__.splitlines()[0])
 parser.add_argument("--name", default="export_all", help="results file stem under docs/results")
 
 

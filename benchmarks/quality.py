@@ -38,6 +38,7 @@ from subfit_fx.gguf import cache_root
 
 METHODS = ["subfit", "subfit:judge=statistics", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner"]
 SPARSITIES = [0.125, 0.1875, 0.25, 0.3125, 0.375]
+FAST_METHODS = ["subfit", "shortgpt", "uidl", "replaceme", "llm-drop"]  # the default and the fast baselines
 EARLIER = "(not recorded: rows of earlier runs, same protocol and settings)"
 
 
@@ -73,6 +74,20 @@ def setup(args: argparse.Namespace, split: str) -> tuple:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(dense))
     return model_dir, model, tokenizer, text, calib, dense
+
+
+def one_sparsity_parser(description: str) -> argparse.ArgumentParser:
+    """Options of a script that compresses every method at one sparsity exactly as this one does
+    (same model, calibration and cached dense run): quality_speed.py, export_all.py."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--methods", nargs="+", default=FAST_METHODS, help="method specs, as in quality.py")
+    parser.add_argument("--sparsity", type=float, default=0.25)
+    parser.add_argument("--samples", type=int, default=64, help="calibration sequences (as quality.py)")
+    parser.add_argument("--seq-len", type=int, default=256, help="calibration length (as quality.py)")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="only to find quality.py's cached dense run")
+    parser.add_argument("--choice-items", type=int, default=200, help="likewise")
+    return parser
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:

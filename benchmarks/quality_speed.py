@@ -32,7 +32,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results
-from quality import parse_spec, setup
+from quality import one_sparsity_parser, parse_spec, setup
 
 import subfit_fx
 from subfit_fx.exporters.artifacts import model_bytes
@@ -41,16 +41,7 @@ from subfit_fx.exporters.kv_cache import export_onnx_kv
 from subfit_fx.gguf import cache_root
 from subfit_fx.runtime import OnnxCausalLM
 
-METHODS = ["subfit", "shortgpt", "uidl", "replaceme", "llm-drop"]
-
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", type=Path, default=None, help="model dir (default: SmolLM2-135M-Instruct)")
-parser.add_argument("--methods", nargs="+", default=METHODS, help="method specs, as in quality.py")
-parser.add_argument("--sparsity", type=float, default=0.25)
-parser.add_argument("--samples", type=int, default=64, help="calibration sequences (as quality.py)")
-parser.add_argument("--seq-len", type=int, default=256, help="calibration length (as quality.py)")
-parser.add_argument("--eval-tokens", type=int, default=8192, help="only to find quality.py's cached dense run")
-parser.add_argument("--choice-items", type=int, default=200, help="likewise")
+parser = one_sparsity_parser(__doc__.splitlines()[0])
 parser.add_argument("--prompt", type=int, default=512, help="prefill length")
 parser.add_argument("--past", type=int, default=512, help="past length of the timed decode step")
 parser.add_argument("--repeats", type=int, default=7, help="timed interleaved runs")
