@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from subfit_fx.atomic import atomic_dir
 from subfit_fx.branches import count_block_params, count_params, find_branches
@@ -25,6 +26,7 @@ from subfit_fx.calibrate import Session, prepare
 from subfit_fx.capture import capture, is_causal_lm, max_positions
 from subfit_fx.data import Batch, load_tokenizer, split_batches, text_batches, token_batches
 from subfit_fx.errors import InputError
+from subfit_fx.gguf import gguf_directory, is_gguf
 from subfit_fx.html_report import write_html_report
 from subfit_fx.methods import PolicyContext, check_method, method_options
 from subfit_fx.models import resolve_model
@@ -32,6 +34,7 @@ from subfit_fx.recipe import Recipe
 from subfit_fx.report import Report, build_report
 from subfit_fx.rewrite import apply_recipe
 from subfit_fx.selection import BUDGET_TOLERANCE, check_sparsity
+from subfit_fx.standalone import is_standalone, load_base_skeleton, weights_sha256, write_standalone
 
 __all__ = ["CalibrationConfig", "Compressed", "calibration_batches", "compress", "load"]
 
@@ -90,28 +93,59 @@ class CalibrationConfig:
 
 
 class Compressed:
-    """A compressed model: the rewritten program, the recipe that made it, and its report."""
+    """A compressed model: the rewritten program, the recipe that made it, and its report.
+
+    `base_model` has the base architecture and every weight the program uses; after `load` of a
+    self-contained directory the weights the compression dropped are zeros there, so the dense
+    model (for comparisons) comes from `dense_model()`.
+    """
 
     def __init__(self, program: torch.export.ExportedProgram, recipe: Recipe, report: Report,
-                 base_model: torch.nn.Module) -> None:
+                 base_model: torch.nn.Module, dense: torch.nn.Module | None = None) -> None:
         self.program = program
         self.recipe = recipe
         self.report = report
         self.base_model = base_model
+        self._dense = dense
+
+    def dense_model(self) -> torch.nn.Module | None:
+        """The uncompressed base model: the one compressed in this process, else the recorded base
+        when it still exists and its weights hash to the recorded provenance; None otherwise.
+
+        Example:
+            >>> load("out/llama-25").dense_model() is None  # doctest: +SKIP
+            False
+        """
+        base = self.recipe.base_model
+        if self._dense is None and base and (base.startswith("builtin:") or Path(base).exists()):
+            model = resolve_model(base)
+            if self.recipe.base_sha256 in (None, weights_sha256(model)):
+                self._dense = model
+        return self._dense
 
     def module(self) -> torch.nn.Module:
         """A runnable module: `(input_ids, attention_mask) -> logits / last_hidden_state`."""
         return self.program.module()
 
     def save(self, directory: str | Path, force: bool = False) -> Path:
-        """Write recipe.json, weights.safetensors, report.json, report.md and report.html atomically.
+        """Write a self-contained compressed directory atomically: the kept and bypass weights
+        (model.safetensors), config.json, tokenizer and generation config of the base,
+        modeling_subfit.py (transformers loads it with trust_remote_code=True), recipe.json and
+        report.json / .md / .html. `load(directory)` needs nothing else.
 
         Example:
             >>> compressed.save("out/llama-25")  # doctest: +SKIP
         """
         directory = Path(directory)
+        base = self.recipe.base_model
+        base_dir = Path(gguf_directory(base) if is_gguf(base) else base) if base and not base.startswith(
+            "builtin:") else None
+        if self.recipe.base_sha256 is None and isinstance(self.base_model, PreTrainedModel):
+            self.recipe.base_sha256 = weights_sha256(self._dense or self.base_model)
         with atomic_dir(directory, force=force) as tmp:
-            self.recipe.save(tmp)
+            notes = write_standalone(self.program, self.recipe, self.base_model, tmp, base_dir)
+            self.recipe.save(tmp, weights=not is_standalone(tmp))
+            self.report.notes += [n for n in notes if n not in self.report.notes]
             (tmp / "report.json").write_text(json.dumps(self.report.to_json(), indent=2, sort_keys=True) + "\n")
             (tmp / "report.md").write_text(self.report.to_markdown())
             write_html_report(tmp)
@@ -196,22 +230,27 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
         report.notes.append(f"budget: landed at {report.sparsity_actual:.2%} for a {target:.2%} target, more than "
                             f"{BUDGET_TOLERANCE:.1%} away: the nearest this method's units (whole layers or "
                             "branches) reach; compare it with others at this actual sparsity")
-    return Compressed(program, recipe, report, module)
+    return Compressed(program, recipe, report, module, dense=module)
 
 
 def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compressed:
-    """Re-apply a saved recipe to its base model (or `model`) without re-calibration.
+    """Load a compressed directory without re-calibration: from its own weights when it is
+    self-contained (what `save` writes), else by re-applying its recipe to its base model (or to
+    `model`, which is then also the dense model).
 
     Example:
         >>> c = load("out/llama-25")  # doctest: +SKIP
     """
     directory = Path(directory)
     recipe = Recipe.load(directory)
-    if model is None:
+    dense = model
+    if model is None and is_standalone(directory):
+        model = load_base_skeleton(directory)
+    elif model is None:
         if recipe.base_model is None:
             raise InputError(f"recipe in '{directory}' was made from an in-memory model; pass it: "
                              "load(dir, model=...)")
-        model = resolve_model(recipe.base_model)
+        model = dense = resolve_model(recipe.base_model)
     ep = capture(model)
     program = apply_recipe(ep, recipe)
     report_path = directory / "report.json"
@@ -220,4 +259,4 @@ def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compres
         report = Report(**{k: v for k, v in data.items() if k in Report.__dataclass_fields__})
     else:
         report = Report(method=recipe.method, sparsity_target=float(recipe.options.get("sparsity", 0.0)))
-    return Compressed(program, recipe, report, model)
+    return Compressed(program, recipe, report, model, dense=dense)

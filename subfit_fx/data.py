@@ -25,6 +25,7 @@ __all__ = [
     "text_batches",
     "token_batches",
     "tokenize_text",
+    "tokenizer_from_dir",
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), both (batch, seq)
@@ -58,11 +59,31 @@ def load_tokenizer(model: torch.nn.Module, path: str | Path | None = None) -> An
     if path is not None and is_gguf(path):
         path = gguf_directory(path)
     if path is not None and Path(path).is_dir() and any(Path(path).glob("tokenizer*")):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return tokenizer_from_dir(path)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
     return ByteTokenizer(vocab)
+
+
+def tokenizer_from_dir(path: str | Path) -> Any:
+    """The tokenizer of a model directory, never running code from it: a compressed directory's
+    config names its modeling code (`trust_remote_code=False` makes transformers read the
+    tokenizer without it instead of asking).
+
+    Example:
+        >>> tokenizer_from_dir("models/llama")  # doctest: +SKIP
+    """
+    import logging
+
+    from transformers import AutoTokenizer
+
+    # transformers warns that the config's model_type (subfit_llama) is not the base config's
+    log = logging.getLogger("transformers.configuration_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    finally:
+        log.setLevel(level)
 
 
 def read_text(path: str | Path) -> str:

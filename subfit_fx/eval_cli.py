@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if seq_len < 2 or (limit is not None and seq_len > limit):
         raise InputError(f"--seq-len {seq_len} is out of range; use 2 to {limit or 'any'} (the model's context)")
     if compressed is not None:
-        module, source = compressed.module(), compressed.recipe.base_model
+        # a self-contained directory carries its tokenizer; an older one names its base
+        source = str(path) if any(path.glob("tokenizer*")) else compressed.recipe.base_model
+        module = compressed.module()
         kind = f"compressed ({compressed.recipe.method})"
-        if not args.no_dense:
-            dense = capture(base).module()
+        dense_model = None if args.no_dense else compressed.dense_model()
+        if dense_model is not None:
+            dense = capture(dense_model).module()
+        elif not args.no_dense:
+            print(f"note: the base model '{compressed.recipe.base_model}' is gone or changed (weights hash); "
+                  "evaluating the compressed model alone", file=sys.stderr)
     else:
         module, source, kind = capture(base).module(), args.model, "dense"
     causal = is_causal_lm(base)

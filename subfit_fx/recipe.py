@@ -16,15 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from subfit_fx.branches import Branch
 from subfit_fx.errors import ModelLoadError, RecipeMismatchError
 from subfit_fx.fit import Fit
 
-__all__ = ["FORMAT", "Recipe", "Replacement", "recipe_from_fits"]
+__all__ = ["FORMAT", "STORE", "WEIGHTS", "Recipe", "Replacement", "recipe_from_fits", "store_name"]
 
 FORMAT = "subfit-fx-recipe/1"
+WEIGHTS = "model.safetensors"  # a self-contained directory's weights (subfit_fx.standalone)
+STORE = "subfit_tensors"  # the module holding the recipe tensors there
+
+
+def store_name(key: str) -> str:
+    """The name of a recipe tensor inside the model's parameter store (no dots allowed there).
+
+    Example:
+        >>> store_name("r0.1.weight")
+        'r0__1__weight'
+    """
+    return key.replace(".", "__")
 
 
 @dataclass
@@ -57,6 +70,7 @@ class Recipe:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     base_model: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    base_sha256: str | None = None  # provenance: `standalone.weights_sha256` of the base
 
     def replaced_labels(self) -> list[str]:
         """Labels of all replaced branches, in recipe order."""
@@ -130,20 +144,24 @@ class Recipe:
         """The JSON-able part (weights are stored separately)."""
         return {
             "format": FORMAT, "method": self.method, "base_model": self.base_model,
+            "base_weights_sha256": self.base_sha256,
             "options": self.options, "branches": self.branches,
             "replacements": [{**asdict(r), "labels": list(r.labels),
                               "layers": [list(pair) for pair in r.layers]} for r in self.replacements],
             "tensors": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
         }
 
-    def save(self, directory: Path) -> None:
-        """Write `recipe.json` and `weights.safetensors` into an existing directory.
+    def save(self, directory: Path, weights: bool = True) -> None:
+        """Write `recipe.json` and (unless `weights` is False: a self-contained directory keeps the
+        tensors in its model.safetensors) `weights.safetensors` into an existing directory.
 
         Example:
             >>> Recipe("subfit", [], []).save(Path("out"))  # doctest: +SKIP
         """
         directory = Path(directory)
         (directory / "recipe.json").write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        if not weights:
+            return
         tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in sorted(self.tensors.items())}
         save_file(tensors, str(directory / "weights.safetensors"), metadata={"format": FORMAT})
 
@@ -167,7 +185,9 @@ class Recipe:
             raise ModelLoadError(f"'{path}' has format {data.get('format')!r}, expected {FORMAT!r}; "
                                  "re-create it with this version of subfit_fx")
         try:
-            tensors = load_file(str(directory / "weights.safetensors")) if data["tensors"] else {}
+            tensors = _read_tensors(directory, list(data["tensors"]))
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"cannot read '{directory / 'weights.safetensors'}' ({exc}); the file "
                                  "is corrupt or truncated: compress again") from exc
@@ -175,7 +195,23 @@ class Recipe:
                                     input=r["input"], layers=[tuple(p) for p in r["layers"]], info=r["info"])
                         for r in data["replacements"]]
         return cls(method=data["method"], branches=data["branches"], replacements=replacements,
-                   tensors=tensors, base_model=data.get("base_model"), options=data.get("options", {}))
+                   tensors=tensors, base_model=data.get("base_model"), options=data.get("options", {}),
+                   base_sha256=data.get("base_weights_sha256"))
+
+
+def _read_tensors(directory: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    if not keys:
+        return {}
+    if (directory / "weights.safetensors").is_file() or not (directory / WEIGHTS).is_file():
+        return load_file(str(directory / "weights.safetensors"))
+    # a self-contained directory: the tensors live once, in the model's weights file
+    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+        present = set(f.keys())
+        missing = [k for k in keys if f"{STORE}.{store_name(k)}" not in present]
+        if missing:
+            raise ModelLoadError(f"'{directory / WEIGHTS}' lacks the bypass tensor '{missing[0]}' its recipe "
+                                 "names; the directory is incomplete: compress again")
+        return {k: f.get_tensor(f"{STORE}.{store_name(k)}") for k in keys}
 
 
 def branch_records(branches: list[Branch]) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ def test_save_load_bitwise_and_deterministic(models, tmp_path):
     a.save(tmp_path / "a")
     b.save(tmp_path / "b")
     assert (tmp_path / "a" / "recipe.json").read_bytes() == (tmp_path / "b" / "recipe.json").read_bytes()
-    weights = "weights.safetensors"
+    weights = "model.safetensors"  # kept + bypass weights of the self-contained directory
     assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
     loaded = subfit_fx.load(tmp_path / "a", model=model)
     ids = CALIB[:3]

@@ -199,12 +199,13 @@ def test_recipe_for_another_width_is_rejected(compressed_dir):
 def test_cli_export_of_recipe_from_another_model_is_rejected(compressed_dir, tmp_path, capsys):
     moved = tmp_path / "compressed"
     shutil.copytree(compressed_dir, moved)
-    recipe = json.loads((moved / "recipe.json").read_text())
-    recipe["base_model"] = "builtin:gpt2"  # the directory now names a model the recipe was not made for
-    (moved / "recipe.json").write_text(json.dumps(recipe))
+    config = json.loads((moved / "config.json").read_text())
+    # the directory's config now describes another architecture than its weights and recipe
+    other = {**tiny_model("gpt2").config.to_dict(), "subfit": {**config["subfit"], "base_model_type": "gpt2"}}
+    (moved / "config.json").write_text(json.dumps(other))
     out = tmp_path / "model.onnx"
     assert main(["export", str(moved), "--out", str(out)]) == 2
-    assert_one_line_error(capsys.readouterr().err, "another model")
+    assert_one_line_error(capsys.readouterr().err, "does not match its config")
     assert_no_output(out)
 
 
@@ -255,7 +256,7 @@ def test_same_seed_rerun_with_force_replaces_output_byte_identically(model_dir, 
     (out / "keep.txt").write_text("mine")
     assert main(_compress_argv(str(model_dir), calib, out, "--seed", "0", "--force")) == 0
     assert not (out / "keep.txt").exists()
-    for name in ("recipe.json", "weights.safetensors"):
+    for name in ("recipe.json", "model.safetensors"):
         assert (out / name).read_bytes() == (compressed_dir / name).read_bytes(), name
     assert json.loads((out / "recipe.json").read_text())["replacements"], "nothing replaced: vacuous comparison"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out"]  # no temp or old sibling

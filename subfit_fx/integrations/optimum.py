@@ -67,7 +67,7 @@ def _as_recipe(source: Any) -> Recipe:
 class SubfitTransformation(Transformation):
     """An optimum `Transformation` that replaces residual branches as a subfit_fx recipe says.
 
-    `source`: a `Recipe`, a compressed directory (`recipe.json` + `weights.safetensors`) or a
+    `source`: a `Recipe`, a compressed directory (as `Compressed.save` writes it) or a
     `Compressed`. `check` verifies the recipe against the graph's branches before any mutation
     (a mismatch raises `RecipeMismatchError` and leaves the module untouched). Like optimum's own
     transformations it mutates and returns the module it is given. The nodes it adds are marked
