@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from subfit_fx.errors import InputError, ModelLoadError
 from subfit_fx.onnx_format import (  # re-exported: readers of our files find the keys here too
+    CACHE_LAYERS_KEY,
     KIND_KEY,
     KIND_KV_CACHE,
     KIND_PLAIN,
@@ -194,7 +195,11 @@ class OnnxCausalLM:
         self.has_cache_graph = kind == KIND_KV_CACHE or (kind is None and bool(self.cache))
         providers = self.session.get_providers()
         self.device = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.layers_with_cache = sorted({int(PAST_PATTERN.match(n)[1]) for n in self.cache})
+        named = sorted({int(PAST_PATTERN.match(n)[1]) for n in self.cache})
+        # an ONNX folder numbers its caches 0..K-1 (onnxruntime-genai's convention); the metadata
+        # keeps the real layer indices
+        recorded = [int(x) for x in self.metadata.get(CACHE_LAYERS_KEY, "").split(",") if x.strip().isdigit()]
+        self.layers_with_cache = recorded if len(recorded) == len(named) else named
 
     def empty_cache(self, batch: int) -> dict[str, ort.OrtValue]:
         """A past-length-0 cache for `batch` sequences (what prefill takes).

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from subfit_fx.atomic import check_not_input
+from subfit_fx.atomic import atomic_dir, check_not_input
 from subfit_fx.cli_types import positive_int
 from subfit_fx.errors import InputError, OutputExistsError
 
-__all__ = ["COMMANDS", "cmd_bench", "cmd_export", "cmd_generate", "register"]
+__all__ = ["COMMANDS", "ONNX_IN_FOLDER", "cmd_bench", "cmd_export", "cmd_generate", "onnx_file", "register",
+           "write_folder_files"]
+
+ONNX_IN_FOLDER = "model.onnx"
 
 
 def _say(message: str) -> None:
@@ -50,11 +54,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     opset = OPSET if args.opset is None else check_opset(args.opset)
     out = Path(args.out)
-    if out.suffix != ".onnx":
-        raise InputError(f"--out '{out}' must end in .onnx")
-    check_not_input(out, [args.model] if Path(args.model).exists() else [])
+    folder = out.suffix != ".onnx"  # a folder: model.onnx with config, tokenizer, generation config
+    inputs = [args.model] if Path(args.model).exists() else []
+    check_not_input(out, inputs)
     if out.exists() and not args.force:
         raise OutputExistsError(f"'{out}' exists; pass --force to overwrite it")
+    if folder and out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file; an ONNX folder needs a directory path (or end --out in .onnx)")
     passes: list[tuple[str, Any]] = []
     if args.optimize:
         passes.append(("optimize", lambda s, d: optimize_onnx(s, d, force=True)))
@@ -62,15 +68,34 @@ def cmd_export(args: argparse.Namespace) -> int:
         passes.append(("int8", lambda s, d: quantize_int8(s, d, force=True)))
     elif args.quantize == "int4":
         passes.append(("int4", lambda s, d: quantize_int4(s, d, force=True)))
-
     src = load_source(args.model)
     kind = "KV-cache" if args.kv_cache else "plain"
     _say(f"exporting {args.model} ({kind}{', compressed' if src.recipe is not None else ''}) to {out}")
+    exporter = export_onnx_kv if args.kv_cache else export_onnx
+    if folder:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out, force=args.force) as staging:
+            result = _run_stages(exporter, src, passes, staging / ONNX_IN_FOLDER, opset)
+            write_folder_files(src, Path(args.model), staging)
+            if args.kv_cache:
+                _genai_files(src, staging)
+        written = out / ONNX_IN_FOLDER
+    else:
+        result = _run_stages(exporter, src, passes, out, opset, force=args.force)
+        written = out
+    from subfit_fx.exporters.artifacts import model_bytes
+
+    print(f"wrote {out} ({_mib(model_bytes(written))}; inputs {', '.join(result.inputs)})")
+    return 0
+
+
+def _run_stages(exporter: Any, src: Any, passes: list[tuple[str, Any]], out: Path, opset: int,
+                force: bool = True) -> Any:
+    """Export, then each pass; each stage is validated, only the last one writes `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         stages = [Path(tmp) / f"stage{i}.onnx" for i in range(len(passes))] + [out]
-        exporter = export_onnx_kv if args.kv_cache else export_onnx
-        result = exporter(src, stages[0], force=args.force, opset=opset)
+        result = exporter(src, stages[0], force=force, opset=opset)
         _say(f"  export: {result.parity.summary()}")
         path = stages[0]
         for (name, run), dst in zip(passes, stages[1:]):
@@ -78,26 +103,77 @@ def cmd_export(args: argparse.Namespace) -> int:
             extra = step.details.get("fused_ops") or ""
             _say(f"  {name}: {step.parity.summary()} {extra}".rstrip())
             path = dst
-    from subfit_fx.exporters.artifacts import model_bytes
+    return result
 
-    print(f"wrote {out} ({_mib(model_bytes(out))}; inputs {', '.join(result.inputs)})")
-    return 0
+
+def _genai_files(src: Any, folder: Path) -> None:
+    from subfit_fx.exporters.genai import renumber_cache, write_genai_config
+
+    cached = renumber_cache(folder / ONNX_IN_FOLDER)
+    model = src.model
+    generation = getattr(model, "generation_config", None)
+    if model is not None and write_genai_config(folder, model.config, cached, generation):
+        _say(f"  onnxruntime-genai: genai_config.json ({cached} cached layers)")
+
+
+def write_folder_files(src: Any, model_arg: Path, folder: Path) -> None:
+    """Beside model.onnx: the source's config.json (and modeling_subfit.py, which a compressed
+    config names), generation config and tokenizer files, so the folder runs on its own.
+
+    Example:
+        >>> write_folder_files(load_source("builtin:llama"), Path("builtin:llama"), Path("out"))  # doctest: +SKIP
+    """
+    from subfit_fx.standalone import copy_model_files
+
+    directory = model_arg if model_arg.is_dir() else None
+    for name in ("config.json", "modeling_subfit.py"):
+        if directory is not None and (directory / name).is_file():
+            shutil.copy2(directory / name, folder / name)
+    model = src.model
+    if not (folder / "config.json").is_file() and model is not None and hasattr(model, "config"):
+        model.config.save_pretrained(folder)
+    for source_dir in (directory, src.tokenizer_dir):
+        if source_dir is not None:
+            copy_model_files(Path(source_dir), folder)
+    if (not (folder / "generation_config.json").is_file() and model is not None
+            and getattr(model, "generation_config", None) is not None and model.can_generate()):
+        model.generation_config.save_pretrained(folder)
+
+
+def onnx_file(path: str | Path) -> Path:
+    """The ONNX file of a `subfit-fx export` output: the file itself, or a folder's model.onnx.
+
+    Example:
+        >>> onnx_file("model.onnx")
+        PosixPath('model.onnx')
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / ONNX_IN_FOLDER).is_file():
+            raise InputError(f"folder '{path}' holds no {ONNX_IN_FOLDER}; pass a folder written by "
+                             "'subfit-fx export MODEL --out FOLDER' or an .onnx file")
+        return path / ONNX_IN_FOLDER
+    return path
 
 
 def _tokenizer(args: argparse.Namespace, metadata: dict[str, str], vocab: int) -> Any:
     from subfit_fx.data import ByteTokenizer
+    from subfit_fx.exporters.sources import tokenizer_dir
     from subfit_fx.onnx_format import SOURCE_KEY, TOKENIZER_KEY
 
-    directory = args.tokenizer or metadata.get(TOKENIZER_KEY)
+    # an ONNX folder carries its tokenizer; a bare file names the directory it was exported from
+    own = tokenizer_dir(Path(args.onnx)) if Path(args.onnx).is_dir() else None
+    directory = args.tokenizer or own or metadata.get(TOKENIZER_KEY)
     if directory:
         if not Path(directory).is_dir():
             raise InputError(f"tokenizer directory '{directory}' does not exist; pass --tokenizer DIR")
-        from transformers import AutoTokenizer
+        from subfit_fx.data import tokenizer_from_dir
 
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return tokenizer_from_dir(directory)
     if metadata.get(SOURCE_KEY, "").startswith("builtin:"):
         return ByteTokenizer(vocab)  # built-in random models have no tokenizer: bytes stand in
-    raise InputError(f"'{args.onnx}' does not name its tokenizer; pass --tokenizer DIR (the model directory)")
+    raise InputError(f"'{args.onnx}' does not name its tokenizer; pass --tokenizer DIR (the model directory) "
+                     "or export to a folder")
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -115,7 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """
     from subfit_fx.runtime import VOCAB_KEY, OnnxCausalLM
 
-    lm = OnnxCausalLM(args.onnx, threads=args.threads)
+    lm = OnnxCausalLM(onnx_file(args.onnx), threads=args.threads)
     vocab = int(lm.metadata.get(VOCAB_KEY, 256))
     tokenizer = _tokenizer(args, lm.metadata, vocab)
     prompt = tokenizer(args.prompt)["input_ids"]
@@ -125,7 +201,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       temperature=args.temperature or 1.0, top_k=args.top_k, seed=args.seed,
                       eos_token_id=getattr(tokenizer, "eos_token_id", None))
     new = [int(i) for i in ids[0, len(prompt):]]
-    print(args.prompt + _decode(tokenizer, new))
+    # decode prompt and continuation together (a continuation decoded alone loses the space
+    # between words) and print the user's prompt followed by what the model added
+    head, full = _decode(tokenizer, list(prompt)), _decode(tokenizer, list(prompt) + new)
+    print(args.prompt + full[len(head):] if full.startswith(head) else full)
     return 0
 
 
@@ -144,7 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from subfit_fx.onnx_format import KIND_KEY
     from subfit_fx.runtime import OnnxCausalLM, OnnxRunner, create_session, model_metadata
 
-    paths = {"dense": Path(args.dense), "compressed": Path(args.compressed)}
+    paths = {"dense": onnx_file(args.dense), "compressed": onnx_file(args.compressed)}
     kinds = {name: model_metadata(create_session(p, threads=1)).get(KIND_KEY) for name, p in paths.items()}
     if len(set(kinds.values())) != 1:
         raise InputError(f"compare like with like: {paths['dense']} is {kinds['dense']}, "
@@ -207,7 +286,8 @@ def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | 
     p = subparsers.add_parser("export", help="export a dense or compressed model to ONNX")
     p.add_argument("model", help="a Hugging Face model directory, builtin:ARCH, or a compressed directory "
                                  "(written by 'subfit-fx compress')")
-    p.add_argument("--out", required=True, help="output file (.onnx)")
+    p.add_argument("--out", required=True, help="output: a FILE.onnx, or a FOLDER that gets model.onnx, "
+                   "config.json, generation_config.json and the tokenizer")
     p.add_argument("--kv-cache", action="store_true",
                    help="decoder with KV cache inputs/outputs (one graph for prefill and decode)")
     p.add_argument("--optimize", action="store_true", help="fuse attention, rotary and norms for ONNX Runtime")
@@ -218,7 +298,7 @@ def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | 
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     p = subparsers.add_parser("generate", help="generate text with an exported KV-cache model")
-    p.add_argument("onnx", help="ONNX file written by 'subfit-fx export --kv-cache'")
+    p.add_argument("onnx", help="ONNX file or folder written by 'subfit-fx export' (--kv-cache is faster)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded at export)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")

@@ -22,7 +22,7 @@ import torch
 from subfit_fx.capture import HFWrapper, capture, is_causal_lm
 from subfit_fx.errors import InputError, ModelLoadError
 
-__all__ = ["ExportSource", "as_source", "load_source"]
+__all__ = ["ExportSource", "as_source", "load_source", "tokenizer_dir"]
 
 RECIPE_FILE = "recipe.json"
 
@@ -160,13 +160,13 @@ def load_source(spec: str) -> ExportSource:
         base = getattr(compressed.recipe, "base_model", None)
         # the base spec first: `generate` falls back to byte tokens for builtin: models
         src = as_source(compressed, name=f"{base}+{path.name}" if base else path.name)
-        src.tokenizer_dir = _tokenizer_dir(path) or _tokenizer_dir(_base_dir(compressed))
+        src.tokenizer_dir = tokenizer_dir(path) or tokenizer_dir(_base_dir(compressed))
         return src
     from subfit_fx.models import resolve_model
 
     model = resolve_model(spec)
     return ExportSource(model=model, name=spec if spec.startswith("builtin:") else path.name,
-                        tokenizer_dir=None if spec.startswith("builtin:") else _tokenizer_dir(path))
+                        tokenizer_dir=None if spec.startswith("builtin:") else tokenizer_dir(path))
 
 
 def _base_dir(compressed: Any) -> Path | None:
@@ -175,7 +175,13 @@ def _base_dir(compressed: Any) -> Path | None:
     return Path(base) if isinstance(base, str | Path) else None
 
 
-def _tokenizer_dir(path: Path | None) -> Path | None:
+def tokenizer_dir(path: Path | None) -> Path | None:
+    """`path` when it holds tokenizer files, else None.
+
+    Example:
+        >>> tokenizer_dir(None) is None
+        True
+    """
     if path is None:
         return None
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
