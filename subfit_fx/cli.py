@@ -227,7 +227,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-output", help="report directory (default demo-output, replaced)")
     p.add_argument("--sparsity", default="0.25", help="target sparsity (default 0.25)")
     p.add_argument("--baseline", default="shortgpt", help="baseline to compare with (default shortgpt)")
-    p = sub.add_parser("report", help="rebuild report.html of a compressed directory (adds eval.json/bench.json)")
+    p = sub.add_parser("report", help="rebuild report.html of a compressed directory (adds eval.json, lm_eval.json, "
+                                      "bench.json)")
     p.add_argument("dir", help="a directory written by 'subfit-fx compress'")
 
 
