@@ -227,7 +227,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-output", help="report directory (default demo-output, replaced)")
     p.add_argument("--sparsity", default="0.25", help="target sparsity (default 0.25)")
     p.add_argument("--baseline", default="shortgpt", help="baseline to compare with (default shortgpt)")
-    p = sub.add_parser("report", help="rebuild report.html of a compressed directory (adds eval.json/bench.json)")
+    p = sub.add_parser("report", help="rebuild report.html of a compressed directory (adds eval.json, lm_eval.json, "
+                                      "bench.json)")
     p.add_argument("dir", help="a directory written by 'subfit-fx compress'")
 
 
@@ -236,7 +237,8 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compress", help="compress a model to a parameter budget")
     p.add_argument("model", help="a local Hugging Face model directory or builtin:ARCH")
-    p.add_argument("--calib", required=True, help="calibration text file (UTF-8)")
+    p.add_argument("--calib", required=True, help="calibration data: a UTF-8 text file, a .jsonl of chat conversations "
+                                                  "(rendered with the chat template) or a datasets save_to_disk folder")
     p.add_argument("--sparsity", default="0.25", help="fraction of block parameters to remove, 0 < s < 0.9")
     p.add_argument("--method", default="subfit", help=f"policy: {', '.join(sorted(METHODS))} (default subfit)")
     p.add_argument("--samples", type=positive_int, default=64, help="calibration sequences (default 64)")

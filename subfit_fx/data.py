@@ -1,4 +1,10 @@
-"""Calibration and evaluation data: token batches from text files or tensors.
+"""Calibration and evaluation data: token batches from text files, chat conversations, `datasets`
+directories or tensors.
+
+A calibration path is read by `read_calibration_text`: a `.jsonl` file holds chat conversations
+(rendered with the tokenizer's chat template, so an instruct model is calibrated on what it sees),
+a directory is a `datasets` dataset saved with `save_to_disk` (a `messages` or a `text` column;
+needs `pip install datasets`), anything else is a UTF-8 text file.
 
 Example:
     >>> batches = token_batches(torch.randint(0, 100, (5, 16)), batch_size=2)
@@ -8,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,10 @@ __all__ = [
     "Batch",
     "ByteTokenizer",
     "load_tokenizer",
+    "read_calibration_text",
+    "read_chat_jsonl",
     "read_text",
+    "render_chats",
     "split_batches",
     "text_batches",
     "token_batches",
@@ -44,6 +54,15 @@ class ByteTokenizer:
 
     def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
         return {"input_ids": [b % self.vocab_size for b in text.encode("utf-8")]}
+
+    def decode(self, ids: Iterable[int], **_: Any) -> str:
+        """Text of token ids (ids that are no byte are dropped).
+
+        Example:
+            >>> ByteTokenizer(300).decode([104, 105])
+            'hi'
+        """
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
 def load_tokenizer(model: torch.nn.Module, path: str | Path | None = None) -> Any:
@@ -101,6 +120,132 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+CHAT_LINE_HELP = 'one conversation per line: {"messages": [{"role": "user", "content": "..."}, ...]} or a bare list'
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def _conversation(value: Any, where: str, unit: str = "line") -> list[dict[str, str]]:
+    """`value` checked as one chat: a non-empty list of {"role": str, "content": str} (or that list
+    under "messages"); `where` names the line or row in the error."""
+    messages = value.get("messages") if isinstance(value, dict) else value
+    if not isinstance(messages, list) or not messages:
+        raise CalibrationError(f"{where} is not a conversation; write {CHAT_LINE_HELP}")
+    for k, message in enumerate(messages, 1):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise CalibrationError(f'{where}: message {k} needs "role" and "content" strings; fix or remove '
+                                   f"that {unit}")
+    return messages
+
+
+def read_chat_jsonl(path: str | Path) -> list[tuple[int, list[dict[str, str]]]]:
+    """The conversations of a chat JSONL file as (line number, messages); blank lines are skipped.
+
+    Each line is `{"messages": [{"role": ..., "content": ...}, ...]}` or a bare list of messages.
+    A malformed line raises `CalibrationError` naming its line number.
+
+    Example:
+        >>> read_chat_jsonl("chats.jsonl")[0]  # doctest: +SKIP
+        (1, [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"chat file '{path}' does not exist; pass a JSONL file with {CHAT_LINE_HELP}")
+    out = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"line {number} of '{path}' is not valid JSON ({exc.msg} at column "
+                                       f"{exc.colno}); write {CHAT_LINE_HELP}") from exc
+            out.append((number, _conversation(value, f"line {number} of '{path}'")))
+    if not out:
+        raise CalibrationError(f"chat file '{path}' is empty; write {CHAT_LINE_HELP}")
+    return out
+
+
+def render_chats(conversations: Sequence[tuple[int, list[dict[str, str]]]], tokenizer: Any,
+                 source: str | Path, unit: str = "line") -> str:
+    """The conversations rendered with the tokenizer's chat template, one after another.
+
+    `source` and `unit` ("line" of a file, "row" of a dataset) name a failing conversation.
+
+    Example:
+        >>> render_chats([(1, [{"role": "user", "content": "hi"}])], ByteTokenizer(9), "c.jsonl")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.CalibrationError: 'c.jsonl' holds chat conversations but the model's tokenizer has no ...
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise CalibrationError(f"'{source}' holds chat conversations but the model's tokenizer has no chat "
+                               "template; calibrate on a text file instead, or use a model directory whose "
+                               "tokenizer sets chat_template (tokenizer_config.json or chat_template.jinja)")
+    texts = []
+    for number, messages in conversations:
+        try:
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        except Exception as exc:  # jinja raises its own types (a template's raise_exception, say)
+            raise CalibrationError(f"{unit} {number} of '{source}': the chat template rejects the conversation "
+                                   f"({_first_line(exc)}); fix or remove that {unit}") from exc
+    # Conversations are separate documents: a newline keeps one's end from merging into the next's start.
+    return "\n".join(texts)
+
+
+def _dataset_text(path: Path, tokenizer: Any) -> str:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise InputError(f"calibration path '{path}' is a directory, read as a dataset saved by datasets' "
+                         "save_to_disk, which needs the datasets package: pip install datasets") from exc
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ... for a non-dataset folder
+        raise InputError(f"'{path}' is not a dataset saved by datasets' save_to_disk ({_first_line(exc)}); "
+                         "pass a text file, a chat .jsonl file or a save_to_disk directory") from exc
+    if isinstance(data, datasets.DatasetDict):
+        splits = list(data)
+        if "train" not in splits and len(splits) != 1:
+            raise InputError(f"dataset '{path}' has splits {', '.join(splits)} and none is 'train'; save the one "
+                             "to calibrate on by itself: dataset['NAME'].save_to_disk(DIR)")
+        data = data["train" if "train" in splits else splits[0]]
+    columns = data.column_names
+    if "messages" in columns:  # an instruct model is calibrated on what it sees: prefer the chats
+        chats = [(row, _conversation(value, f"row {row} of '{path}'", "row"))
+                 for row, value in enumerate(data["messages"], 1)]
+        return render_chats(chats, tokenizer, path, unit="row")
+    if "text" in columns:
+        texts = [t for t in data["text"] if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise CalibrationError(f"the 'text' column of dataset '{path}' is empty; pass a dataset with text")
+        return "\n\n".join(texts)
+    raise InputError(f"dataset '{path}' has columns {', '.join(columns)} but neither 'text' nor 'messages'; "
+                     "rename one: dataset.rename_column('NAME', 'text').save_to_disk(DIR)")
+
+
+def read_calibration_text(path: str | Path, tokenizer: Any) -> str:
+    """The calibration text at `path`: a `.jsonl` file of chat conversations (rendered with the
+    tokenizer's chat template), a `datasets` save_to_disk directory (`messages` or `text` column),
+    else a UTF-8 text file.
+
+    Example:
+        >>> read_calibration_text("chats.jsonl", tokenizer)[:24]  # doctest: +SKIP
+        '<|im_start|>user\\nHi<|im_'
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _dataset_text(path, tokenizer)
+    if path.suffix.lower() == ".jsonl":
+        return render_chats(read_chat_jsonl(path), tokenizer, path)
+    return read_text(path)
+
+
 def tokenize_text(text: str, tokenizer: Any) -> torch.Tensor:
     """Tokenize a whole text once (no special tokens) into a 1-D id tensor.
 
@@ -115,8 +260,9 @@ def tokenize_text(text: str, tokenizer: Any) -> torch.Tensor:
 
 def text_batches(path: str | Path, tokenizer: Any, *, samples: int = 64, seq_len: int = 256,
                  batch_size: int = 8, seed: int = 0, max_len: int | None = None) -> list[Batch]:
-    """Chunk a text file into `samples` non-overlapping sequences of `seq_len` tokens (chosen at
-    random with `seed` when the text holds more), batched.
+    """Chunk a calibration file (see `read_calibration_text`: text, chat .jsonl or a `datasets`
+    directory) into `samples` non-overlapping sequences of `seq_len` tokens (chosen at random with
+    `seed` when the text holds more), batched.
 
     Example:
         >>> text_batches("calib.txt", tok, samples=32, seq_len=128)  # doctest: +SKIP
@@ -128,7 +274,7 @@ def text_batches(path: str | Path, tokenizer: Any, *, samples: int = 64, seq_len
                          f"use --seq-len {max_len} or less")
     if samples < 1:
         raise InputError(f"--samples {samples} must be at least 1")
-    ids = tokenize_text(read_text(path), tokenizer)
+    ids = tokenize_text(read_calibration_text(path, tokenizer), tokenizer)
     chunks = ids.numel() // seq_len
     if chunks == 0:
         raise CalibrationError(f"text '{path}' has {ids.numel()} tokens, fewer than one sequence of "

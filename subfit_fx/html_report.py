@@ -2,8 +2,8 @@
 
 It shows the redundancy heatmap (layers x {attention, ffn}) of every recorded score, the
 selection map, parameter / FLOP / KV-cache accounting, fit errors per replaced branch, and, when
-`eval.json` or `bench.json` sit in the directory (e.g. `subfit-fx eval DIR --json > DIR/eval.json`),
-their tables. `subfit-fx report DIR` rebuilds it.
+`eval.json`, `lm_eval.json` or `bench.json` sit in the directory (e.g. `subfit-fx eval DIR --json >
+DIR/eval.json`; `subfit-fx eval DIR --tasks ...` writes lm_eval.json), their tables. `subfit-fx report DIR` rebuilds it.
 
 Example:
     >>> write_html_report(Path("out/llama-25"))  # doctest: +SKIP
@@ -152,7 +152,7 @@ def render_html(report: dict[str, Any], extras: dict[str, Any] | None = None) ->
 
 
 def write_html_report(directory: Path, out: Path | None = None) -> Path:
-    """Write `report.html` for a compressed directory (reads report.json, eval.json, bench.json).
+    """Write `report.html` for a compressed directory (reads report.json, eval.json, lm_eval.json, bench.json).
 
     Example:
         >>> write_html_report(Path("out/llama-25"))  # doctest: +SKIP
@@ -160,7 +160,8 @@ def write_html_report(directory: Path, out: Path | None = None) -> Path:
     directory = Path(directory)
     report = json.loads((directory / "report.json").read_text())
     extras = {}
-    for name, title in (("eval.json", "Evaluation"), ("bench.json", "Benchmark")):
+    for name, title in (("eval.json", "Evaluation"), ("lm_eval.json", "lm-evaluation-harness"),
+                        ("bench.json", "Benchmark")):
         if (directory / name).is_file():
             extras[title] = json.loads((directory / name).read_text())
     out = out or directory / "report.html"

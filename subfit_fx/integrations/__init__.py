@@ -5,6 +5,8 @@ this package) never needs them. Import the adapter you want explicitly:
 
 - `subfit_fx.integrations.optimum` (`pip install subfit-fx[optimum]`): `SubfitTransformation`, an
   optimum `Transformation` that applies a recipe.
+- `subfit_fx.integrations.lm_eval` (`pip install subfit-fx[eval]`): `SubfitLM`, lm-evaluation-harness's
+  model `subfit`, and `evaluate_tasks` (`subfit-fx eval DIR --tasks ...`).
 
 Example:
     >>> import subfit_fx.integrations
