@@ -55,16 +55,3 @@ def example_module(name: str) -> ModuleType:
         spec.loader.exec_module(module)
     return sys.modules[name]
 
-
-def word_tokenizer(vocab_size: int):
-    """A real fast tokenizer over the words w4 .. w{vocab_size-1} (ids 0-3: <s>, </s> (eos), <pad>,
-    <unk>): what a tiny model directory needs to be a complete Hugging Face model offline."""
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>",
-                                      bos_token="<s>")

@@ -116,7 +116,8 @@ def _positive_int(value: Any, name: str, default: int) -> int:
 
 
 def open_model(spec: str | Path) -> tuple[Any, torch.nn.Module, Any]:
-    """(Compressed or None, the dense Hugging Face model, its tokenizer) for MODEL_OR_DIR.
+    """(Compressed or None, the Hugging Face model (for a compressed directory: its base architecture,
+    see `Compressed.dense_model` for the dense one), its tokenizer) for MODEL_OR_DIR.
 
     A compressed directory (one holding recipe.json) loads with `subfit_fx.load`; its tokenizer is
     the one saved in the directory, else the base model's. Encoders are refused: lm-eval scores text.
@@ -142,6 +143,14 @@ def open_model(spec: str | Path) -> tuple[Any, torch.nn.Module, Any]:
         raise InputError(f"'{spec}' is an encoder ({type(base).__name__}); lm-eval tasks score text with a causal "
                          "LM: evaluate encoders with subfit-fx eval MODEL --text FILE")
     return compressed, base, load_tokenizer(base, source)
+
+
+def _dense_of(compressed: Any) -> torch.nn.Module:
+    dense = compressed.dense_model()
+    if dense is None:
+        raise InputError(f"the dense base of this compressed model ('{compressed.recipe.base_model}') is gone or "
+                         "changed (weights hash); evaluate the base model directory itself instead")
+    return dense
 
 
 class SubfitLM(TemplateLM):
@@ -174,6 +183,8 @@ class SubfitLM(TemplateLM):
             from subfit_fx.capture import capture
 
             compressed, base, tokenizer = open_model(path)
+            if compressed is not None and want_dense:
+                base = _dense_of(compressed)
             module = compressed.module() if compressed is not None and not want_dense else capture(base).module()
             config = base.config
         elif tokenizer is None or config is None:
@@ -475,8 +486,12 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[str], *, limit: int | None
     runs = {}
     if compressed is not None:
         runs["compressed"] = SubfitLM(module=compressed.module(), **common)
-    if compressed is None or dense:
-        runs["dense"] = SubfitLM(module=capture(base).module(), **common)
+    dense_model = base if compressed is None else compressed.dense_model() if dense else None
+    if dense and compressed is not None and dense_model is None:
+        print(f"note: the base model '{compressed.recipe.base_model}' is gone or changed (weights hash); "
+              "evaluating the compressed model alone", file=sys.stderr)
+    if dense_model is not None:
+        runs["dense"] = SubfitLM(module=capture(dense_model).module(), **common)
     raw = {}
     for run, lm in runs.items():
         if progress:

@@ -12,7 +12,7 @@ from subfit_fx import compress
 from subfit_fx.cli import main
 from subfit_fx.data import tokenizer_from_dir
 from subfit_fx.zoo import tiny_model
-from tests.conftest import word_tokenizer
+from tests.tiny_tokenizer import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def compressed_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
     model = tiny_model("llama", layers=4)
     model.save_pretrained(root / "base")
-    word_tokenizer(model.config.vocab_size).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
     compressed = compress(str(root / "base"), torch.randint(3, 120, (8, 16)), 0.25, progress=False)
     compressed.save(root / "compressed")
     shutil.rmtree(root / "base")  # the folder must not need the base model
@@ -33,7 +33,7 @@ def test_folder_generates_text_like_transformers(compressed_dir, tmp_path, capsy
     names = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json"} <= names
     capsys.readouterr()
-    prompt = "w5 w9 w11 w17"
+    prompt = "the cat is on the"
     assert main(["generate", str(folder), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
     text = capsys.readouterr().out.strip()
 
@@ -51,7 +51,7 @@ def test_folder_config_and_tokenizer_load_with_transformers(compressed_dir, tmp_
     config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=True)
     assert config.model_type == "subfit_llama" and config.subfit["replacements"]
     tokenizer = tf.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    assert tokenizer.convert_tokens_to_ids("w9") == 9
+    assert tokenizer.convert_tokens_to_ids("cat") == tiny_tokenizer().convert_tokens_to_ids("cat")
 
 
 def test_export_to_an_existing_file_as_folder_is_refused(compressed_dir, tmp_path, capsys):
