@@ -183,6 +183,77 @@ def test_pickled_weights_are_never_unpickled(tmp_path, calib, capsys):
     assert_no_output(tmp_path / "out")
 
 
+def _index_naming(tmp: Path, name: str) -> Path:
+    """A saved tiny llama whose safetensors index maps every tensor to `name`."""
+    from safetensors import safe_open
+
+    model_dir = _saved_model(tmp / "model")
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, name)}))
+    return model_dir
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "../model.safetensors", "/tmp/model.safetensors"])
+def test_index_naming_a_pickle_or_a_file_outside_is_refused_before_loading(tmp_path, calib, capsys, name):
+    """transformers followed such an index into torch.load, and its message advised weights_only=False."""
+    model_dir = _index_naming(tmp_path, name)
+    sentinel = tmp_path / "unpickled"
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(sentinel)))
+    before = _tree(model_dir)
+    assert main(_compress_argv(str(model_dir), calib, tmp_path / "out")) == 2
+    line = assert_one_line_error(capsys.readouterr().err, f"maps weights to '{name}'", "never unpickles")
+    assert "weights_only" not in line
+    assert not sentinel.exists() and _tree(model_dir) == before
+    assert_no_output(tmp_path / "out")
+
+
+def _config_of(arch: str | None, model_dir: Path, **changes: object) -> Path:
+    """Replace `model_dir`'s config by the saved config of a tiny `arch` (None: its own), with `changes`."""
+    source = model_dir
+    if arch:
+        source = model_dir.parent / arch
+        tiny_model(arch, hidden=32, layers=2).save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
+    return model_dir
+
+
+@pytest.mark.parametrize("config, needles", [
+    ({"arch": "gpt2"}, ["model_type gpt2", "missing from the weights (e.g. transformer.h.0",
+                        "unused (e.g. model.embed_tokens.weight"]),
+    ({"arch": None, "intermediate_size": 80}, ["wrong shape (e.g. model.layers.0.mlp.down_proj.weight [32, 64] "
+                                               "vs config [32, 80]"]),
+])
+def test_weights_of_another_model_are_refused(model_dir, tmp_path, calib, capsys, config, needles):
+    """A gpt2 config over llama weights loaded as a random-init GPT-2 and compressed without a word."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    changes = dict(config)
+    _config_of(changes.pop("arch"), model, **changes)
+    before = _tree(model)
+    with pytest.raises(ModelLoadError, match=r"do not match its config\.json"):
+        subfit_fx.load_model(model)
+    assert main(_compress_argv(str(model), calib, tmp_path / "out")) == 2
+    assert_one_line_error(capsys.readouterr().err, "do not match its config.json", "restore the config.json",
+                          *needles)
+    assert _tree(model) == before
+    assert_no_output(tmp_path / "out")
+
+
+def test_encoder_from_a_checkpoint_with_a_task_head_loads(tmp_path):
+    """A BertForMaskedLM checkpoint is an encoder plus a head we drop on purpose: not a mismatch."""
+    import transformers
+
+    from subfit_fx.zoo import tiny_config
+
+    mlm = transformers.BertForMaskedLM(tiny_config("bert", hidden=32, layers=2))
+    mlm.save_pretrained(tmp_path / "bert")
+    model = subfit_fx.load_model(tmp_path / "bert")
+    assert type(model).__name__ == "BertModel"
+    assert torch.equal(model.encoder.layer[0].output.dense.weight, mlm.bert.encoder.layer[0].output.dense.weight)
+
+
 # -- recipes are checked against their model ---------------------------------------------------------
 
 def test_recipe_from_another_model_is_rejected(compressed_dir):
