@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from subfit_fx.models import resolve_model
 from subfit_fx.recipe import Recipe
 from subfit_fx.report import Report, build_report
 from subfit_fx.rewrite import apply_recipe
+from subfit_fx.schema import check_report, dumps, read_json
 from subfit_fx.selection import BUDGET_TOLERANCE, check_sparsity
 
 __all__ = ["CalibrationConfig", "Compressed", "calibration_batches", "compress", "load"]
@@ -112,7 +112,7 @@ class Compressed:
         directory = Path(directory)
         with atomic_dir(directory, force=force) as tmp:
             self.recipe.save(tmp)
-            (tmp / "report.json").write_text(json.dumps(self.report.to_json(), indent=2, sort_keys=True) + "\n")
+            (tmp / "report.json").write_text(dumps(self.report.to_json(), "report.json"))
             (tmp / "report.md").write_text(self.report.to_markdown())
             write_html_report(tmp)
         return directory
@@ -216,7 +216,8 @@ def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compres
     program = apply_recipe(ep, recipe)
     report_path = directory / "report.json"
     if report_path.is_file():
-        data = json.loads(report_path.read_text())
+        labels = {b["label"] for b in recipe.branches}
+        data = read_json(report_path, lambda data, path: check_report(data, path, labels))
         report = Report(**{k: v for k, v in data.items() if k in Report.__dataclass_fields__})
     else:
         report = Report(method=recipe.method, sparsity_target=float(recipe.options.get("sparsity", 0.0)))

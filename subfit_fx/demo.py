@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import sysconfig
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from subfit_fx.errors import InputError
+from subfit_fx.schema import dumps
 
 __all__ = ["demo_texts", "run_demo"]
 
@@ -149,7 +149,7 @@ def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: 
                   f"standard-library source in windows of {WINDOW}; ONNX Runtime CPU, medians of interleaved "
                   f"runs.\n\n{table}\n\nTotal time {time.perf_counter() - start:.0f} s.\n")
         (tmp / "report.md").write_text(report)
-        (tmp / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (tmp / "results.json").write_text(dumps(rows, "results.json"))
     print("\n" + table)
     print(f"\nreport: {Path(out) / 'report.md'}")
     return Path(out) / "report.md"

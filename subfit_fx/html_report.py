@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -158,11 +157,14 @@ def write_html_report(directory: Path, out: Path | None = None) -> Path:
         >>> write_html_report(Path("out/llama-25"))  # doctest: +SKIP
     """
     directory = Path(directory)
-    report = json.loads((directory / "report.json").read_text())
+    from subfit_fx.errors import InputError
+    from subfit_fx.schema import check_bench, check_eval, check_report, read_json
+
+    report = read_json(directory / "report.json", check_report)
     extras = {}
-    for name, title in (("eval.json", "Evaluation"), ("bench.json", "Benchmark")):
+    for name, title, check in (("eval.json", "Evaluation", check_eval), ("bench.json", "Benchmark", check_bench)):
         if (directory / name).is_file():
-            extras[title] = json.loads((directory / name).read_text())
+            extras[title] = read_json(directory / name, check, InputError)
     out = out or directory / "report.html"
     out.write_text(render_html(report, extras), encoding="utf-8")
     return out

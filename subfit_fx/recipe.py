@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from subfit_fx.branches import Branch
 from subfit_fx.errors import ModelLoadError, RecipeMismatchError
 from subfit_fx.fit import Fit
+from subfit_fx.schema import check_recipe, check_recipe_tensors, dumps
 
 __all__ = ["FORMAT", "Recipe", "Replacement", "recipe_from_fits"]
 
@@ -106,10 +107,13 @@ class Recipe:
                 f"recipe was made for another model: branch labels differ (e.g. {missing[:2] or sorted(found)[:2]});"
                 " apply it to the model named in recipe.json or compress this model again")
         for b in self.branches:
-            if found[b["label"]].width != b["width"] or found[b["label"]].params != b["params"]:
+            if (found[b["label"]].width, found[b["label"]].params) != (b["width"], b["params"]) or (
+                    found[b["label"]].kind, found[b["label"]].layer) != (b["kind"], b["layer"]):
+                have = found[b["label"]]
                 raise RecipeMismatchError(
-                    f"recipe branch '{b['label']}' has width {b['width']} / {b['params']} params but "
-                    f"the model's has {found[b['label']].width} / {found[b['label']].params}; apply it "
+                    f"recipe branch '{b['label']}' is {b['kind']} of layer {b['layer']}, width {b['width']} / "
+                    f"{b['params']} params but the model's is {have.kind} of layer {have.layer}, width "
+                    f"{have.width} / {have.params}; apply it "
                     "to the model it was made for")
         for r in self.replacements:
             width = found[r.labels[0]].width
@@ -143,7 +147,7 @@ class Recipe:
             >>> Recipe("subfit", [], []).save(Path("out"))  # doctest: +SKIP
         """
         directory = Path(directory)
-        (directory / "recipe.json").write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        (directory / "recipe.json").write_text(dumps(self.to_json(), "recipe.json"))
         tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in sorted(self.tensors.items())}
         save_file(tensors, str(directory / "weights.safetensors"), metadata={"format": FORMAT})
 
@@ -160,9 +164,10 @@ class Recipe:
             raise ModelLoadError(f"'{directory}' holds no recipe.json; pass a directory written by "
                                  "'subfit-fx compress' or Compressed.save()")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"'{path}' is not valid JSON ({exc.msg}); compress again") from exc
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ModelLoadError(f"'{path}' is not valid JSON ({str(exc)[:120]}); compress again") from exc
+        check_recipe(data, path)
         if data.get("format") != FORMAT:
             raise ModelLoadError(f"'{path}' has format {data.get('format')!r}, expected {FORMAT!r}; "
                                  "re-create it with this version of subfit_fx")
@@ -171,6 +176,7 @@ class Recipe:
         except Exception as exc:
             raise ModelLoadError(f"cannot read '{directory / 'weights.safetensors'}' ({exc}); the file "
                                  "is corrupt or truncated: compress again") from exc
+        check_recipe_tensors(data, tensors, directory / "weights.safetensors")
         replacements = [Replacement(labels=tuple(r["labels"]), action=r["action"], form=r["form"],
                                     input=r["input"], layers=[tuple(p) for p in r["layers"]], info=r["info"])
                         for r in data["replacements"]]

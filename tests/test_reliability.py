@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -473,3 +474,140 @@ def test_interrupt_that_a_library_turns_into_another_error_still_exits_130(tmp_p
 def test_numeric_options_are_range_checked_by_the_parser(argv, capsys):
     assert main(argv) == 2
     assert_one_line_error(capsys.readouterr().err, "not a positive integer")
+
+
+# -- artifacts are validated on read; JSON outputs are finite -------------------------------------------
+
+@pytest.fixture(scope="module")
+def bypass_dir(model_dir, tmp_path_factory) -> Path:
+    """`model_dir` compressed with a shared-basis bypass (tensors in weights.safetensors), read-only."""
+    root = tmp_path_factory.mktemp("bypass")
+    calib = root / "calib.txt"
+    calib.write_text(calib_text())
+    assert main(_compress_argv(str(model_dir), calib, root / "out", "--judge", "statistics")) == 0
+    assert json.loads((root / "out" / "recipe.json").read_text())["tensors"], "no bypass: vacuous fixture"
+    return root / "out"
+
+
+def _mutated(source: Path, tmp: Path, edit) -> Path:
+    """A copy of compressed directory `source` with `edit(recipe_dict, tensors_dict)` applied."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp / "mutated"
+    shutil.copytree(source, out)
+    recipe = json.loads((out / "recipe.json").read_text())
+    tensors = load_file(str(out / "weights.safetensors"))
+    edit(recipe, tensors)
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    save_file(tensors, str(out / "weights.safetensors"))
+    return out
+
+
+def _set(path: str, value: object):
+    """An edit setting recipe field `path` (dot-separated keys and list indices) to `value`."""
+    def edit(recipe: dict, tensors: dict) -> None:
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        obj = recipe
+        for p in parents:
+            obj = obj[p]
+        obj[last] = value
+    return edit
+
+
+def _weight(change):
+    def edit(recipe: dict, tensors: dict) -> None:
+        key = recipe["replacements"][0]["layers"][0][0]
+        tensors[key] = change(tensors[key])
+        recipe["tensors"][key] = list(tensors[key].shape)
+    return edit
+
+
+BAD_RECIPES = {
+    "branches-not-a-list": (_set("branches", "x"), 'branches is "x", expected a list'),
+    "unknown-action": (_set("replacements.0.action", "explode"), "replacements.0.action is 'explode', expected one "
+                                                                 "of remove, bypass"),
+    "unknown-form": (_set("replacements.0.form", "cubic"), "replacements.0.form is 'cubic'"),
+    "unknown-input": (_set("replacements.0.input", "sideways"), "replacements.0.input is 'sideways'"),
+    "unknown-label": (_set("replacements.0.labels", ["model.layers.9.mlp"]), "which is not a branch"),
+    "label-as-number": (_set("replacements.0.labels", [3]), "replacements.0.labels.0 is 3, expected a string"),
+    "width-as-string": (_set("branches.0.width", "32"), 'branches.0.width is "32", expected an integer'),
+    "remove-with-layers": (_set("replacements.0.action", "remove"), "is inconsistent"),
+    "missing-tensor-key": (_set("replacements.0.layers.0.0", "ghost.weight"), "names tensor 'ghost.weight'"),
+    "nan-option": (_set("options.sparsity", float("nan")), "options.sparsity is nan, not a finite number"),
+    "rank-3-weight": (_weight(lambda t: t[..., None]), "expected a 2-D weight"),
+    "transposed-weight": (_weight(lambda t: t.T.contiguous()), "expected a 2-D weight"),
+    "nan-weight": (_weight(lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))), "holds NaN or Inf"),
+    "integer-weight": (_weight(lambda t: t.to(torch.int32)), "expected a floating-point type"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_malformed_recipe_is_one_line_naming_the_field(bypass_dir, model_dir, tmp_path, case):
+    edit, needle = BAD_RECIPES[case]
+    mutated = _mutated(bypass_dir, tmp_path, edit)
+    with pytest.raises(ModelLoadError) as info:
+        subfit_fx.load(mutated, model=subfit_fx.load_model(model_dir))
+    message = str(info.value)
+    assert needle in message and "compress again" in message and "\n" not in message, message
+
+
+def test_nan_bypass_weights_are_refused_by_every_command(bypass_dir, tmp_path, calib, capsys):
+    """NaN weights once evaluated to `"perplexity": NaN` (not JSON) with exit 0."""
+    mutated = _mutated(bypass_dir, tmp_path, BAD_RECIPES["nan-weight"][0])
+    before = _tree(mutated)
+    for argv in (["eval", str(mutated), "--text", str(calib), "--json"],
+                 ["export", str(mutated), "--out", str(tmp_path / "m.onnx")]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert_one_line_error(captured.err, "holds NaN or Inf", "compress again")
+        assert captured.out == ""
+    assert _tree(mutated) == before
+    assert_no_output(tmp_path / "m.onnx")
+
+
+def test_non_finite_evaluation_result_is_an_error_not_nan_json(tmp_path, calib, capsys):
+    model_dir = _saved_model(tmp_path / "model", poison=float("nan"))
+    assert main(["eval", str(model_dir), "--text", str(calib), "--json", "--choice-items", "2"]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, "evaluation result:", "not a finite number")
+    assert "NaN" not in captured.out
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("report.json", {"method": "subfit", "sparsity_target": float("inf")}, "sparsity_target is inf"),
+    ("report.json", {"method": "subfit", "sparsity_target": 0.25, "replaced": ["model.layers.7.mlp"]},
+     "replaced.0 is 'model.layers.7.mlp', which is not a branch"),
+    ("report.json", [1, 2], "is not a JSON object"),
+])
+def test_malformed_report_is_one_line(compressed_dir, model_dir, tmp_path, name, content, needle):
+    moved = tmp_path / "c"
+    shutil.copytree(compressed_dir, moved)
+    (moved / name).write_text(json.dumps(content))
+    with pytest.raises(ModelLoadError, match=re.escape(needle)):
+        subfit_fx.load(moved, model=subfit_fx.load_model(model_dir))
+
+
+def test_eval_json_output_is_what_report_reads_back(compressed_dir, tmp_path, calib, capsys):
+    moved = tmp_path / "c"
+    shutil.copytree(compressed_dir, moved)
+    assert main(["eval", str(moved), "--text", str(calib), "--json", "--choice-items", "2"]) == 0
+    (moved / "eval.json").write_text(capsys.readouterr().out)
+    assert main(["report", str(moved)]) == 0
+    assert "perplexity_ratio" in (moved / "report.html").read_text()
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("eval.json", {"seq_len": 128, "perplexity": float("nan")}, "perplexity is nan"),
+    ("eval.json", {"seq_len": 0}, "seq_len is 0, expected an integer >= 1"),
+    ("bench.json", {"rows": [{"stage": "prefill", "seq": 8, "dense_ms": 1, "compressed_ms": 0, "speedup": 1}],
+                    "bytes": {"dense": 1, "compressed": 1}, "repeats": 1}, "rows.0.compressed_ms is 0"),
+    ("bench.json", {"rows": []}, "bytes is missing"),
+])
+def test_report_command_validates_eval_and_bench_json(compressed_dir, tmp_path, capsys, name, content, needle):
+    moved = tmp_path / "c"
+    shutil.copytree(compressed_dir, moved)
+    (moved / name).write_text(json.dumps(content))
+    before = (moved / "report.html").read_bytes()
+    assert main(["report", str(moved)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"{name}' is invalid", needle, "regenerate it")
+    assert (moved / "report.html").read_bytes() == before

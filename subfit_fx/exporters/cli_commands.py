@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from subfit_fx.atomic import check_not_input
 from subfit_fx.cli_types import positive_int
 from subfit_fx.errors import InputError, OutputExistsError
+from subfit_fx.schema import dumps
 
 __all__ = ["COMMANDS", "cmd_bench", "cmd_export", "cmd_generate", "register"]
 
@@ -166,8 +166,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"rows": rows, "bytes": sizes, "repeats": args.repeats, "threads": args.threads}
     if kv:
         result["kv_bytes_per_token"] = {name: kv_bytes_per_token(m) for name, m in models.items()}
+    text = dumps(result, "benchmark result")
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(text, end="")
         return 0
     print(f"{'stage':<8} {'seq':>6} {'dense ms':>10} {'compressed ms':>14} {'speedup':>8}")
     for r in rows:
