@@ -611,3 +611,73 @@ def test_report_command_validates_eval_and_bench_json(compressed_dir, tmp_path, 
     assert main(["report", str(moved)]) == 2
     assert_one_line_error(capsys.readouterr().err, f"{name}' is invalid", needle, "regenerate it")
     assert (moved / "report.html").read_bytes() == before
+
+
+# -- concurrent runs and killed runs ---------------------------------------------------------------------
+
+def _start_long_compress(tmp: Path, out: Path) -> subprocess.Popen:
+    """A compress run that calibrates for several seconds, started in its own interpreter."""
+    calib = tmp / "long.txt"
+    calib.write_text(calib_text(words=12000))
+    argv = [sys.executable, "-m", "subfit_fx", "compress", "builtin:llama", "--calib", str(calib),
+            "--sparsity", "0.25", "--samples", "128", "--seq-len", "128", "--out", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_concurrent_runs_on_one_output_exactly_one_succeeds(tmp_path, calib, capsys):
+    """Two runs with one --out both reported success; one result silently replaced the other."""
+    out = tmp_path / "out"
+    first = _start_long_compress(tmp_path, out)
+    try:
+        _wait_for(tmp_path / ".out.lock", first)  # the first run has claimed the output
+        assert main(_compress_argv("builtin:llama", calib, out)) == 2  # this process: another run
+        assert first.poll() is None, "the second run did not fail fast"
+        assert_one_line_error(capsys.readouterr().err, "being written by another run", f"(pid {first.pid})",
+                              "choose another output")
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, stderr
+    assert "wrote" in stdout and (out / "recipe.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "long.txt", "out"]
+
+
+def test_rerun_after_a_killed_run_succeeds_and_removes_its_leftovers(tmp_path, calib):
+    out = tmp_path / "out"
+    killed = _start_long_compress(tmp_path, out)
+    try:
+        _wait_for(tmp_path / ".out.lock", killed)
+    finally:
+        killed.kill()  # SIGKILL: no handler, no cleanup
+        killed.communicate()
+    # what a kill during the final save would also leave: the half-written temporary sibling
+    (tmp_path / ".out.k1ll3d_x.partial").mkdir()
+    (tmp_path / ".out.k1ll3d_x.partial" / "recipe.json").write_text("{")
+    (tmp_path / ".out.v2.abcdefgh.partial").mkdir()  # another output's temporary: not ours to remove
+    assert (tmp_path / ".out.lock").exists(), "vacuous: the killed run left no claim"
+    assert main(_compress_argv("builtin:llama", calib, out)) == 0
+    assert (out / "recipe.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.v2.abcdefgh.partial", "calib.txt", "long.txt",
+                                                          "out"]
+
+
+def test_output_moved_aside_by_a_killed_forced_run_is_put_back(tmp_path):
+    from subfit_fx.atomic import claim
+
+    out = tmp_path / "out"
+    (tmp_path / ".out.old-999999").mkdir()  # a --force run killed between its two renames
+    (tmp_path / ".out.old-999999" / "keep.txt").write_text("mine")
+    with claim(out):
+        pass
+    assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from subfit_fx.atomic import check_not_input
+from subfit_fx.atomic import check_not_input, claim
 from subfit_fx.cli_types import positive_int
 from subfit_fx.errors import InputError, OutputExistsError
 from subfit_fx.schema import dumps
@@ -67,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     kind = "KV-cache" if args.kv_cache else "plain"
     _say(f"exporting {args.model} ({kind}{', compressed' if src.recipe is not None else ''}) to {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with claim(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".partial", dir=out.parent) as tmp:
         stages = [Path(tmp) / f"stage{i}.onnx" for i in range(len(passes))] + [out]
         exporter = export_onnx_kv if args.kv_cache else export_onnx
         result = exporter(src, stages[0], force=args.force, opset=opset)
