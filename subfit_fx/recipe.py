@@ -167,7 +167,7 @@ class Recipe:
             data = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             raise ModelLoadError(f"'{path}' is not valid JSON ({str(exc)[:120]}); compress again") from exc
-        check_recipe(data, path)
+        check_recipe(data, path, FORMAT)
         if data.get("format") != FORMAT:
             raise ModelLoadError(f"'{path}' has format {data.get('format')!r}, expected {FORMAT!r}; "
                                  "re-create it with this version of subfit_fx")

@@ -134,25 +134,24 @@ def dumps(data: Any, what: str) -> str:
     return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def check_recipe(data: Any, path: Path) -> None:
+def check_recipe(data: Any, path: Path, format: str) -> None:
     """Check a parsed recipe.json: types, branch records, known actions / forms / inputs, labels of
     its own branches (spans consecutive, none replaced twice), tensor keys declared with 2-D weights
-    and 1-D biases chaining the stream width to itself, finite numbers.
+    and 1-D biases chaining the stream width to itself, finite numbers; `format` is the version
+    string this subfit_fx writes.
 
     Example:
         >>> check_recipe({"format": "subfit-fx-recipe/1", "method": "m", "branches": [],  # doctest: +ELLIPSIS
-        ...               "replacements": [{"labels": ["x"]}], "tensors": {}, "options": {}}, Path("r.json"))
+        ...               "replacements": [{"labels": ["x"]}], "tensors": {}}, Path("r.json"), "subfit-fx-recipe/1")
         Traceback (most recent call last):
         ...
         subfit_fx.errors.ModelLoadError: 'r.json' is invalid: replacements.0.labels.0 is 'x', which is not a ...
     """
-    from subfit_fx.recipe import FORMAT  # recipe.py imports this module
-
     f = _Fields(path, ModelLoadError, _RECIPE_FIX)
     if not isinstance(data, dict):
         f.fail("the file", "is not a JSON object")
-    if data.get("format") != FORMAT:
-        f.fail("format", f"is {data.get('format')!r}, expected {FORMAT!r} (re-create it with this version of "
+    if data.get("format") != format:
+        f.fail("format", f"is {data.get('format')!r}, expected {format!r} (re-create it with this version of "
                          "subfit_fx)")
     f.finite(data)
     f.get(data, "method", "str")
