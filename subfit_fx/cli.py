@@ -123,6 +123,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     from subfit_fx.atomic import check_output, claim
     from subfit_fx.compress import CalibrationConfig
+    from subfit_fx.data import check_text_file
     from subfit_fx.methods import method_options
     from subfit_fx.selection import check_sparsity
 
@@ -132,6 +133,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                                seed=args.seed, skip_first=args.skip_first, holdout=args.holdout)
     options = method_options_from_args(args)
     method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
+    check_text_file(args.calib)
     check_output(Path(args.out), args.force, inputs=[p for p in (args.model, args.calib) if Path(p).exists()])
     # claimed now, not at save: a second run on this --out fails in seconds, not after all the work
     # (under torchrun every rank runs this; rank 0 claims when it saves)

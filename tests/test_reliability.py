@@ -106,12 +106,19 @@ def _with(*pairs: str):
     return build
 
 
+def _fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "fifo")
+    return tmp / "fifo"
+
+
 USER_ERRORS = {
     "missing-model": (_missing_model, ["does not exist", "Hugging Face model directory"]),
     "dir-without-model": (_dir_without_model, ["not a model directory", "save_pretrained"]),
     "corrupted-safetensors": (_corrupted_safetensors, ["cannot load weights", "re-save"]),
     "missing-calib": (lambda t, c: _with("--calib", str(t / "nope.txt"))(t, c), ["does not exist"]),
     "empty-calib": (lambda t, c: _with("--calib", str(_calib_file(t, " \n")))(t, c), ["is empty"]),
+    "calib-is-a-directory": (lambda t, c: _with("--calib", str(t))(t, c), ["is not a regular file (a directory)"]),
+    "calib-is-a-fifo": (lambda t, c: _with("--calib", str(_fifo(t)))(t, c), ["is not a regular file (a FIFO)"]),
     "calib-shorter-than-a-sequence": (lambda t, c: _with("--calib", str(_calib_file(t, "hello world")))(t, c),
                                       ["fewer than one sequence", "--seq-len"]),
     "seq-len-above-max-positions": (_with("--seq-len", "129"), ["exceeds", "128", "--seq-len 128"]),
@@ -681,3 +688,38 @@ def test_output_moved_aside_by_a_killed_forced_run_is_put_back(tmp_path):
         pass
     assert (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# -- commands are bounded by the model's context ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kv_onnx(tmp_path_factory) -> Path:
+    """builtin:llama (context 128) exported with a KV cache, shared read-only."""
+    out = tmp_path_factory.mktemp("onnx") / "llama.onnx"
+    assert main(["export", "builtin:llama", "--out", str(out), "--kv-cache"]) == 0
+    return out
+
+
+def test_generate_stops_at_the_context_with_a_notice(kv_onnx, capsys):
+    """--max-new-tokens 100000000 hung; past the context it would end in an ONNX Runtime traceback."""
+    assert main(["generate", str(kv_onnx), "--prompt", "Hello", "--max-new-tokens", "100000000"]) == 0
+    captured = capsys.readouterr()
+    assert "generating 123 tokens, not 100000000" in captured.err and "context of 128" in captured.err
+    assert captured.out.startswith("Hello") and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["generate", "{onnx}", "--prompt", "x" * 128], ["--prompt has 128 tokens", "context is 128", "shorten"]),
+    (["bench", "{onnx}", "{onnx}", "--seq", "8,200", "--repeats", "1"], ["--seq 200 is beyond the context",
+                                                                         "use --seq up to 127"]),
+    (["bench", "{onnx}", "{onnx}", "--seq", "128", "--repeats", "1"], ["decode step after it needs one more"]),
+])
+def test_lengths_beyond_the_context_are_one_line(kv_onnx, capsys, argv, needles):
+    assert main([a.format(onnx=kv_onnx) for a in argv]) == 2
+    assert_one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_eval_text_that_is_a_fifo_is_named_as_such(tmp_path, capsys):
+    """A FIFO was reported as "does not exist" (and opening it would block forever)."""
+    assert main(["eval", "builtin:llama", "--text", str(_fifo(tmp_path))]) == 2
+    assert_one_line_error(capsys.readouterr().err, "is not a regular file (a FIFO)", "pass a UTF-8 text file")

@@ -121,7 +121,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = tokenizer(args.prompt)["input_ids"]
     if not prompt:
         raise InputError("--prompt is empty after tokenization; pass some text")
-    ids = lm.generate([prompt], args.max_new_tokens, do_sample=args.temperature > 0,
+    context = _context(lm.metadata)
+    new_tokens = args.max_new_tokens
+    if context is not None:
+        if len(prompt) >= context:
+            raise InputError(f"--prompt has {len(prompt)} tokens, but the model's context is {context}; "
+                             "shorten the prompt")
+        if len(prompt) + new_tokens > context:
+            new_tokens = context - len(prompt)
+            _say(f"subfit-fx: note: generating {new_tokens} tokens, not {args.max_new_tokens}: the prompt "
+                 f"({len(prompt)}) and the new tokens fill the model's context of {context}")
+    ids = lm.generate([prompt], new_tokens, do_sample=args.temperature > 0,
                       temperature=args.temperature or 1.0, top_k=args.top_k, seed=args.seed,
                       eos_token_id=getattr(tokenizer, "eos_token_id", None))
     new = [int(i) for i in ids[0, len(prompt):]]
@@ -145,11 +155,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from subfit_fx.runtime import OnnxCausalLM, OnnxRunner, create_session, model_metadata
 
     paths = {"dense": Path(args.dense), "compressed": Path(args.compressed)}
-    kinds = {name: model_metadata(create_session(p, threads=1)).get(KIND_KEY) for name, p in paths.items()}
+    metadata = {name: model_metadata(create_session(p, threads=1)) for name, p in paths.items()}
+    kinds = {name: meta.get(KIND_KEY) for name, meta in metadata.items()}
     if len(set(kinds.values())) != 1:
         raise InputError(f"compare like with like: {paths['dense']} is {kinds['dense']}, "
                          f"{paths['compressed']} is {kinds['compressed']}")
     kv = kinds["dense"] == "kv-cache"
+    for name, meta in metadata.items():
+        context = _context(meta)
+        if context is not None and max(args.seq) + kv > context:
+            raise InputError(f"--seq {max(args.seq)} is beyond the context of {paths[name]} ({context} tokens"
+                             f"{'; a decode step after it needs one more' if kv else ''}); use --seq up to "
+                             f"{context - kv}")
     runner = OnnxCausalLM if kv else OnnxRunner
     models = {name: runner(p, threads=args.threads) for name, p in paths.items()}
     rows = []
@@ -180,6 +197,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"KV cache per token: dense {kvb['dense']:,} B, compressed {kvb['compressed']:,} B")
     print(f"medians of {args.repeats} interleaved runs")
     return 0
+
+
+def _context(metadata: dict[str, str]) -> int | None:
+    """The context length an exported file records (files exported before it was recorded: None)."""
+    from subfit_fx.onnx_format import CONTEXT_KEY
+
+    value = metadata.get(CONTEXT_KEY, "")
+    return int(value) if value.isdigit() else None
 
 
 def _seq_list(text: str) -> list[int]:
