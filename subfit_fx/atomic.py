@@ -76,6 +76,13 @@ def check_output(path: Path, force: bool, inputs: Sequence[str | Path] = ()) -> 
     """
     path = Path(path)
     check_not_input(path, inputs)
+    if path.name in ("", ".", ".."):
+        raise InputError(f"output '{path}' names no new file or directory; pass a path such as '{path}/out'")
+    if path.is_symlink():  # replacing a link would leave its target, a dangling one cannot be renamed over
+        raise InputError(f"output '{path}' is a symbolic link; pass the path it points to, or another path")
+    special = next((fs for fs in ("/proc", "/sys", "/dev") if path.resolve().is_relative_to(fs)), None)
+    if special:
+        raise InputError(f"output '{path}' is on the special filesystem {special}; choose a path on a disk")
     if path.exists() and not force:
         raise OutputExistsError(f"output '{path}' already exists; pass --force to replace it or choose "
                                 "another path")

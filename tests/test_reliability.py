@@ -318,6 +318,25 @@ def test_output_never_lies_in_or_over_an_input(model_dir, tmp_path, calib, capsy
     assert _tree(model) == before and calib.is_file()
 
 
+@pytest.mark.parametrize("where, needle", [
+    ("dangling-symlink", "is a symbolic link"), ("symlink-to-a-directory", "is a symbolic link"),
+    (".", "names no new file or directory"), ("/proc/out", "special filesystem /proc"),
+])
+def test_odd_outputs_are_refused_before_any_work(tmp_path, calib, capsys, monkeypatch, where, needle):
+    """These ended in tracebacks after the whole run (a link to a directory: after replacing the link)."""
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # where '.' points
+    (tmp_path / "dangling-symlink").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "symlink-to-a-directory").symlink_to(tmp_path / "target")
+    out = where if where.startswith((".", "/")) else str(tmp_path / where)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(_compress_argv("builtin:llama", calib, Path(out), "--force")) == 2
+    assert_one_line_error(capsys.readouterr().err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and list((tmp_path / "work").iterdir()) == []
+    assert (tmp_path / "symlink-to-a-directory").is_symlink() and list((tmp_path / "target").iterdir()) == []
+
+
 def test_export_output_never_lies_in_its_input(compressed_dir, tmp_path, capsys):
     moved = tmp_path / "compressed"
     shutil.copytree(compressed_dir, moved)
