@@ -4,4 +4,4 @@ import importlib.util
 
 collect_ignore = [] if importlib.util.find_spec("optimum") else ["subfit_fx/integrations/optimum.py"]
 if not importlib.util.find_spec("lm_eval"):
-    collect_ignore.append("subfit_fx/integrations/lm_eval.py")
+    collect_ignore += ["subfit_fx/integrations/lm_eval.py", "subfit_fx/integrations/lm_eval_cli.py"]

@@ -8,6 +8,7 @@ attribute name, so they equal the model's own module paths.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ import transformers as tf
 
 from subfit_fx.errors import CaptureError, InputError, ModelLoadError
 
-__all__ = ["WRAPPED_PREFIX", "HFWrapper", "capture", "example_inputs", "is_causal_lm", "load_model"]
+__all__ = ["WRAPPED_PREFIX", "HFWrapper", "capture", "check_weight_files", "example_inputs", "is_causal_lm",
+           "load_model"]
 
 WRAPPED_PREFIX = "hf."
 
@@ -77,18 +79,84 @@ def load_model(path: str | Path) -> torch.nn.Module:
     except Exception as exc:  # transformers raises many types for a bad config
         raise ModelLoadError(f"cannot read '{path / 'config.json'}': {_first_line(exc)}; "
                              "fix or regenerate the config") from exc
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"'{path}' has no *.safetensors weights; subfit_fx never unpickles "
-                             "weights: re-save the model with save_pretrained(safe_serialization=True)")
+    check_weight_files(path)
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     cls = tf.AutoModelForCausalLM if causal else tf.AutoModel
     try:
-        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        # mismatched shapes are reported by us below, by name, instead of transformers' "see the report"
+        model, info = cls.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                          ignore_mismatched_sizes=True, output_loading_info=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load weights from '{path}': {_first_line(exc)}; the "
                              "safetensors files may be corrupt: re-save or re-download them") from exc
+    _check_loading_info(path, config, info,
+                        own_modules=None if causal else {n for n, _ in model.named_children()})
     return model.eval()
+
+
+def check_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of model directory `path`, resolved before transformers reads it: an
+    index must name only `*.safetensors` files inside the directory, so nothing is ever unpickled.
+
+    Example:
+        >>> check_weight_files(Path("."))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.ModelLoadError: '.' has no *.safetensors weights; ...
+    """
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"'{index}' is not a safetensors index (no weight_map of file names: "
+                                 f"{_first_line(exc)}); re-save the model with save_pretrained()") from exc
+        for name in sorted(names, key=str):
+            # by name, not resolved path: hub caches link weights to blobs elsewhere
+            if not (isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name):
+                raise ModelLoadError(f"'{index}' maps weights to {name!r}, not a *.safetensors file in "
+                                     "the model directory; subfit_fx never unpickles weights: re-save the "
+                                     "model with save_pretrained(safe_serialization=True)")
+            if not (path / name).is_file():
+                raise ModelLoadError(f"'{index}' names '{name}', which is missing from '{path}'; "
+                                     "re-download or re-save the model")
+        return [path / name for name in sorted(names)]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"'{path}' has *.safetensors files but neither model.safetensors nor "
+                             "model.safetensors.index.json; re-save the model with save_pretrained()")
+    raise ModelLoadError(f"'{path}' has no *.safetensors weights; subfit_fx never unpickles "
+                         "weights: re-save the model with save_pretrained(safe_serialization=True)")
+
+
+def _check_loading_info(path: Path, config: object, info: dict, own_modules: set[str] | None) -> None:
+    """Every architecture parameter came from the checkpoint and every checkpoint tensor was used
+    (transformers leaves tied weights out of both lists); otherwise the model would silently run
+    with random weights."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if own_modules is not None:
+        # an encoder loaded from a checkpoint with a task head (BertForMaskedLM): tensors outside
+        # the encoder's own modules are the head's, and the pooler is unused (capture prunes it)
+        missing = [k for k in missing if not k.startswith("pooler.")]
+        unexpected = [k for k in unexpected if k.split(".")[0] in own_modules]
+    problems = []
+    if info.get("mismatched_keys"):
+        shapes = sorted(info["mismatched_keys"])
+        problems.append(f"{len(shapes)} tensors have the wrong shape (e.g. " + ", ".join(
+            f"{k} {list(a)} vs config {list(b)}" for k, a, b in shapes[:2]) + ")")
+    if missing:
+        problems.append(f"{len(missing)} parameters are missing from the weights (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors in the weights are unused (e.g. {', '.join(unexpected[:3])})")
+    if problems:
+        kind = getattr(config, "model_type", "?")
+        raise ModelLoadError(f"weights in '{path}' do not match its config.json (model_type {kind}): "
+                             f"{'; '.join(problems)}; the config and the weights come from different "
+                             "models: restore the config.json saved with these weights")
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:

@@ -118,10 +118,12 @@ def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
     from pathlib import Path
 
-    from subfit_fx.atomic import check_output
+    from subfit_fx.atomic import check_output, claim
     from subfit_fx.compress import CalibrationConfig
+    from subfit_fx.data import check_text_file
     from subfit_fx.methods import method_options
     from subfit_fx.selection import check_sparsity
 
@@ -131,18 +133,22 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                                seed=args.seed, skip_first=args.skip_first, holdout=args.holdout)
     options = method_options_from_args(args)
     method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
+    check_text_file(args.calib)
     check_output(Path(args.out), args.force, inputs=[p for p in (args.model, args.calib) if Path(p).exists()])
-    if args.distributed or args.pipeline != "basic" or args.offload is not None or args.layers_per_pass != 1:
-        return _compress_on_pipeline(args, target, config, options)
+    # claimed now, not at save: a second run on this --out fails in seconds, not after all the work
+    # (under torchrun every rank runs this; rank 0 claims when it saves)
+    with nullcontext() if args.distributed else claim(Path(args.out)):
+        if args.distributed or args.pipeline != "basic" or args.offload is not None or args.layers_per_pass != 1:
+            return _compress_on_pipeline(args, target, config, options)
 
-    from subfit_fx.compress import compress
+        from subfit_fx.compress import compress
 
-    print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
-    compressed = compress(args.model, args.calib, target, args.method, calibration=config, **options)
-    out = compressed.save(args.out, force=args.force)
-    print_summary(compressed.report)
-    print(f"wrote {out}")
-    return 0
+        print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
+        compressed = compress(args.model, args.calib, target, args.method, calibration=config, **options)
+        out = compressed.save(args.out, force=args.force)
+        print_summary(compressed.report)
+        print(f"wrote {out}")
+        return 0
 
 
 def _mib(n: float) -> str:

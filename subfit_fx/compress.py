@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from subfit_fx.models import resolve_model
 from subfit_fx.recipe import Recipe
 from subfit_fx.report import Report, build_report
 from subfit_fx.rewrite import apply_recipe
+from subfit_fx.schema import check_report, dumps, read_json
 from subfit_fx.selection import BUDGET_TOLERANCE, check_sparsity
 from subfit_fx.standalone import is_standalone, load_base_skeleton, weights_sha256, write_standalone
 
@@ -107,6 +107,7 @@ class Compressed:
         self.report = report
         self.base_model = base_model
         self._dense = dense
+        self.source_dir: Path | None = None  # the directory `load` read, if any
 
     def dense_model(self) -> torch.nn.Module | None:
         """The uncompressed base model: the one compressed in this process, else the recorded base
@@ -140,13 +141,15 @@ class Compressed:
         base = self.recipe.base_model
         base_dir = Path(gguf_directory(base) if is_gguf(base) else base) if base and not base.startswith(
             "builtin:") else None
+        if base_dir is None or not base_dir.is_dir():
+            base_dir = self.source_dir  # re-saving a loaded directory: its own tokenizer files
         if self.recipe.base_sha256 is None and isinstance(self.base_model, PreTrainedModel):
             self.recipe.base_sha256 = weights_sha256(self._dense or self.base_model)
         with atomic_dir(directory, force=force) as tmp:
             notes = write_standalone(self.program, self.recipe, self.base_model, tmp, base_dir)
             self.recipe.save(tmp, weights=not is_standalone(tmp))
             self.report.notes += [n for n in notes if n not in self.report.notes]
-            (tmp / "report.json").write_text(json.dumps(self.report.to_json(), indent=2, sort_keys=True) + "\n")
+            (tmp / "report.json").write_text(dumps(self.report.to_json(), "report.json"))
             (tmp / "report.md").write_text(self.report.to_markdown())
             write_html_report(tmp)
         return directory
@@ -255,8 +258,11 @@ def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compres
     program = apply_recipe(ep, recipe)
     report_path = directory / "report.json"
     if report_path.is_file():
-        data = json.loads(report_path.read_text())
+        labels = {b["label"] for b in recipe.branches}
+        data = read_json(report_path, lambda data, path: check_report(data, path, labels))
         report = Report(**{k: v for k, v in data.items() if k in Report.__dataclass_fields__})
     else:
         report = Report(method=recipe.method, sparsity_target=float(recipe.options.get("sparsity", 0.0)))
-    return Compressed(program, recipe, report, model, dense=dense)
+    compressed = Compressed(program, recipe, report, model, dense=dense)
+    compressed.source_dir = directory
+    return compressed

@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from subfit_fx.errors import CalibrationError, InputError
 __all__ = [
     "Batch",
     "ByteTokenizer",
+    "check_text_file",
     "load_tokenizer",
     "read_calibration_text",
     "read_chat_jsonl",
@@ -105,15 +108,37 @@ def tokenizer_from_dir(path: str | Path) -> Any:
         log.setLevel(level)
 
 
+def check_text_file(path: str | Path) -> Path:
+    """`path` if it is an existing, regular, readable file (a FIFO would block the read forever,
+    a directory fail in it); else an `InputError` saying which it is.
+
+    Example:
+        >>> check_text_file("/")
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.InputError: text file '/' is not a regular file (a directory); pass a UTF-8 text file
+    """
+    path = Path(path)
+    if not path.exists():
+        problem = "does not exist"
+    elif not path.is_file():
+        mode = path.stat().st_mode
+        kind = "a directory" if path.is_dir() else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        problem = f"is not a regular file ({kind})"
+    elif not os.access(path, os.R_OK):
+        problem = "is not readable (permission denied)"
+    else:
+        return path
+    raise InputError(f"text file '{path}' {problem}; pass a UTF-8 text file")
+
+
 def read_text(path: str | Path) -> str:
     """Read a UTF-8 text file with clear errors for missing or empty files.
 
     Example:
         >>> read_text("missing.txt")  # doctest: +SKIP
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"text file '{path}' does not exist; pass a UTF-8 text file")
+    path = check_text_file(path)
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise CalibrationError(f"text file '{path}' is empty; pass a file with at least one sequence of text")

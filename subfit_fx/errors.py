@@ -13,6 +13,7 @@ __all__ = [
     "InputError",
     "ModelLoadError",
     "NoBranchesError",
+    "NonFiniteError",
     "OutputExistsError",
     "RecipeMismatchError",
     "SubfitError",
@@ -42,6 +43,10 @@ class NoBranchesError(SubfitError):
 
 class CalibrationError(SubfitError):
     """Calibration data is unusable (empty, too short) or produced non-finite statistics."""
+
+
+class NonFiniteError(SubfitError):
+    """A result to be written (a metric, a score) is NaN or infinite, which JSON cannot hold."""
 
 
 class RecipeMismatchError(SubfitError):

@@ -25,6 +25,7 @@ from typing import Any
 
 from subfit_fx.cli_types import positive_int
 from subfit_fx.errors import InputError
+from subfit_fx.schema import dumps
 
 __all__ = ["DEFAULT_MAX_SEQ_LEN", "LM_EVAL_FILE", "register", "run_eval", "run_lm_eval"]
 
@@ -93,8 +94,9 @@ def run_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_tokens=args.max_tokens, choice_items_count=args.choice_items,
             seed=args.seed, progress=not args.json)
     result = {"model": args.model, "model_kind": kind, "text": str(args.text), **result}
+    text = dumps(result, "evaluation result")  # a NaN perplexity is an error in either output form
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(text, end="")
         return 0
     width = max(len(k) for k in result)
     for key, value in result.items():

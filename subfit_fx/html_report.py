@@ -14,11 +14,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render_html", "write_html_report"]
+__all__ = ["html_table", "render_html", "render_page", "write_html_report"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1050px;color:#1d2330}
@@ -71,7 +70,13 @@ def _heatmaps(report: dict[str, Any]) -> str:
     return f'<img alt="redundancy heatmaps" src="{_png(fig)}">'
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def html_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """An HTML table of `rows` (dicts) over `columns`; numbers right-aligned, text escaped.
+
+    Example:
+        >>> html_table([{"a": 1.5}], ["a"])
+        '<table><tr><th>a</th></tr><tr><td class="num">1.5</td></tr></table>'
+    """
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -100,6 +105,18 @@ def _flat(data: Any, prefix: str = "") -> list[dict[str, Any]]:
         for i, v in enumerate(data):
             rows += _flat(v, f"{prefix}{i}.")
     return rows
+
+
+def render_page(title: str, sections: list[tuple[str, str]]) -> str:
+    """A self-contained HTML page: `title`, then (heading, HTML body) sections.
+
+    Example:
+        >>> "<h2>x</h2>" in render_page("t", [("x", "<p>y</p>")])
+        True
+    """
+    body = "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, b in sections)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
 def render_html(report: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
@@ -135,18 +152,18 @@ def render_html(report: dict[str, Any], extras: dict[str, Any] | None = None) ->
                                        for k, v in kpis) + "</div>",
         "<h2>Redundancy heatmap</h2>", _heatmaps(r) if branches else "<p>No branches.</p>",
         "<h2>Selection map</h2><table><tr><th>layer</th><th>attention</th><th>ffn</th></tr>" + sel_rows + "</table>",
-        "<h2>Accounting</h2>", _table([
+        "<h2>Accounting</h2>", html_table([
             {"quantity": "block parameters", "value": r.get("block_params", 0)},
             {"quantity": "bypass parameters (incl. kept norms)", "value": r["bypass_params"]},
             {"quantity": "sparsity over all parameters", "value": float(r.get("sparsity_all_params", 0.0))},
             {"quantity": "replaced branches", "value": len(r["replaced"])},
         ], ["quantity", "value"]),
         "<h2>Fit errors of replaced branches</h2>",
-        _table(fits, ["label", "kind", "layer", "form", "branch params", "bypass params", "relative fit error"])
+        html_table(fits, ["label", "kind", "layer", "form", "branch params", "bypass params", "relative fit error"])
         if fits else "<p>Nothing replaced.</p>",
     ]
     for title, data in (extras or {}).items():
-        parts += [f"<h2>{html.escape(title)}</h2>", _table(_flat(data), ["metric", "value"])]
+        parts += [f"<h2>{html.escape(title)}</h2>", html_table(_flat(data), ["metric", "value"])]
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -158,12 +175,15 @@ def write_html_report(directory: Path, out: Path | None = None) -> Path:
         >>> write_html_report(Path("out/llama-25"))  # doctest: +SKIP
     """
     directory = Path(directory)
-    report = json.loads((directory / "report.json").read_text())
+    from subfit_fx.errors import InputError
+    from subfit_fx.schema import check_bench, check_eval, check_lm_eval, check_report, read_json
+
+    report = read_json(directory / "report.json", check_report)
     extras = {}
-    for name, title in (("eval.json", "Evaluation"), ("lm_eval.json", "lm-evaluation-harness"),
-                        ("bench.json", "Benchmark")):
+    for name, title, check in (("eval.json", "Evaluation", check_eval), ("lm_eval.json", "lm-evaluation-harness",
+                               check_lm_eval), ("bench.json", "Benchmark", check_bench)):
         if (directory / name).is_file():
-            extras[title] = json.loads((directory / name).read_text())
+            extras[title] = read_json(directory / name, check, InputError)
     out = out or directory / "report.html"
     out.write_text(render_html(report, extras), encoding="utf-8")
     return out

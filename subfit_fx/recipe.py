@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from subfit_fx.branches import Branch
 from subfit_fx.errors import ModelLoadError, RecipeMismatchError
 from subfit_fx.fit import Fit
+from subfit_fx.schema import check_recipe, check_recipe_tensors, dumps
 
 __all__ = ["FORMAT", "STORE", "WEIGHTS", "Recipe", "Replacement", "recipe_from_fits", "store_name"]
 
@@ -120,10 +121,13 @@ class Recipe:
                 f"recipe was made for another model: branch labels differ (e.g. {missing[:2] or sorted(found)[:2]});"
                 " apply it to the model named in recipe.json or compress this model again")
         for b in self.branches:
-            if found[b["label"]].width != b["width"] or found[b["label"]].params != b["params"]:
+            if (found[b["label"]].width, found[b["label"]].params) != (b["width"], b["params"]) or (
+                    found[b["label"]].kind, found[b["label"]].layer) != (b["kind"], b["layer"]):
+                have = found[b["label"]]
                 raise RecipeMismatchError(
-                    f"recipe branch '{b['label']}' has width {b['width']} / {b['params']} params but "
-                    f"the model's has {found[b['label']].width} / {found[b['label']].params}; apply it "
+                    f"recipe branch '{b['label']}' is {b['kind']} of layer {b['layer']}, width {b['width']} / "
+                    f"{b['params']} params but the model's is {have.kind} of layer {have.layer}, width "
+                    f"{have.width} / {have.params}; apply it "
                     "to the model it was made for")
         for r in self.replacements:
             width = found[r.labels[0]].width
@@ -159,7 +163,7 @@ class Recipe:
             >>> Recipe("subfit", [], []).save(Path("out"))  # doctest: +SKIP
         """
         directory = Path(directory)
-        (directory / "recipe.json").write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        (directory / "recipe.json").write_text(dumps(self.to_json(), "recipe.json"))
         if not weights:
             return
         tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in sorted(self.tensors.items())}
@@ -178,9 +182,10 @@ class Recipe:
             raise ModelLoadError(f"'{directory}' holds no recipe.json; pass a directory written by "
                                  "'subfit-fx compress' or Compressed.save()")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"'{path}' is not valid JSON ({exc.msg}); compress again") from exc
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ModelLoadError(f"'{path}' is not valid JSON ({str(exc)[:120]}); compress again") from exc
+        check_recipe(data, path, FORMAT)
         if data.get("format") != FORMAT:
             raise ModelLoadError(f"'{path}' has format {data.get('format')!r}, expected {FORMAT!r}; "
                                  "re-create it with this version of subfit_fx")
@@ -189,8 +194,9 @@ class Recipe:
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"cannot read '{directory / 'weights.safetensors'}' ({exc}); the file "
+            raise ModelLoadError(f"cannot read '{_tensors_file(directory)}' ({exc}); the file "
                                  "is corrupt or truncated: compress again") from exc
+        check_recipe_tensors(data, tensors, _tensors_file(directory))
         replacements = [Replacement(labels=tuple(r["labels"]), action=r["action"], form=r["form"],
                                     input=r["input"], layers=[tuple(p) for p in r["layers"]], info=r["info"])
                         for r in data["replacements"]]
@@ -199,19 +205,24 @@ class Recipe:
                    base_sha256=data.get("base_weights_sha256"))
 
 
+def _tensors_file(directory: Path) -> Path:
+    """Where a directory keeps its recipe tensors: weights.safetensors, or (self-contained) the
+    model's weights file."""
+    old = directory / "weights.safetensors"
+    return old if old.is_file() or not (directory / WEIGHTS).is_file() else directory / WEIGHTS
+
+
 def _read_tensors(directory: Path, keys: list[str]) -> dict[str, torch.Tensor]:
-    if not keys:
-        return {}
-    if (directory / "weights.safetensors").is_file() or not (directory / WEIGHTS).is_file():
-        return load_file(str(directory / "weights.safetensors"))
-    # a self-contained directory: the tensors live once, in the model's weights file
-    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
-        present = set(f.keys())
-        missing = [k for k in keys if f"{STORE}.{store_name(k)}" not in present]
-        if missing:
-            raise ModelLoadError(f"'{directory / WEIGHTS}' lacks the bypass tensor '{missing[0]}' its recipe "
-                                 "names; the directory is incomplete: compress again")
-        return {k: f.get_tensor(f"{STORE}.{store_name(k)}") for k in keys}
+    path = _tensors_file(directory)
+    if path.name != WEIGHTS:
+        return load_file(str(path)) if keys else {}
+    # a self-contained directory: every tensor of the store (schema.check_recipe_tensors then
+    # finds the ones recipe.json does not list, as well as the missing ones)
+    prefix = STORE + "."
+    with safe_open(str(path), framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (safe_open is not iterable)
+        return {k[len(prefix):].replace("__", "."): f.get_tensor(k) for k in keys}
+
 
 
 def branch_records(branches: list[Branch]) -> list[dict[str, Any]]:

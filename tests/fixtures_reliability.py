@@ -75,3 +75,26 @@ def run_cli(args: list[str], timeout: float = 180) -> subprocess.CompletedProces
     """`python -m subfit_fx ARGS` in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "subfit_fx", *args], capture_output=True, text=True,
                           timeout=timeout, env=cli_env())
+
+
+def read_recipe_tensors(directory: Path) -> dict:
+    """The recipe tensors of a compressed directory (self-contained: the store in model.safetensors)."""
+    from safetensors.torch import load_file
+
+    from subfit_fx.recipe import STORE, WEIGHTS
+
+    prefix = STORE + "."
+    return {k[len(prefix):].replace("__", "."): v for k, v in load_file(str(Path(directory) / WEIGHTS)).items()
+            if k.startswith(prefix)}
+
+
+def write_recipe_tensors(directory: Path, tensors: dict) -> None:
+    """Replace the recipe tensors of a self-contained compressed directory (the model's other weights stay)."""
+    from safetensors.torch import load_file, save_file
+
+    from subfit_fx.recipe import STORE, WEIGHTS, store_name
+
+    path = Path(directory) / WEIGHTS
+    kept = {k: v for k, v in load_file(str(path)).items() if not k.startswith(STORE + ".")}
+    save_file({**kept, **{f"{STORE}.{store_name(k)}": v for k, v in tensors.items()}}, str(path),
+              metadata={"format": "pt"})

@@ -31,11 +31,14 @@ def test_report_html_is_self_contained(saved):
 
 
 def test_report_command_adds_eval_and_bench_tables(saved, capsys):
-    (saved / "eval.json").write_text(json.dumps({"perplexity": 12.5, "next_token_accuracy": 0.4}))
-    (saved / "bench.json").write_text(json.dumps({"prefill": {"speedup": 1.7}}))
+    """eval.json and bench.json as `subfit-fx eval --json` and `subfit-fx bench --json` write them."""
+    (saved / "eval.json").write_text(json.dumps({"perplexity": 12.5, "next_token_accuracy": 0.4, "seq_len": 128}))
+    row = {"stage": "prefill", "seq": 128, "dense_ms": 2.0, "compressed_ms": 1.2, "speedup": 1.7}
+    (saved / "bench.json").write_text(json.dumps({"rows": [row], "bytes": {"dense": 9, "compressed": 7},
+                                                  "repeats": 10, "threads": None}))
     assert main(["report", str(saved)]) == 0
     page = (saved / "report.html").read_text()
-    assert "Evaluation" in page and "perplexity" in page and "prefill.speedup" in page
+    assert "Evaluation" in page and "perplexity" in page and "rows.0.speedup" in page
     assert main(["report", str(saved.parent)]) == 2
 
 

@@ -12,7 +12,8 @@ import subfit_fx
 
 PACKAGE = Path(subfit_fx.__file__).parent
 APPLICATION = {"subfit_fx.cli", "subfit_fx.cli_types", "subfit_fx.__main__", "subfit_fx.demo", "subfit_fx.eval_cli",
-               "subfit_fx.exporters.cli_commands", "subfit_fx.pipelines.cli", "subfit_fx.pipelines.__main__"}
+               "subfit_fx.exporters.cli_commands", "subfit_fx.pipelines.cli", "subfit_fx.pipelines.__main__",
+               "subfit_fx.integrations.lm_eval_cli"}
 
 
 def _modules() -> dict[str, Path]:

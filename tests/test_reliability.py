@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -26,8 +27,10 @@ from tests.fixtures_reliability import (
     assert_one_line_error,
     calib_text,
     cli_env,
+    read_recipe_tensors,
     run_cli,
     stderr_lines,
+    write_recipe_tensors,
 )
 
 FAST = ["--samples", "8", "--seq-len", "32"]
@@ -105,12 +108,19 @@ def _with(*pairs: str):
     return build
 
 
+def _fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "fifo")
+    return tmp / "fifo"
+
+
 USER_ERRORS = {
     "missing-model": (_missing_model, ["does not exist", "Hugging Face model directory"]),
     "dir-without-model": (_dir_without_model, ["not a model directory", "save_pretrained"]),
     "corrupted-safetensors": (_corrupted_safetensors, ["cannot load weights", "re-save"]),
     "missing-calib": (lambda t, c: _with("--calib", str(t / "nope.txt"))(t, c), ["does not exist"]),
     "empty-calib": (lambda t, c: _with("--calib", str(_calib_file(t, " \n")))(t, c), ["is empty"]),
+    "calib-is-a-directory": (lambda t, c: _with("--calib", str(t))(t, c), ["is not a regular file (a directory)"]),
+    "calib-is-a-fifo": (lambda t, c: _with("--calib", str(_fifo(t)))(t, c), ["is not a regular file (a FIFO)"]),
     "calib-shorter-than-a-sequence": (lambda t, c: _with("--calib", str(_calib_file(t, "hello world")))(t, c),
                                       ["fewer than one sequence", "--seq-len"]),
     "seq-len-above-max-positions": (_with("--seq-len", "129"), ["exceeds", "128", "--seq-len 128"]),
@@ -183,6 +193,77 @@ def test_pickled_weights_are_never_unpickled(tmp_path, calib, capsys):
     assert_no_output(tmp_path / "out")
 
 
+def _index_naming(tmp: Path, name: str) -> Path:
+    """A saved tiny llama whose safetensors index maps every tensor to `name`."""
+    from safetensors import safe_open
+
+    model_dir = _saved_model(tmp / "model")
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, name)}))
+    return model_dir
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "../model.safetensors", "/tmp/model.safetensors"])
+def test_index_naming_a_pickle_or_a_file_outside_is_refused_before_loading(tmp_path, calib, capsys, name):
+    """transformers followed such an index into torch.load, and its message advised weights_only=False."""
+    model_dir = _index_naming(tmp_path, name)
+    sentinel = tmp_path / "unpickled"
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(sentinel)))
+    before = _tree(model_dir)
+    assert main(_compress_argv(str(model_dir), calib, tmp_path / "out")) == 2
+    line = assert_one_line_error(capsys.readouterr().err, f"maps weights to '{name}'", "never unpickles")
+    assert "weights_only" not in line
+    assert not sentinel.exists() and _tree(model_dir) == before
+    assert_no_output(tmp_path / "out")
+
+
+def _config_of(arch: str | None, model_dir: Path, **changes: object) -> Path:
+    """Replace `model_dir`'s config by the saved config of a tiny `arch` (None: its own), with `changes`."""
+    source = model_dir
+    if arch:
+        source = model_dir.parent / arch
+        tiny_model(arch, hidden=32, layers=2).save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
+    return model_dir
+
+
+@pytest.mark.parametrize("config, needles", [
+    ({"arch": "gpt2"}, ["model_type gpt2", "missing from the weights (e.g. transformer.h.0",
+                        "unused (e.g. model.embed_tokens.weight"]),
+    ({"arch": None, "intermediate_size": 80}, ["wrong shape (e.g. model.layers.0.mlp.down_proj.weight [32, 64] "
+                                               "vs config [32, 80]"]),
+])
+def test_weights_of_another_model_are_refused(model_dir, tmp_path, calib, capsys, config, needles):
+    """A gpt2 config over llama weights loaded as a random-init GPT-2 and compressed without a word."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    changes = dict(config)
+    _config_of(changes.pop("arch"), model, **changes)
+    before = _tree(model)
+    with pytest.raises(ModelLoadError, match=r"do not match its config\.json"):
+        subfit_fx.load_model(model)
+    assert main(_compress_argv(str(model), calib, tmp_path / "out")) == 2
+    assert_one_line_error(capsys.readouterr().err, "do not match its config.json", "restore the config.json",
+                          *needles)
+    assert _tree(model) == before
+    assert_no_output(tmp_path / "out")
+
+
+def test_encoder_from_a_checkpoint_with_a_task_head_loads(tmp_path):
+    """A BertForMaskedLM checkpoint is an encoder plus a head we drop on purpose: not a mismatch."""
+    import transformers
+
+    from subfit_fx.zoo import tiny_config
+
+    mlm = transformers.BertForMaskedLM(tiny_config("bert", hidden=32, layers=2))
+    mlm.save_pretrained(tmp_path / "bert")
+    model = subfit_fx.load_model(tmp_path / "bert")
+    assert type(model).__name__ == "BertModel"
+    assert torch.equal(model.encoder.layer[0].output.dense.weight, mlm.bert.encoder.layer[0].output.dense.weight)
+
+
 # -- recipes are checked against their model ---------------------------------------------------------
 
 def test_recipe_from_another_model_is_rejected(compressed_dir):
@@ -238,6 +319,25 @@ def test_output_never_lies_in_or_over_an_input(model_dir, tmp_path, calib, capsy
     assert main(_compress_argv(str(model), calib, out, "--force")) == 2
     assert_one_line_error(capsys.readouterr().err, "lies in or over the input", "outside it")
     assert _tree(model) == before and calib.is_file()
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("dangling-symlink", "is a symbolic link"), ("symlink-to-a-directory", "is a symbolic link"),
+    (".", "names no new file or directory"), ("/proc/out", "special filesystem /proc"),
+])
+def test_odd_outputs_are_refused_before_any_work(tmp_path, calib, capsys, monkeypatch, where, needle):
+    """These ended in tracebacks after the whole run (a link to a directory: after replacing the link)."""
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # where '.' points
+    (tmp_path / "dangling-symlink").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "symlink-to-a-directory").symlink_to(tmp_path / "target")
+    out = where if where.startswith((".", "/")) else str(tmp_path / where)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(_compress_argv("builtin:llama", calib, Path(out), "--force")) == 2
+    assert_one_line_error(capsys.readouterr().err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and list((tmp_path / "work").iterdir()) == []
+    assert (tmp_path / "symlink-to-a-directory").is_symlink() and list((tmp_path / "target").iterdir()) == []
 
 
 def test_export_output_never_lies_in_its_input(compressed_dir, tmp_path, capsys):
@@ -403,3 +503,243 @@ def test_interrupt_that_a_library_turns_into_another_error_still_exits_130(tmp_p
 def test_numeric_options_are_range_checked_by_the_parser(argv, capsys):
     assert main(argv) == 2
     assert_one_line_error(capsys.readouterr().err, "not a positive integer")
+
+
+# -- artifacts are validated on read; JSON outputs are finite -------------------------------------------
+
+@pytest.fixture(scope="module")
+def bypass_dir(model_dir, tmp_path_factory) -> Path:
+    """`model_dir` compressed with a shared-basis bypass (tensors in model.safetensors), read-only."""
+    root = tmp_path_factory.mktemp("bypass")
+    calib = root / "calib.txt"
+    calib.write_text(calib_text())
+    assert main(_compress_argv(str(model_dir), calib, root / "out", "--judge", "statistics")) == 0
+    assert json.loads((root / "out" / "recipe.json").read_text())["tensors"], "no bypass: vacuous fixture"
+    return root / "out"
+
+
+def _mutated(source: Path, tmp: Path, edit) -> Path:
+    """A copy of compressed directory `source` with `edit(recipe_dict, tensors_dict)` applied."""
+    out = tmp / "mutated"
+    shutil.copytree(source, out)
+    recipe = json.loads((out / "recipe.json").read_text())
+    tensors = read_recipe_tensors(out)
+    edit(recipe, tensors)
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    write_recipe_tensors(out, tensors)
+    return out
+
+
+def _set(path: str, value: object):
+    """An edit setting recipe field `path` (dot-separated keys and list indices) to `value`."""
+    def edit(recipe: dict, tensors: dict) -> None:
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        obj = recipe
+        for p in parents:
+            obj = obj[p]
+        obj[last] = value
+    return edit
+
+
+def _weight(change):
+    def edit(recipe: dict, tensors: dict) -> None:
+        key = recipe["replacements"][0]["layers"][0][0]
+        tensors[key] = change(tensors[key])
+        recipe["tensors"][key] = list(tensors[key].shape)
+    return edit
+
+
+BAD_RECIPES = {
+    "branches-not-a-list": (_set("branches", "x"), 'branches is "x", expected a list'),
+    "unknown-action": (_set("replacements.0.action", "explode"), "replacements.0.action is 'explode', expected one "
+                                                                 "of remove, bypass"),
+    "unknown-form": (_set("replacements.0.form", "cubic"), "replacements.0.form is 'cubic'"),
+    "unknown-input": (_set("replacements.0.input", "sideways"), "replacements.0.input is 'sideways'"),
+    "unknown-label": (_set("replacements.0.labels", ["model.layers.9.mlp"]), "which is not a branch"),
+    "label-as-number": (_set("replacements.0.labels", [3]), "replacements.0.labels.0 is 3, expected a string"),
+    "width-as-string": (_set("branches.0.width", "32"), 'branches.0.width is "32", expected an integer'),
+    "remove-with-layers": (_set("replacements.0.action", "remove"), "is inconsistent"),
+    "missing-tensor-key": (_set("replacements.0.layers.0.0", "ghost.weight"), "names tensor 'ghost.weight'"),
+    "nan-option": (_set("options.sparsity", float("nan")), "options.sparsity is nan, not a finite number"),
+    "rank-3-weight": (_weight(lambda t: t[..., None]), "expected a 2-D weight"),
+    "transposed-weight": (_weight(lambda t: t.T.contiguous()), "expected a 2-D weight"),
+    "nan-weight": (_weight(lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))), "holds NaN or Inf"),
+    "integer-weight": (_weight(lambda t: t.to(torch.int32)), "expected a floating-point type"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_malformed_recipe_is_one_line_naming_the_field(bypass_dir, model_dir, tmp_path, case):
+    edit, needle = BAD_RECIPES[case]
+    mutated = _mutated(bypass_dir, tmp_path, edit)
+    with pytest.raises(ModelLoadError) as info:
+        subfit_fx.load(mutated, model=subfit_fx.load_model(model_dir))
+    message = str(info.value)
+    assert needle in message and "compress again" in message and "\n" not in message, message
+
+
+def test_nan_bypass_weights_are_refused_by_every_command(bypass_dir, tmp_path, calib, capsys):
+    """NaN weights once evaluated to `"perplexity": NaN` (not JSON) with exit 0."""
+    mutated = _mutated(bypass_dir, tmp_path, BAD_RECIPES["nan-weight"][0])
+    before = _tree(mutated)
+    for argv in (["eval", str(mutated), "--text", str(calib), "--json"],
+                 ["export", str(mutated), "--out", str(tmp_path / "m.onnx")]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert_one_line_error(captured.err, "holds NaN or Inf", "compress again")
+        assert captured.out == ""
+    assert _tree(mutated) == before
+    assert_no_output(tmp_path / "m.onnx")
+
+
+def test_non_finite_evaluation_result_is_an_error_not_nan_json(tmp_path, calib, capsys):
+    model_dir = _saved_model(tmp_path / "model", poison=float("nan"))
+    assert main(["eval", str(model_dir), "--text", str(calib), "--json", "--choice-items", "2"]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, "evaluation result:", "not a finite number")
+    assert "NaN" not in captured.out
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("report.json", {"method": "subfit", "sparsity_target": float("inf")}, "sparsity_target is inf"),
+    ("report.json", {"method": "subfit", "sparsity_target": 0.25, "replaced": ["model.layers.7.mlp"]},
+     "replaced.0 is 'model.layers.7.mlp', which is not a branch"),
+    ("report.json", [1, 2], "is not a JSON object"),
+])
+def test_malformed_report_is_one_line(compressed_dir, model_dir, tmp_path, name, content, needle):
+    moved = tmp_path / "c"
+    shutil.copytree(compressed_dir, moved)
+    (moved / name).write_text(json.dumps(content))
+    with pytest.raises(ModelLoadError, match=re.escape(needle)):
+        subfit_fx.load(moved, model=subfit_fx.load_model(model_dir))
+
+
+def test_eval_json_output_is_what_report_reads_back(compressed_dir, tmp_path, calib, capsys):
+    moved = tmp_path / "c"
+    shutil.copytree(compressed_dir, moved)
+    assert main(["eval", str(moved), "--text", str(calib), "--json", "--choice-items", "2"]) == 0
+    (moved / "eval.json").write_text(capsys.readouterr().out)
+    assert main(["report", str(moved)]) == 0
+    assert "perplexity_ratio" in (moved / "report.html").read_text()
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("eval.json", {"seq_len": 128, "perplexity": float("nan")}, "perplexity is nan"),
+    ("eval.json", {"seq_len": 0}, "seq_len is 0, expected an integer >= 1"),
+    ("bench.json", {"rows": [{"stage": "prefill", "seq": 8, "dense_ms": 1, "compressed_ms": 0, "speedup": 1}],
+                    "bytes": {"dense": 1, "compressed": 1}, "repeats": 1}, "rows.0.compressed_ms is 0"),
+    ("bench.json", {"rows": []}, "bytes is missing"),
+])
+def test_report_command_validates_eval_and_bench_json(compressed_dir, tmp_path, capsys, name, content, needle):
+    moved = tmp_path / "c"
+    shutil.copytree(compressed_dir, moved)
+    (moved / name).write_text(json.dumps(content))
+    before = (moved / "report.html").read_bytes()
+    assert main(["report", str(moved)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"{name}' is invalid", needle, "regenerate it")
+    assert (moved / "report.html").read_bytes() == before
+
+
+# -- concurrent runs and killed runs ---------------------------------------------------------------------
+
+def _start_long_compress(tmp: Path, out: Path) -> subprocess.Popen:
+    """A compress run that calibrates for several seconds, started in its own interpreter."""
+    calib = tmp / "long.txt"
+    calib.write_text(calib_text(words=12000))
+    argv = [sys.executable, "-m", "subfit_fx", "compress", "builtin:llama", "--calib", str(calib),
+            "--sparsity", "0.25", "--samples", "128", "--seq-len", "128", "--out", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_concurrent_runs_on_one_output_exactly_one_succeeds(tmp_path, calib, capsys):
+    """Two runs with one --out both reported success; one result silently replaced the other."""
+    out = tmp_path / "out"
+    first = _start_long_compress(tmp_path, out)
+    try:
+        _wait_for(tmp_path / ".out.lock", first)  # the first run has claimed the output
+        assert main(_compress_argv("builtin:llama", calib, out)) == 2  # this process: another run
+        assert first.poll() is None, "the second run did not fail fast"
+        assert_one_line_error(capsys.readouterr().err, "being written by another run", f"(pid {first.pid})",
+                              "choose another output")
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, stderr
+    assert "wrote" in stdout and (out / "recipe.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "long.txt", "out"]
+
+
+def test_rerun_after_a_killed_run_succeeds_and_removes_its_leftovers(tmp_path, calib):
+    out = tmp_path / "out"
+    killed = _start_long_compress(tmp_path, out)
+    try:
+        _wait_for(tmp_path / ".out.lock", killed)
+    finally:
+        killed.kill()  # SIGKILL: no handler, no cleanup
+        killed.communicate()
+    # what a kill during the final save would also leave: the half-written temporary sibling
+    (tmp_path / ".out.k1ll3d_x.partial").mkdir()
+    (tmp_path / ".out.k1ll3d_x.partial" / "recipe.json").write_text("{")
+    (tmp_path / ".out.v2.abcdefgh.partial").mkdir()  # another output's temporary: not ours to remove
+    assert (tmp_path / ".out.lock").exists(), "vacuous: the killed run left no claim"
+    assert main(_compress_argv("builtin:llama", calib, out)) == 0
+    assert (out / "recipe.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.v2.abcdefgh.partial", "calib.txt", "long.txt",
+                                                          "out"]
+
+
+def test_output_moved_aside_by_a_killed_forced_run_is_put_back(tmp_path):
+    from subfit_fx.atomic import claim
+
+    out = tmp_path / "out"
+    (tmp_path / ".out.old-999999").mkdir()  # a --force run killed between its two renames
+    (tmp_path / ".out.old-999999" / "keep.txt").write_text("mine")
+    with claim(out):
+        pass
+    assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# -- commands are bounded by the model's context ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kv_onnx(tmp_path_factory) -> Path:
+    """builtin:llama (context 128) exported with a KV cache, shared read-only."""
+    out = tmp_path_factory.mktemp("onnx") / "llama.onnx"
+    assert main(["export", "builtin:llama", "--out", str(out), "--kv-cache"]) == 0
+    return out
+
+
+def test_generate_stops_at_the_context_with_a_notice(kv_onnx, capsys):
+    """--max-new-tokens 100000000 hung; past the context it would end in an ONNX Runtime traceback."""
+    assert main(["generate", str(kv_onnx), "--prompt", "Hello", "--max-new-tokens", "100000000"]) == 0
+    captured = capsys.readouterr()
+    assert "generating 123 tokens, not 100000000" in captured.err and "context of 128" in captured.err
+    assert captured.out.startswith("Hello") and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["generate", "{onnx}", "--prompt", "x" * 128], ["--prompt has 128 tokens", "context is 128", "shorten"]),
+    (["bench", "{onnx}", "{onnx}", "--seq", "8,200", "--repeats", "1"], ["--seq 200 is beyond the context",
+                                                                         "use --seq up to 127"]),
+    (["bench", "{onnx}", "{onnx}", "--seq", "128", "--repeats", "1"], ["decode step after it needs one more"]),
+])
+def test_lengths_beyond_the_context_are_one_line(kv_onnx, capsys, argv, needles):
+    assert main([a.format(onnx=kv_onnx) for a in argv]) == 2
+    assert_one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_eval_text_that_is_a_fifo_is_named_as_such(tmp_path, capsys):
+    """A FIFO was reported as "does not exist" (and opening it would block forever)."""
+    assert main(["eval", "builtin:llama", "--text", str(_fifo(tmp_path))]) == 2
+    assert_one_line_error(capsys.readouterr().err, "is not a regular file (a FIFO)", "pass a UTF-8 text file")

@@ -12,19 +12,19 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from subfit_fx.atomic import atomic_dir, check_not_input
+from subfit_fx.atomic import atomic_dir, check_not_input, claim
 from subfit_fx.cli_types import positive_int
 from subfit_fx.errors import InputError, OutputExistsError
+from subfit_fx.schema import dumps
 
-__all__ = ["COMMANDS", "ONNX_IN_FOLDER", "cmd_bench", "cmd_export", "cmd_generate", "onnx_file", "register",
-           "write_folder_files"]
+__all__ = ["COMMANDS", "ONNX_IN_FOLDER", "cmd_bench", "cmd_export", "cmd_generate", "finish_folder", "onnx_file",
+           "register"]
 
 ONNX_IN_FOLDER = "model.onnx"
 
@@ -76,9 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out, force=args.force) as staging:
             result = _run_stages(exporter, src, passes, staging / ONNX_IN_FOLDER, opset)
-            write_folder_files(src, Path(args.model), staging)
-            if args.kv_cache:
-                _genai_files(src, staging)
+            finish_folder(src, Path(args.model), staging, args.kv_cache)
         written = out / ONNX_IN_FOLDER
     else:
         result = _run_stages(exporter, src, passes, out, opset, force=args.force)
@@ -93,7 +91,7 @@ def _run_stages(exporter: Any, src: Any, passes: list[tuple[str, Any]], out: Pat
                 force: bool = True) -> Any:
     """Export, then each pass; each stage is validated, only the last one writes `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with claim(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".partial", dir=out.parent) as tmp:
         stages = [Path(tmp) / f"stage{i}.onnx" for i in range(len(passes))] + [out]
         result = exporter(src, stages[0], force=force, opset=opset)
         _say(f"  export: {result.parity.summary()}")
@@ -106,7 +104,17 @@ def _run_stages(exporter: Any, src: Any, passes: list[tuple[str, Any]], out: Pat
     return result
 
 
-def _genai_files(src: Any, folder: Path) -> None:
+def finish_folder(src: Any, model_arg: Path, folder: Path, kv_cache: bool) -> None:
+    """Complete an ONNX folder around its model.onnx: the source's config.json (and
+    modeling_subfit.py, which a compressed config names), generation config and tokenizer files;
+    for a KV-cache graph, caches numbered for onnxruntime-genai and its genai_config.json.
+
+    Example:
+        >>> finish_folder(load_source("builtin:llama"), Path("builtin:llama"), Path("out"), True)  # doctest: +SKIP
+    """
+    _write_folder_files(src, model_arg, folder)
+    if not kv_cache:
+        return
     from subfit_fx.exporters.genai import renumber_cache, write_genai_config
 
     cached = renumber_cache(folder / ONNX_IN_FOLDER)
@@ -116,13 +124,7 @@ def _genai_files(src: Any, folder: Path) -> None:
         _say(f"  onnxruntime-genai: genai_config.json ({cached} cached layers)")
 
 
-def write_folder_files(src: Any, model_arg: Path, folder: Path) -> None:
-    """Beside model.onnx: the source's config.json (and modeling_subfit.py, which a compressed
-    config names), generation config and tokenizer files, so the folder runs on its own.
-
-    Example:
-        >>> write_folder_files(load_source("builtin:llama"), Path("builtin:llama"), Path("out"))  # doctest: +SKIP
-    """
+def _write_folder_files(src: Any, model_arg: Path, folder: Path) -> None:
     from subfit_fx.standalone import copy_model_files
 
     directory = model_arg if model_arg.is_dir() else None
@@ -197,7 +199,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = tokenizer(args.prompt)["input_ids"]
     if not prompt:
         raise InputError("--prompt is empty after tokenization; pass some text")
-    ids = lm.generate([prompt], args.max_new_tokens, do_sample=args.temperature > 0,
+    context = _context(lm.metadata)
+    new_tokens = args.max_new_tokens
+    if context is not None:
+        if len(prompt) >= context:
+            raise InputError(f"--prompt has {len(prompt)} tokens, but the model's context is {context}; "
+                             "shorten the prompt")
+        if len(prompt) + new_tokens > context:
+            new_tokens = context - len(prompt)
+            _say(f"subfit-fx: note: generating {new_tokens} tokens, not {args.max_new_tokens}: the prompt "
+                 f"({len(prompt)}) and the new tokens fill the model's context of {context}")
+    ids = lm.generate([prompt], new_tokens, do_sample=args.temperature > 0,
                       temperature=args.temperature or 1.0, top_k=args.top_k, seed=args.seed,
                       eos_token_id=getattr(tokenizer, "eos_token_id", None))
     new = [int(i) for i in ids[0, len(prompt):]]
@@ -224,11 +236,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from subfit_fx.runtime import OnnxCausalLM, OnnxRunner, create_session, model_metadata
 
     paths = {"dense": onnx_file(args.dense), "compressed": onnx_file(args.compressed)}
-    kinds = {name: model_metadata(create_session(p, threads=1)).get(KIND_KEY) for name, p in paths.items()}
+    metadata = {name: model_metadata(create_session(p, threads=1)) for name, p in paths.items()}
+    kinds = {name: meta.get(KIND_KEY) for name, meta in metadata.items()}
     if len(set(kinds.values())) != 1:
         raise InputError(f"compare like with like: {paths['dense']} is {kinds['dense']}, "
                          f"{paths['compressed']} is {kinds['compressed']}")
     kv = kinds["dense"] == "kv-cache"
+    for name, meta in metadata.items():
+        context = _context(meta)
+        if context is not None and max(args.seq) + kv > context:
+            raise InputError(f"--seq {max(args.seq)} is beyond the context of {paths[name]} ({context} tokens"
+                             f"{'; a decode step after it needs one more' if kv else ''}); use --seq up to "
+                             f"{context - kv}")
     runner = OnnxCausalLM if kv else OnnxRunner
     models = {name: runner(p, threads=args.threads) for name, p in paths.items()}
     rows = []
@@ -245,8 +264,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"rows": rows, "bytes": sizes, "repeats": args.repeats, "threads": args.threads}
     if kv:
         result["kv_bytes_per_token"] = {name: kv_bytes_per_token(m) for name, m in models.items()}
+    text = dumps(result, "benchmark result")
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(text, end="")
         return 0
     print(f"{'stage':<8} {'seq':>6} {'dense ms':>10} {'compressed ms':>14} {'speedup':>8}")
     for r in rows:
@@ -258,6 +278,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"KV cache per token: dense {kvb['dense']:,} B, compressed {kvb['compressed']:,} B")
     print(f"medians of {args.repeats} interleaved runs")
     return 0
+
+
+def _context(metadata: dict[str, str]) -> int | None:
+    """The context length an exported file records (files exported before it was recorded: None)."""
+    from subfit_fx.onnx_format import CONTEXT_KEY
+
+    value = metadata.get(CONTEXT_KEY, "")
+    return int(value) if value.isdigit() else None
 
 
 def _seq_list(text: str) -> list[int]:

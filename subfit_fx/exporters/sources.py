@@ -85,9 +85,12 @@ class ExportSource:
 
     def metadata(self) -> dict[str, str]:
         """What exported files record about their source (read back by runtime and CLI)."""
-        from subfit_fx.onnx_format import SOURCE_KEY, TOKENIZER_KEY, VOCAB_KEY
+        from subfit_fx.capture import max_positions
+        from subfit_fx.onnx_format import CONTEXT_KEY, SOURCE_KEY, TOKENIZER_KEY, VOCAB_KEY
 
         meta = {SOURCE_KEY: self.name, VOCAB_KEY: str(self.vocab_size)}
+        if self.model is not None and max_positions(self.model):
+            meta[CONTEXT_KEY] = str(max_positions(self.model))
         if self.tokenizer_dir is not None:
             meta[TOKENIZER_KEY] = str(Path(self.tokenizer_dir).resolve())
         return meta

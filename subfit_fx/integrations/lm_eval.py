@@ -18,7 +18,7 @@ How lm-eval finds the model. lm-eval 0.4.13 knows the models of its own table
 `lm_eval --model subfit` cannot see this package; importing this module registers `subfit`, and
 running it forwards every argument to lm-eval's own command line after registering:
 
-    python -m subfit_fx.integrations.lm_eval --model subfit --model_args path=DIR --tasks hellaswag
+    python -m subfit_fx.integrations.lm_eval_cli --model subfit --model_args path=DIR --tasks hellaswag
 
 In Python, `import subfit_fx.integrations.lm_eval` before `lm_eval.simple_evaluate(model="subfit",
 model_args="path=DIR")`, or pass `model=SubfitLM(path=DIR)`.
@@ -55,7 +55,7 @@ except ImportError as _exc:
 from subfit_fx.data import ByteTokenizer
 from subfit_fx.errors import InputError
 
-__all__ = ["DEFAULT_MAX_LENGTH", "MODEL_NAME", "SubfitLM", "evaluate_tasks", "main", "register"]
+__all__ = ["DEFAULT_MAX_LENGTH", "MODEL_NAME", "SubfitLM", "evaluate_tasks", "register"]
 
 MODEL_NAME = "subfit"
 # lm-eval scores with the model's whole context; long-context models are capped so that CPU
@@ -511,33 +511,4 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[str], *, limit: int | None
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m subfit_fx.integrations.lm_eval ARGS`: lm-eval's command line with `subfit` registered.
-
-    Example:
-        >>> main(["run", "--model", "subfit", "--model_args", "path=DIR", "--tasks", "arc_easy"])  # doctest: +SKIP
-        0
-    """
-    from subfit_fx.cli import run_guarded
-
-    args = list(sys.argv[1:] if argv is None else argv)
-
-    def run() -> int:
-        from lm_eval.__main__ import cli_evaluate
-
-        register()
-        saved = sys.argv
-        sys.argv = ["lm-eval", *args]  # lm-eval's parser reads sys.argv itself
-        try:
-            cli_evaluate()
-        finally:
-            sys.argv = saved
-        return 0
-
-    return run_guarded(run, args)
-
-
 register()
-
-if __name__ == "__main__":
-    sys.exit(main())

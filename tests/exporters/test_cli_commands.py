@@ -8,6 +8,7 @@ import pytest
 
 from subfit_fx import cli
 from subfit_fx.cli import main
+from subfit_fx.schema import check_bench
 
 MODULE = "subfit_fx.exporters.cli_commands"
 
@@ -35,6 +36,7 @@ def test_export_generate_bench(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert [r["stage"] for r in result["rows"]] == ["prefill", "decode"]
     assert result["kv_bytes_per_token"]["dense"] == 4 * 2 * 2 * 16 * 4  # layers x k,v x heads x dim x fp32
+    check_bench(result, tmp_path / "bench.json")  # what `report` reads back
 
 
 def test_generate_needs_a_tokenizer_for_unknown_sources(tmp_path, capsys):

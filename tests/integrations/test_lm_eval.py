@@ -1,5 +1,5 @@
 """lm-evaluation-harness: a local task (YAML + JSONL written here) on a tiny compressed model through
-`subfit-fx eval --tasks`, through lm-eval's own command line (`python -m subfit_fx.integrations.lm_eval`),
+`subfit-fx eval --tasks`, through lm-eval's own command line (`python -m subfit_fx.integrations.lm_eval_cli`),
 and SubfitLM's scores against lm-eval's reference `hf` model on the same weights."""
 
 from __future__ import annotations
@@ -106,13 +106,13 @@ def test_subfit_lm_scores_like_lm_eval_hf_model(workdir):
 
 
 def test_lm_eval_command_line_runs_the_subfit_model(workdir):
-    """`lm_eval --model subfit` needs the registering import; `python -m subfit_fx.integrations.lm_eval`
+    """`lm_eval --model subfit` needs the registering import; `python -m subfit_fx.integrations.lm_eval_cli`
     does it and hands every argument to lm-eval's own CLI (in a fresh interpreter: no import from here)."""
     out = workdir / "cli-results"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "subfit_fx.integrations.lm_eval", "--model", "subfit",
+        [sys.executable, "-m", "subfit_fx.integrations.lm_eval_cli", "--model", "subfit",
          "--model_args", f"path={workdir / 'c'},max_length=64", "--batch_size", "4", "--tasks", "tiny_mc",
          "--include_path", str(workdir / "tasks"), "--limit", "2", "--output_path", str(out)],
         capture_output=True, text=True, timeout=600, env=env)
