@@ -223,17 +223,27 @@ def render_chats(conversations: Sequence[tuple[int, list[dict[str, str]]]], toke
     return "\n".join(texts)
 
 
+# data files `datasets.load_dataset` reads by their builder (a `.jsonl` file is chat conversations)
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
+
+
 def _dataset_text(path: Path, tokenizer: Any) -> str:
+    what = "a directory, read as a dataset saved by datasets' save_to_disk" if path.is_dir() else \
+        f"a {path.suffix} data file, read with datasets"
     try:
         import datasets
     except ImportError as exc:
-        raise InputError(f"calibration path '{path}' is a directory, read as a dataset saved by datasets' "
-                         "save_to_disk, which needs the datasets package: pip install datasets") from exc
+        raise InputError(f"calibration path '{path}' is {what}, which needs the datasets package: "
+                         "pip install datasets") from exc
     try:
-        data = datasets.load_from_disk(str(path))
-    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ... for a non-dataset folder
-        raise InputError(f"'{path}' is not a dataset saved by datasets' save_to_disk ({_first_line(exc)}); "
-                         "pass a text file, a chat .jsonl file or a save_to_disk directory") from exc
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
+                                         split="train")
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ... for a non-dataset input
+        raise InputError(f"'{path}' is not readable as a dataset ({_first_line(exc)}); pass a text file, a chat "
+                         ".jsonl file, a .parquet / .csv / .json data file or a save_to_disk directory") from exc
     if isinstance(data, datasets.DatasetDict):
         splits = list(data)
         if "train" not in splits and len(splits) != 1:
@@ -256,15 +266,15 @@ def _dataset_text(path: Path, tokenizer: Any) -> str:
 
 def read_calibration_text(path: str | Path, tokenizer: Any) -> str:
     """The calibration text at `path`: a `.jsonl` file of chat conversations (rendered with the
-    tokenizer's chat template), a `datasets` save_to_disk directory (`messages` or `text` column),
-    else a UTF-8 text file.
+    tokenizer's chat template), a `datasets` save_to_disk directory or a .parquet / .csv / .json
+    data file (`messages` or `text` column), else a UTF-8 text file.
 
     Example:
         >>> read_calibration_text("chats.jsonl", tokenizer)[:24]  # doctest: +SKIP
         '<|im_start|>user\\nHi<|im_'
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() in DATA_FILE_BUILDERS:
         return _dataset_text(path, tokenizer)
     if path.suffix.lower() == ".jsonl":
         return render_chats(read_chat_jsonl(path), tokenizer, path)

@@ -110,8 +110,23 @@ def test_datasets_directory_text_and_messages_columns(tmp_path):
     with pytest.raises(InputError, match="neither 'text' nor 'messages'; rename one"):
         read_calibration_text(tmp_path / "other", tok)
     (tmp_path / "plain").mkdir()
-    with pytest.raises(InputError, match="not a dataset saved by datasets' save_to_disk"):
+    with pytest.raises(InputError, match="is not readable as a dataset"):
         read_calibration_text(tmp_path / "plain", tok)
+
+
+def test_datasets_data_files_text_and_messages_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    tok = tiny_tokenizer()
+    datasets.Dataset.from_dict({"text": ["the cat", "a dog"]}).to_parquet(str(tmp_path / "text.parquet"))
+    assert read_calibration_text(tmp_path / "text.parquet", tok) == "the cat\n\na dog"
+    datasets.Dataset.from_dict({"text": ["the cat", "a dog"]}).to_csv(str(tmp_path / "text.csv"), index=False)
+    assert read_calibration_text(tmp_path / "text.csv", tok) == "the cat\n\na dog"
+    messages = [c["messages"] if isinstance(c, dict) else c for c in CHATS]
+    datasets.Dataset.from_dict({"messages": messages}).to_parquet(str(tmp_path / "chat.parquet"))
+    assert read_calibration_text(tmp_path / "chat.parquet", tok) == RENDERED
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="is not readable as a dataset"):
+        read_calibration_text(tmp_path / "broken.parquet", tok)
 
 
 def test_datasets_directory_without_datasets_names_the_install(tmp_path, monkeypatch):
