@@ -359,9 +359,10 @@ def _reference_files(train_file: Path | None, eval_file: Path | None) -> tuple[P
 @contextlib.contextmanager
 def _training_lock(out_dir: Path) -> Iterator[None]:
     # Two benchmarks starting at once must not both spend 45 minutes training the same model:
-    # the second waits here, then finds the first one's result.
+    # the second waits here, then finds the first one's result. (Not the output's own lock,
+    # `.NAME.lock`, which subfit_fx.atomic takes while writing it: that one refuses, this one waits.)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as handle:
+    with open(out_dir.parent / f".{out_dir.name}.training.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
 
 from subfit_fx.atomic import atomic_dir
 from subfit_fx.branches import count_block_params, count_params, find_branches
@@ -143,6 +142,8 @@ class Compressed:
             "builtin:") else None
         if base_dir is None or not base_dir.is_dir():
             base_dir = self.source_dir  # re-saving a loaded directory: its own tokenizer files
+        from transformers import PreTrainedModel  # here: importing it costs seconds at `import subfit_fx`
+
         if self.recipe.base_sha256 is None and isinstance(self.base_model, PreTrainedModel):
             self.recipe.base_sha256 = weights_sha256(self._dense or self.base_model)
         with atomic_dir(directory, force=force) as tmp:
