@@ -127,6 +127,15 @@ class Compressed:
         """A runnable module: `(input_ids, attention_mask) -> logits / last_hidden_state`."""
         return self.program.module()
 
+    def dense_gone(self) -> str:
+        """Why `dense_model()` is None, for a one-line note.
+
+        Example:
+            >>> load("out/llama-25").dense_gone()  # doctest: +SKIP
+            "the base model '/models/llama' is gone or changed (weights hash)"
+        """
+        return f"the base model '{self.recipe.base_model}' is gone or changed (weights hash)"
+
     def save(self, directory: str | Path, force: bool = False) -> Path:
         """Write a self-contained compressed directory atomically: the kept and bypass weights
         (model.safetensors), config.json, tokenizer and generation config of the base,

@@ -82,8 +82,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if dense_model is not None:
             dense = capture(dense_model).module()
         elif not args.no_dense:
-            print(f"note: the base model '{compressed.recipe.base_model}' is gone or changed (weights hash); "
-                  "evaluating the compressed model alone", file=sys.stderr)
+            print(f"note: {compressed.dense_gone()}; evaluating the compressed model alone", file=sys.stderr)
     else:
         module, source, kind = capture(base).module(), args.model, "dense"
     causal = is_causal_lm(base)

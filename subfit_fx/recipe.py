@@ -24,7 +24,7 @@ from subfit_fx.errors import ModelLoadError, RecipeMismatchError
 from subfit_fx.fit import Fit
 from subfit_fx.schema import check_recipe, check_recipe_tensors, dumps
 
-__all__ = ["FORMAT", "STORE", "WEIGHTS", "Recipe", "Replacement", "recipe_from_fits", "store_name"]
+__all__ = ["FORMAT", "STORE", "WEIGHTS", "Recipe", "Replacement", "read_store", "recipe_from_fits", "store_name"]
 
 FORMAT = "subfit-fx-recipe/1"
 WEIGHTS = "model.safetensors"  # a self-contained directory's weights (subfit_fx.standalone)
@@ -218,9 +218,20 @@ def _read_tensors(directory: Path, keys: list[str]) -> dict[str, torch.Tensor]:
         return load_file(str(path)) if keys else {}
     # a self-contained directory: every tensor of the store (schema.check_recipe_tensors then
     # finds the ones recipe.json does not list, as well as the missing ones)
+    return read_store(path)
+
+
+def read_store(path: Path) -> dict[str, torch.Tensor]:
+    """The recipe tensors kept in a self-contained directory's weights file, by recipe key.
+
+    Example:
+        >>> read_store(Path("out/model.safetensors"))  # doctest: +SKIP
+        {'r0.0.weight': tensor(...)}
+    """
     prefix = STORE + "."
     with safe_open(str(path), framework="pt") as f:
         keys = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (safe_open is not iterable)
+        # store_name's inverse: recipe keys hold no "__"
         return {k[len(prefix):].replace("__", "."): f.get_tensor(k) for k in keys}
 
 

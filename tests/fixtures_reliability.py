@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -79,13 +80,9 @@ def run_cli(args: list[str], timeout: float = 180) -> subprocess.CompletedProces
 
 def read_recipe_tensors(directory: Path) -> dict:
     """The recipe tensors of a compressed directory (self-contained: the store in model.safetensors)."""
-    from safetensors.torch import load_file
+    from subfit_fx.recipe import WEIGHTS, read_store
 
-    from subfit_fx.recipe import STORE, WEIGHTS
-
-    prefix = STORE + "."
-    return {k[len(prefix):].replace("__", "."): v for k, v in load_file(str(Path(directory) / WEIGHTS)).items()
-            if k.startswith(prefix)}
+    return read_store(Path(directory) / WEIGHTS)
 
 
 def write_recipe_tensors(directory: Path, tensors: dict) -> None:
@@ -98,3 +95,14 @@ def write_recipe_tensors(directory: Path, tensors: dict) -> None:
     kept = {k: v for k, v in load_file(str(path)).items() if not k.startswith(STORE + ".")}
     save_file({**kept, **{f"{STORE}.{store_name(k)}": v for k, v in tensors.items()}}, str(path),
               metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """Yield `proc`; whatever happens in the block, it is not left running (killed and waited for)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

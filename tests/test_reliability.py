@@ -28,6 +28,7 @@ from tests.fixtures_reliability import (
     calib_text,
     cli_env,
     read_recipe_tensors,
+    reaped,
     run_cli,
     stderr_lines,
     write_recipe_tensors,
@@ -447,17 +448,13 @@ def test_sigint_during_compress_exits_130_and_writes_nothing(tmp_path):
     # SIG_DFL in the child: Python then installs its handler, even when this run inherited SIGINT ignored
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
+    with reaped(proc):
         first = proc.stderr.readline()
         assert first.startswith("compressing builtin:llama"), first
         time.sleep(1.5)
         assert proc.poll() is None, "compress finished before it could be interrupted"
         proc.send_signal(signal.SIGINT)
         stdout, rest = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 130, rest
     assert_one_line_error(first + rest, "no output was written", prefix="subfit-fx: interrupted")
     assert "wrote" not in stdout
@@ -662,18 +659,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 def test_concurrent_runs_on_one_output_exactly_one_succeeds(tmp_path, calib, capsys):
     """Two runs with one --out both reported success; one result silently replaced the other."""
     out = tmp_path / "out"
-    first = _start_long_compress(tmp_path, out)
-    try:
+    with reaped(_start_long_compress(tmp_path, out)) as first:
         _wait_for(tmp_path / ".out.lock", first)  # the first run has claimed the output
         assert main(_compress_argv("builtin:llama", calib, out)) == 2  # this process: another run
         assert first.poll() is None, "the second run did not fail fast"
         assert_one_line_error(capsys.readouterr().err, "being written by another run", f"(pid {first.pid})",
                               "choose another output")
         stdout, stderr = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
     assert first.returncode == 0, stderr
     assert "wrote" in stdout and (out / "recipe.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "long.txt", "out"]

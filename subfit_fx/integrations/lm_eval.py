@@ -148,8 +148,7 @@ def open_model(spec: str | Path) -> tuple[Any, torch.nn.Module, Any]:
 def _dense_of(compressed: Any) -> torch.nn.Module:
     dense = compressed.dense_model()
     if dense is None:
-        raise InputError(f"the dense base of this compressed model ('{compressed.recipe.base_model}') is gone or "
-                         "changed (weights hash); evaluate the base model directory itself instead")
+        raise InputError(f"{compressed.dense_gone()}; evaluate the base model directory itself instead")
     return dense
 
 
@@ -488,8 +487,7 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[str], *, limit: int | None
         runs["compressed"] = SubfitLM(module=compressed.module(), **common)
     dense_model = base if compressed is None else compressed.dense_model() if dense else None
     if dense and compressed is not None and dense_model is None:
-        print(f"note: the base model '{compressed.recipe.base_model}' is gone or changed (weights hash); "
-              "evaluating the compressed model alone", file=sys.stderr)
+        print(f"note: {compressed.dense_gone()}; evaluating the compressed model alone", file=sys.stderr)
     if dense_model is not None:
         runs["dense"] = SubfitLM(module=capture(dense_model).module(), **common)
     raw = {}
