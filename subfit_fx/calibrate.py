@@ -25,13 +25,14 @@ from typing import Any, Final, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from subfit_fx.branches import Branch, find_branches
+from subfit_fx.branches import Branch, find_branches, param_nodes_of_program
+from subfit_fx.channels import ChannelSite, find_channel_sites
 from subfit_fx.data import Batch
 from subfit_fx.errors import CalibrationError
 from subfit_fx.fit import Fit
-from subfit_fx.passes.probes import BranchProbe, ProbeContext, insert_probes
+from subfit_fx.passes.probes import BranchProbe, ProbeContext, insert_inner_probes, insert_probes
 from subfit_fx.rewrite import stream_after
-from subfit_fx.stats import BranchStats
+from subfit_fx.stats import BranchStats, InnerStats
 
 __all__ = ["PIPELINES", "REMOVE", "LocalReducer", "OnePass", "Pipeline", "Reducer", "Session", "prepare",
            "register_pipeline"]
@@ -143,6 +144,9 @@ class Session:
         self.reducer = reducer or LocalReducer()
         self._context = ProbeContext(skip_first=skip_first)
         self._module, self._probes = insert_probes(ep, branches, self._context)
+        self.channel_sites: dict[str, ChannelSite] = find_channel_sites(ep.graph, branches,
+                                                                        param_nodes_of_program(ep))
+        self._inner = insert_inner_probes(self._module, self.channel_sites, self._context)
         self.progress = progress and self.reducer.rank == 0  # one progress bar, on rank 0
 
     # -- running --------------------------------------------------------------------------
@@ -336,6 +340,39 @@ class Session:
                 raise CalibrationError("calibration saw no tokens (all padding?); pass non-empty sequences")
             if not s.is_finite():
                 raise CalibrationError(f"statistics of '{label}' hold NaN or Inf (non-finite activations); "
+                                       "check the model in float32 and the calibration text")
+        return stats
+
+
+    def inner_stats(self, batches: Iterable[Batch], labels: Iterable[str] | None = None, *, gram: bool = True,
+                    desc: str | None = "inner statistics") -> dict[str, InnerStats]:
+        """Statistics of the inner input h of each branch in `labels` that has a channel site
+        (default: all of them), in one pass over `batches`, summed over processes; `gram` adds
+        the Gram of [h, 1] (channels^2 floats per branch).
+
+        Example:
+            >>> s = prepare(capture(tiny_model("llama")), progress=False)  # doctest: +SKIP
+            >>> s.inner_stats(batches)["model.layers.0.mlp"].variance().shape  # doctest: +SKIP
+            torch.Size([128])
+        """
+        labels = [label for label in (labels if labels is not None else self.channel_sites)
+                  if label in self._inner]
+        for label in labels:
+            self._inner[label].stats = InnerStats.empty(self.channel_sites[label].channels, gram)
+        try:
+            self.run(batches, desc)
+        finally:
+            stats = {label: self._inner[label].stats for label in labels}
+            for label in labels:
+                self._inner[label].stats = None
+        flat = self.reducer.sums({(label, key): t for label, s in stats.items() for key, t in s.tensors().items()})
+        for (label, key), t in flat.items():
+            setattr(stats[label], key, t)
+        for label, s in stats.items():
+            if int(s.tokens) == 0:
+                raise CalibrationError("calibration saw no tokens (all padding?); pass non-empty sequences")
+            if not all(bool(torch.isfinite(t).all()) for t in s.tensors().values()):
+                raise CalibrationError(f"inner statistics of '{label}' hold NaN or Inf (non-finite activations); "
                                        "check the model in float32 and the calibration text")
         return stats
 

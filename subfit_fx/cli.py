@@ -113,8 +113,7 @@ def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from subfit_fx.methods import option_names
 
     # holdout is a calibration setting (compress(holdout=...)), not a method option
-    return {k: v for k in sorted(option_names() - {"holdout"})
-            if (v := getattr(args, k, None)) is not None and v is not False}
+    return {k: v for k in sorted(option_names() - {"holdout"}) if (v := getattr(args, k, None)) is not None}
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -268,7 +267,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ffn-basis", type=positive_int, help="size of the shared FFN basis (default width/2)")
     p.add_argument("--ridge", type=float, help="relative ridge strength (default 1e-3)")
     p.add_argument("--rescore-every", type=positive_int, help="re-score after every k choices")
-    p.add_argument("--sequential", action="store_true", help="sequential error-correcting fits")
+    p.add_argument("--sequential", action="store_true", default=None, help="sequential error-correcting fits")
     p.add_argument("--pipeline", choices=("basic", "sequential"), default="basic",
                    help="calibrate all branches in one pass (basic) or one layer at a time (sequential)")
     p.add_argument("--offload", help="sequential pipeline: scratch directory for statistics (default: CPU memory)")
@@ -283,6 +282,15 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                         "(fit-or-remove) or bypass, removal or a full linear map (auto)")
     p.add_argument("--distance-tokens", choices=("last", "all"),
                    help="UIDL/ReplaceMe: tokens of the angular distance (default last)")
+    p.add_argument("--block", type=positive_int, help="saap / hybrid: FFN channels per pruning unit (default 64)")
+    p.add_argument("--importance", choices=("fused", "vector", "element"),
+                   help="saap / hybrid: channel-block importance (default fused)")
+    p.add_argument("--compensation", choices=("refit", "bias", "none"),
+                   help="saap / hybrid: how the output projection is compensated (default refit)")
+    p.add_argument("--no-fluctuation", dest="fluctuation", action="store_false", default=None,
+                   help="saap / hybrid: one global ranking, no protection of fluctuating layers")
+    p.add_argument("--max-layer-ratio", type=float, help="saap / hybrid: most of a layer's channels to drop (0.75)")
+    p.add_argument("--share", type=float, help="hybrid: fraction of the budget SubFit's replacements take (0.5)")
     p.add_argument("--eval-batches", type=positive_int, help="BlockPruner: batches judging each removal (default all)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output")

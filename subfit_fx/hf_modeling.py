@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BranchBypass", "LayerBypass", "SubfitMixin", "install_replacements"]
+__all__ = ["BranchBypass", "LayerBypass", "StoredLinear", "SubfitMixin", "install_replacements"]
 
 
 def _chain(store: nn.ParameterDict, layers: list[list[str | None]], x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,19 @@ class LayerBypass(nn.Module):
         return x + _chain(self._store[0], self.layers, x) if self.layers else x
 
 
+class StoredLinear(nn.Module):
+    """Stands in for a linear layer of a width-pruned branch: the same map with the narrower
+    weight (and bias) kept in the store."""
+
+    def __init__(self, store: nn.ParameterDict, weight: str, bias: str | None) -> None:
+        super().__init__()
+        self._store = [store]
+        self.weight_key, self.bias_key = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _chain(self._store[0], [[self.weight_key, self.bias_key]], x)
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -103,7 +116,10 @@ def install_replacements(model: nn.Module, spec: dict[str, Any]) -> None:
     for r in spec["replacements"]:
         for path in r.get("identities", []):
             _set_module(model, path, nn.Identity())
-        if r["type"] == "branch":
+        if r["type"] == "slim":
+            for path, (w_key, b_key) in zip(r["modules"], r["layers"], strict=True):
+                _set_module(model, path, StoredLinear(store, w_key, b_key))
+        elif r["type"] == "branch":
             _set_module(model, r["entry"], BranchBypass(store, r["layers"], r["tuple_output"], r["cache_layer"]))
         else:
             for i, (path, cache_layer) in enumerate(zip(r["modules"], r["cache_layers"], strict=True)):

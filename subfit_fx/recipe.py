@@ -46,7 +46,11 @@ class Replacement:
     """One replaced span: a single branch (SubFit) or a run of consecutive branches covering whole
     layers (layer-level baselines). `action` "remove" deletes it; "bypass" adds
     `chain(input)` where chain is `layers`, linear maps given as (weight key, bias key or None)
-    into `Recipe.tensors`."""
+    into `Recipe.tensors`; "slim" (width pruning of one branch with a channel site,
+    `subfit_fx.channels`; form "slim", input "inner") narrows the branch: each of `producers`
+    (the site's producer matmuls, in graph order) gets the weight / bias given (its kept rows),
+    the channel-wise ops between them run on the kept channels, and `layers` (one map, usually
+    refitted) replaces the last matmul. `info["kept"]` lists the kept channel indices."""
 
     labels: tuple[str, ...]
     action: str  # "remove" | "bypass"
@@ -54,6 +58,7 @@ class Replacement:
     input: str = "normalized"  # "normalized" | "stream"
     layers: list[tuple[str, str | None]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # fit error, rank, ridge (report only)
+    producers: list[tuple[str, str | None]] = field(default_factory=list)  # "slim" only
 
     def is_span(self) -> bool:
         """True for a multi-branch (layer-level) replacement."""
@@ -80,7 +85,8 @@ class Recipe:
     def removed_attention_labels(self) -> list[str]:
         """Attention branches whose computation (and KV cache) the recipe removes."""
         kinds = {b["label"]: b["kind"] for b in self.branches}
-        return [label for label in self.replaced_labels() if kinds.get(label) == "attention"]
+        slim = set(self.slimmed_labels())
+        return [label for label in self.replaced_labels() if kinds.get(label) == "attention" and label not in slim]
 
     def removed_attention_layers(self) -> list[int]:
         """Layer indices (`Branch.layer`) whose attention the recipe replaces: their KV cache goes."""
@@ -89,7 +95,7 @@ class Recipe:
 
     def bypass_params(self) -> int:
         """Parameters the recipe adds (each tensor counted once, so a shared basis counts once)."""
-        used = {key for r in self.replacements for w, b in r.layers for key in (w, b) if key}
+        used = {key for r in self.replacements for w, b in r.layers + r.producers for key in (w, b) if key}
         return sum(self.tensors[k].numel() for k in used)
 
     def kept_params(self, branches: list[Branch]) -> int:
@@ -102,8 +108,17 @@ class Recipe:
         """
         by_label = {b.label: b for b in branches}
         return sum(by_label[r.labels[0]].norm_params for r in self.replacements
-                   if r.action == "bypass" and not r.is_span() and r.input == "normalized"
+                   if (r.action == "slim" or (r.action == "bypass" and not r.is_span() and r.input == "normalized"))
                    and by_label[r.labels[0]].normalized)
+
+    def slimmed_labels(self) -> list[str]:
+        """Branches the recipe narrows (width pruning) rather than replaces.
+
+        Example:
+            >>> Recipe("m", [], [Replacement(("f",), "slim", "slim", "inner")]).slimmed_labels()
+            ['f']
+        """
+        return [r.labels[0] for r in self.replacements if r.action == "slim"]
 
     def check_against(self, branches: list[Branch]) -> None:
         """Raise `RecipeMismatchError` unless the recipe fits a model with these branches.
@@ -135,7 +150,7 @@ class Recipe:
                 if w_key not in self.tensors or (b_key and b_key not in self.tensors):
                     raise RecipeMismatchError(f"recipe tensor '{w_key}' is missing from the weights file; "
                                               "the recipe directory is incomplete: compress again")
-            if r.layers:
+            if r.layers and r.action != "slim":
                 first, last = self.tensors[r.layers[0][0]], self.tensors[r.layers[-1][0]]
                 if first.shape[1] != width or last.shape[0] != width:
                     raise RecipeMismatchError(
@@ -150,8 +165,7 @@ class Recipe:
             "format": FORMAT, "method": self.method, "base_model": self.base_model,
             "base_weights_sha256": self.base_sha256,
             "options": self.options, "branches": self.branches,
-            "replacements": [{**asdict(r), "labels": list(r.labels),
-                              "layers": [list(pair) for pair in r.layers]} for r in self.replacements],
+            "replacements": [_replacement_json(r) for r in self.replacements],
             "tensors": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
         }
 
@@ -198,11 +212,21 @@ class Recipe:
                                  "is corrupt or truncated: compress again") from exc
         check_recipe_tensors(data, tensors, _tensors_file(directory))
         replacements = [Replacement(labels=tuple(r["labels"]), action=r["action"], form=r["form"],
-                                    input=r["input"], layers=[tuple(p) for p in r["layers"]], info=r["info"])
+                                    input=r["input"], layers=[tuple(p) for p in r["layers"]], info=r["info"],
+                                    producers=[tuple(p) for p in r.get("producers", [])])
                         for r in data["replacements"]]
         return cls(method=data["method"], branches=data["branches"], replacements=replacements,
                    tensors=tensors, base_model=data.get("base_model"), options=data.get("options", {}),
                    base_sha256=data.get("base_weights_sha256"))
+
+
+def _replacement_json(r: Replacement) -> dict[str, Any]:
+    out = {**asdict(r), "labels": list(r.labels), "layers": [list(pair) for pair in r.layers]}
+    if r.producers:
+        out["producers"] = [list(pair) for pair in r.producers]
+    else:  # recipes without width pruning read as they always did
+        del out["producers"]
+    return out
 
 
 def _tensors_file(directory: Path) -> Path:

@@ -27,7 +27,14 @@ from torch import fx
 from torch._guards import detect_fake_mode
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
-from subfit_fx.branches import Branch, analyze_graph, find_branches, param_nodes_of_module
+from subfit_fx.branches import (
+    Branch,
+    analyze_graph,
+    find_branches,
+    param_nodes_of_module,
+    param_nodes_of_program,
+)
+from subfit_fx.channels import ChannelSite, find_channel_sites
 from subfit_fx.errors import RecipeMismatchError
 from subfit_fx.graph_cleanup import drop_unused_inputs, eliminate_dead_code
 from subfit_fx.recipe import Recipe, Replacement
@@ -90,12 +97,15 @@ class _Builder:
             self.values[key] = node
         return self.values[key]
 
-    def _call(self, target: object, args: tuple, before: fx.Node) -> fx.Node:
+    def _call(self, target: object, args: tuple, before: fx.Node, kwargs: dict | None = None) -> fx.Node:
+        kwargs = dict(kwargs or {})
         with self.graph.inserting_before(before):
-            node = self.graph.call_function(target, args)
+            node = self.graph.call_function(target, args, kwargs)
         if self.fake_mode is not None:
+            def val(a: object) -> object:
+                return a.meta["val"] if isinstance(a, fx.Node) else a
             with self.fake_mode:
-                node.meta["val"] = target(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
+                node.meta["val"] = target(*(val(a) for a in args), **{k: val(v) for k, v in kwargs.items()})
         node.meta["nn_module_stack"] = {}
         return node
 
@@ -193,14 +203,41 @@ def _replace_span(builder: _Builder, r: Replacement, first: Branch, last: Branch
     builder.replaced[end] = new
 
 
-def _apply(builder: _Builder, recipe: Recipe, branches: dict[str, Branch]) -> None:
+def _replace_slim(builder: _Builder, r: Replacement, site: ChannelSite | None, nodes: dict[str, fx.Node]) -> None:
+    """Narrow one branch: new producers with the kept rows, the channel-wise ops copied onto them,
+    a new last matmul; the old ones (and their weights) die with dead-code elimination."""
+    if site is None or len(site.producers) != len(r.producers):
+        raise RecipeMismatchError(f"recipe slims '{r.labels[0]}', whose inner channels this model's graph does "
+                                  "not expose the same way; apply the recipe to the model it was made for")
+    last = nodes[site.last]
+    val = nodes[site.inner].meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    new: dict[fx.Node, fx.Node] = {}
+    for name, (w_key, b_key) in zip(site.producer_nodes, r.producers):
+        old = nodes[name]
+        args = (old.args[0], builder.param(w_key, dtype)) + ((builder.param(b_key, dtype),) if b_key else ())
+        new[old] = builder._call(aten.linear.default, args, last)
+    for name in site.chain:
+        old = nodes[name]
+        args = tuple(new.get(a, a) if isinstance(a, fx.Node) else a for a in old.args)
+        new[old] = builder._call(old.target, args, last, old.kwargs)
+    (w_key, b_key), = r.layers
+    h = new[nodes[site.inner]]
+    args = (h, builder.param(w_key, dtype)) + ((builder.param(b_key, dtype),) if b_key else ())
+    last.replace_all_uses_with(builder._call(aten.linear.default, args, last))
+
+
+def _apply(builder: _Builder, recipe: Recipe, branches: dict[str, Branch],
+           sites: dict[str, ChannelSite] | None = None) -> None:
     nodes = {n.name: n for n in builder.graph.nodes}
     for r in recipe.replacements:
         missing = [label for label in r.labels if label not in branches]
         if missing:
             raise RecipeMismatchError(f"recipe replaces '{missing[0]}', which this model does not have; "
                                       "apply the recipe to the model it was made for")
-        if r.is_span():
+        if r.action == "slim":
+            _replace_slim(builder, r, (sites or {}).get(r.labels[0]), nodes)
+        elif r.is_span():
             _replace_span(builder, r, branches[r.labels[0]], branches[r.labels[-1]], nodes)
         else:
             _replace_single(builder, r, branches[r.labels[0]], nodes)
@@ -223,7 +260,9 @@ def apply_recipe(ep: torch.export.ExportedProgram, recipe: Recipe, *, check: boo
     if check:
         recipe.check_against(list(by_label.values()))
     ep = ep if inplace else copy.deepcopy(ep)
-    _apply(_ProgramBuilder(ep, recipe), recipe, by_label)
+    sites = find_channel_sites(ep.graph, list(by_label.values()), param_nodes_of_program(ep)) \
+        if recipe.slimmed_labels() else {}
+    _apply(_ProgramBuilder(ep, recipe), recipe, by_label, sites)
     drop_unused_inputs(ep)
     ep.graph_module.graph.lint()
     ep.graph_module.recompile()
@@ -238,10 +277,12 @@ def apply_recipe_to_module(graph_module: fx.GraphModule, recipe: Recipe, *, chec
     Example:
         >>> gm = apply_recipe_to_module(ep.module(), recipe)  # doctest: +SKIP
     """
-    branches = analyze_graph(graph_module.graph, param_nodes_of_module(graph_module))
+    param_nodes = param_nodes_of_module(graph_module)
+    branches = analyze_graph(graph_module.graph, param_nodes)
     if check:  # before any mutation: a mismatched recipe leaves the module untouched
         recipe.check_against(branches)
-    _apply(_ModuleBuilder(graph_module, recipe), recipe, {b.label: b for b in branches})
+    sites = find_channel_sites(graph_module.graph, branches, param_nodes) if recipe.slimmed_labels() else {}
+    _apply(_ModuleBuilder(graph_module, recipe), recipe, {b.label: b for b in branches}, sites)
     used = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
     for name, _ in list(graph_module.named_parameters()):
         if name not in used and "." not in name:

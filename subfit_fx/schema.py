@@ -28,9 +28,9 @@ from subfit_fx.errors import InputError, ModelLoadError, NonFiniteError, SubfitE
 __all__ = ["ACTIONS", "FORMS", "INPUTS", "KINDS", "check_bench", "check_eval", "check_lm_eval", "check_recipe",
            "check_recipe_tensors", "check_report", "dumps", "read_json"]
 
-ACTIONS = ("remove", "bypass")
-FORMS = ("remove", "linear", "lowrank", "shared")
-INPUTS = ("normalized", "stream")
+ACTIONS = ("remove", "bypass", "slim")
+FORMS = ("remove", "linear", "lowrank", "shared", "slim")
+INPUTS = ("normalized", "stream", "inner")
 KINDS = ("attention", "ffn")
 _RECIPE_FIX = "compress again (or restore the recipe directory 'subfit-fx compress' wrote)"
 _REPORT_FIX = "restore the report.json 'subfit-fx compress' wrote, or delete it"
@@ -192,19 +192,49 @@ def check_recipe(data: Any, path: Path, format: str) -> None:
         if [order[label] for label in labels] != list(range(order[labels[0]], order[labels[0]] + len(labels))):
             f.fail(f"{where}labels", "are not consecutive branches of the model, in order")
         action, form = f.choice(r, "action", ACTIONS, where), f.choice(r, "form", FORMS, where)
-        f.choice(r, "input", INPUTS, where)
+        kind = f.choice(r, "input", INPUTS, where)
         f.get(r, "info", "dict", where)
         layers = f.get(r, "layers", "list", where)
+        if (action == "slim") != (form == "slim") or (action == "slim") != (kind == "inner"):
+            f.fail(f"{where}action", f"{action!r} with form {form!r} and input {kind!r} is inconsistent "
+                                     "(slim: form slim, input inner; others: neither)")
+        if action == "slim":
+            _check_slim(f, r, layers, shapes, widths[labels[0]], where)
+            continue
         if (action == "remove") != (form == "remove") or (action == "remove") != (not layers):
             f.fail(f"{where}action", f"{action!r} with form {form!r} and {len(layers)} layers is inconsistent "
                                      "(remove: form remove, no layers; bypass: another form and layers)")
         _check_chain(f, layers, shapes, widths[labels[0]], where)
 
 
-def _check_chain(f: _Fields, layers: list, shapes: dict[str, list[int]], width: int, where: str) -> None:
+def _check_slim(f: _Fields, r: dict, layers: list, shapes: dict[str, list[int]], width: int, where: str) -> None:
+    """A slim replacement: producers [kept, in] (+ [kept] biases), one last map [width, kept]."""
+    producers = f.get(r, "producers", "list", where)
+    if len(layers) != 1 or not producers:
+        f.fail(f"{where}layers", "a slim replacement needs one output map and at least one producer")
+    kept = None
+    for j, pair in enumerate(producers):
+        field = f"{where}producers.{j}"
+        if not (isinstance(pair, list) and len(pair) == 2):
+            f.fail(field, "is not a [weight key, bias key or null] pair")
+        w_key, b_key = f.value(pair[0], "str", f"{field}.0"), f.value(pair[1], "str?", f"{field}.1")
+        for key in (k for k in (w_key, b_key) if k is not None):
+            if key not in shapes:
+                f.fail(field, f"names tensor {key!r}, which the recipe's tensors do not list")
+        shape = shapes[w_key]
+        kept = shape[0] if kept is None else kept
+        if len(shape) != 2 or shape[0] != kept:
+            f.fail(f"tensors.{w_key}", f"is {shape}, expected a 2-D weight [{kept}, in] ({field})")
+        if b_key is not None and shapes[b_key] != [kept]:
+            f.fail(f"tensors.{b_key}", f"is {shapes[b_key]}, expected a 1-D bias [{kept}] ({field})")
+    _check_chain(f, layers, shapes, width, where, start=kept)
+
+
+def _check_chain(f: _Fields, layers: list, shapes: dict[str, list[int]], width: int, where: str,
+                 start: int | None = None) -> None:
     """Each layer is [weight key, bias key or null] of declared tensors: (out, in) weights, (out,)
-    biases, in == previous out, from the stream width back to it."""
-    features = width
+    biases, in == previous out, from the stream width (or `start` features) back to it."""
+    features = width if start is None else start
     for j, pair in enumerate(layers):
         field = f"{where}layers.{j}"
         if not (isinstance(pair, list) and len(pair) == 2):

@@ -174,6 +174,19 @@ class _Plan:
             "type": "branch", "entry": entry, "identities": identities, "tuple_output": layout.tuple_output,
             "cache_layer": self._cache_layer(layer) if kind == "attention" else None, "layers": self._layers(r)})
 
+    def slim(self, r: Any) -> None:
+        modules = r.info.get("modules") or []
+        pairs = [*r.producers, *r.layers]
+        try:
+            linear = all(isinstance(self.model.get_submodule(m), torch.nn.Linear) for m in modules)
+        except AttributeError:
+            linear = False
+        if len(modules) != len(pairs) or not linear:
+            raise ValueError(f"width-pruned branch '{r.labels[0]}' does not map onto linear modules")
+        self.swapped += modules
+        self.replacements.append({"type": "slim", "modules": modules,
+                                  "layers": [[store_name(w), store_name(b) if b else None] for w, b in pairs]})
+
     def span(self, r: Any) -> None:
         layers = list(dict.fromkeys(_layer_path(label) for label in r.labels))
         covered = [label for label in self.kinds if _layer_path(label) in layers]
@@ -189,7 +202,12 @@ class _Plan:
             raise ValueError(f"no module layout for model_type '{self.model.config.model_type}' (supported: "
                              f"{', '.join(LAYOUTS)})")
         for r in self.recipe.replacements:
-            self.span(r) if r.is_span() else self.branch(r)
+            if r.action == "slim":
+                self.slim(r)
+            elif r.is_span():
+                self.span(r)
+            else:
+                self.branch(r)
         return {"replacements": self.replacements}
 
 

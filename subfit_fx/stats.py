@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SCALARS", "BranchStats"]
+__all__ = ["SCALARS", "BranchStats", "InnerStats"]
 
 # Per-token sums used by the scores (all from the same pass).
 SCALARS = ("y_sq", "x_sq", "out_sq", "cos_sum", "angle_sum", "ratio_sum")
@@ -141,3 +141,112 @@ class BranchStats:
             1.0
         """
         return float(self.scalars[key] / self.tokens.clamp_min(1))
+
+
+@dataclass
+class InnerStats:
+    """Statistics of a branch's inner input h (the input of its last matmul), in float64.
+
+    `sum` / `sq`: per-channel sums of h and h^2; `gram`: sum of [h, 1]^T [h, 1] (None when not
+    asked: it is channels^2, large for wide FFNs); `batch_sq` / `batch_sq2` / `batches`: per
+    channel, the sum over batches of each batch's mean h^2 and of its square, so the fluctuation
+    of a channel's importance across batches (SAAP) stays an additive statistic.
+
+    Example:
+        >>> s = InnerStats.empty(3); s.update(torch.ones(4, 3)); s.update(torch.zeros(4, 3))
+        >>> float(s.tokens), s.sq.tolist(), s.fluctuation().tolist()
+        (8.0, [4.0, 4.0, 4.0], [1.0, 1.0, 1.0])
+    """
+
+    channels: int
+    tokens: torch.Tensor
+    sum: torch.Tensor
+    sq: torch.Tensor
+    batch_sq: torch.Tensor
+    batch_sq2: torch.Tensor
+    batches: torch.Tensor
+    gram: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, channels: int, gram: bool = False) -> InnerStats:
+        """Zero statistics for `channels` channels (with the Gram of [h, 1] when `gram`).
+
+        Example:
+            >>> InnerStats.empty(4, gram=True).gram.shape
+            torch.Size([5, 5])
+        """
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64)
+        return cls(channels, zeros(), zeros(channels), zeros(channels), zeros(channels), zeros(channels), zeros(),
+                   zeros(channels + 1, channels + 1) if gram else None)
+
+    @torch.no_grad()
+    def update(self, h: torch.Tensor) -> None:
+        """Add the tokens of one batch: rows of `h` (tokens, channels), padding already dropped."""
+        if h.shape[0] == 0:
+            return
+        batch_sq = torch.zeros(self.channels, dtype=torch.float64)
+        for start in range(0, h.shape[0], BranchStats.CHUNK):
+            rows = h[start:start + BranchStats.CHUNK].double()
+            self.sum += rows.sum(0)
+            batch_sq += (rows * rows).sum(0)
+            if self.gram is not None:
+                ht = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], dim=1)
+                self.gram.addmm_(ht.T, ht)
+        self.sq += batch_sq
+        mean_sq = batch_sq / h.shape[0]
+        self.batch_sq += mean_sq
+        self.batch_sq2 += mean_sq * mean_sq
+        self.batches += 1
+        self.tokens += h.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All statistics as a flat name -> tensor dict (for all-reduce).
+
+        Example:
+            >>> sorted(InnerStats.empty(2).tensors())[:2]
+            ['batch_sq', 'batch_sq2']
+        """
+        out = {"tokens": self.tokens, "sum": self.sum, "sq": self.sq, "batch_sq": self.batch_sq,
+               "batch_sq2": self.batch_sq2, "batches": self.batches}
+        if self.gram is not None:
+            out["gram"] = self.gram
+        return out
+
+    def variance(self) -> torch.Tensor:
+        """Per-channel variance of h over all tokens.
+
+        Example:
+            >>> s = InnerStats.empty(1); s.update(torch.tensor([[1.0], [3.0]])); s.variance().tolist()
+            [1.0]
+        """
+        n = self.tokens.clamp_min(1)
+        mean = self.sum / n
+        return (self.sq / n - mean * mean).clamp_min(0)
+
+    def covariance(self) -> torch.Tensor:
+        """Covariance of h over all tokens (needs the Gram).
+
+        Example:
+            >>> s = InnerStats.empty(2, gram=True); s.update(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
+            >>> s.covariance().tolist()
+            [[1.0, 0.0], [0.0, 0.0]]
+        """
+        assert self.gram is not None, "collected without the Gram"
+        n = self.tokens.clamp_min(1)
+        mean = self.sum / n
+        return self.gram[:-1, :-1] / n - torch.outer(mean, mean)
+
+    def fluctuation(self) -> torch.Tensor:
+        """Per channel: coefficient of variation across batches of the batch mean of h^2 (0 = the
+        channel matters equally on every batch).
+
+        Example:
+            >>> s = InnerStats.empty(1); s.update(torch.ones(2, 1)); s.update(torch.ones(2, 1))
+            >>> s.fluctuation().tolist()
+            [0.0]
+        """
+        b = self.batches.clamp_min(1)
+        mean = self.batch_sq / b
+        var = (self.batch_sq2 / b - mean * mean).clamp_min(0)
+        return var.sqrt() / mean.clamp_min(1e-30)

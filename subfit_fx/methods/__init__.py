@@ -21,9 +21,11 @@ from typing import Any
 from subfit_fx.errors import InputError
 from subfit_fx.methods.base import NoOptions, PolicyContext, build_options
 from subfit_fx.methods.blockpruner import blockpruner
+from subfit_fx.methods.hybrid import HybridOptions, hybrid
 from subfit_fx.methods.layers import BaselineOptions
 from subfit_fx.methods.llm_drop import llm_drop
 from subfit_fx.methods.replaceme import replaceme
+from subfit_fx.methods.saap import SaapOptions, saap
 from subfit_fx.methods.shortgpt import shortgpt
 from subfit_fx.methods.subfit import GuardedOptions, SubfitOptions, subfit, subfit_guarded
 from subfit_fx.methods.uidl import uidl
@@ -44,6 +46,8 @@ class Method:
 METHODS: dict[str, Method] = {
     "subfit": Method(subfit, SubfitOptions),
     "subfit-guarded": Method(subfit_guarded, GuardedOptions),
+    "saap": Method(saap, SaapOptions),  # width pruning of FFN channels (issue 18)
+    "hybrid": Method(hybrid, HybridOptions),  # SubFit + width pruning under one budget
     # baselines (METHOD.md): same calibration, same parameter budget
     "shortgpt": Method(shortgpt, BaselineOptions),
     "uidl": Method(uidl, BaselineOptions),

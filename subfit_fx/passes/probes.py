@@ -26,9 +26,10 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from subfit_fx.branches import Branch
-from subfit_fx.stats import BranchStats
+from subfit_fx.channels import ChannelSite
+from subfit_fx.stats import BranchStats, InnerStats
 
-__all__ = ["BranchProbe", "InsertProbesPass", "ProbeContext", "insert_probes"]
+__all__ = ["BranchProbe", "InnerProbe", "InsertProbesPass", "ProbeContext", "insert_inner_probes", "insert_probes"]
 
 
 class ProbeContext:
@@ -150,3 +151,54 @@ def insert_probes(ep: torch.export.ExportedProgram, branches: list[Branch],
     pass_ = InsertProbesPass(branches, context)
     pass_(gm)
     return gm, pass_.probes
+
+
+class InnerProbe(torch.nn.Module):
+    """Observer of a branch's inner input h (the input of its last matmul): passes h through,
+    accumulating `InnerStats` while observing and keeping the last batch's h while `keep_last`
+    (a replacement that reads h, e.g. a slimmed output projection under judgement)."""
+
+    def __init__(self, site: ChannelSite, context: ProbeContext) -> None:
+        super().__init__()
+        self.site, self.context = site, context
+        self.stats: InnerStats | None = None
+        self.keep_last = False
+        self.last: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.stats is not None:
+            self.stats.update(self.context.select(h))
+        if self.keep_last:
+            self.last = h
+        return h
+
+
+def insert_inner_probes(gm: fx.GraphModule, sites: dict[str, ChannelSite],
+                        context: ProbeContext) -> dict[str, InnerProbe]:
+    """Insert an `InnerProbe` between each site's inner input and its last matmul (in place).
+
+    Example:
+        >>> from subfit_fx import capture, find_branches
+        >>> from subfit_fx.branches import param_nodes_of_program
+        >>> from subfit_fx.channels import find_channel_sites
+        >>> from subfit_fx.zoo import tiny_model
+        >>> ep = capture(tiny_model("llama"))
+        >>> sites = find_channel_sites(ep.graph, find_branches(ep), param_nodes_of_program(ep))
+        >>> sorted(insert_inner_probes(ep.module(), sites, ProbeContext()))
+        ['model.layers.0.mlp', 'model.layers.1.mlp']
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    probes = {}
+    for i, (label, site) in enumerate(sites.items()):
+        probe = InnerProbe(site, context)
+        name = f"subfit_inner_probe_{i}"
+        gm.add_submodule(name, probe)
+        inner, last = nodes[site.inner], nodes[site.last]
+        with gm.graph.inserting_before(last):
+            node = gm.graph.call_module(name, (inner,))
+        node.meta["val"] = inner.meta.get("val")
+        last.replace_input_with(inner, node)
+        probes[label] = probe
+    gm.graph.lint()
+    gm.recompile()
+    return probes

@@ -1,0 +1,280 @@
+"""SAAP-style width pruning (arXiv 2412.15127, reconstructed; issue 18): FFN channel blocks of the
+branches that stay are scored and the least important ones dropped, to the parameter budget, with
+a closed-form compensation of the output projection.
+
+Per FFN branch `y = W h + b` (h: the inner input of its last matmul, `subfit_fx.channels`),
+from the inner statistics (float64: per-channel sums, the Gram of [h, 1]):
+
+- element-wise importance of a channel block G: sum_j in G ||W[:, j]||^2 Var(h_j) (FLAP);
+- vector-wise importance: tr(W_G Cov(h)_GG W_G^T), which keeps the correlations within G. Both
+  are the exact per-token output damage of dropping G with mean (bias) compensation, so they are
+  in the squared branch-output units SubFit's fit errors use;
+- fusion: the uncertainty-weighted combination I = I_vec / (2 s1^2) + I_el / (2 s2^2) + log(s1 s2),
+  minimised over s (s_m^2 = mean I_m), is 1/2 (I_vec / mean I_vec + I_el / mean I_el); we scale it
+  back by mean I_vec to keep the units;
+- per-layer ratios: not a fixed ratio per layer but one global ranking, in which a layer whose
+  importance fluctuates across calibration batches (coefficient of variation phi_l of the batch
+  means of h^2, averaged over its channels) is protected: score = I_fused (1 + phi_l / mean phi).
+  That is our reading of SAAP's fluctuation indicator (the paper gives no code);
+- compensation (training-free): the kept columns of W and a bias are refitted by least squares
+  from the inner Gram (ridge), of which FLAP's bias compensation is the diagonal special case
+  (`compensation="bias"`).
+
+Cost: one calibration pass (the inner statistics) and a (kept+1)^2 solve per slimmed branch; no
+held-out forwards.
+
+Example:
+    >>> SaapOptions(block=32).block
+    32
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from subfit_fx.channels import ChannelSite
+from subfit_fx.errors import InputError
+from subfit_fx.methods.base import PolicyContext
+from subfit_fx.recipe import Recipe, Replacement, branch_records
+from subfit_fx.stats import InnerStats
+
+__all__ = ["IMPORTANCES", "SaapOptions", "Slimming", "plan_slimming", "saap", "slim_replacements"]
+
+IMPORTANCES = ("fused", "vector", "element")
+COMPENSATIONS = ("refit", "bias", "none")
+
+
+@dataclass(frozen=True)
+class SaapOptions:
+    """Options of SAAP-style width pruning; validated on construction."""
+
+    block: int = 64  # FFN channels per pruning unit (keeps int4 blocks and GEMMs aligned)
+    importance: str = "fused"
+    compensation: str = "refit"
+    fluctuation: bool = True  # protect layers whose importance fluctuates across batches
+    max_layer_ratio: float = 0.75  # at most this fraction of a layer's channels goes
+    ridge: float = 1e-3  # relative ridge of the refit
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise InputError(f"block must be a positive number of channels, got {self.block}")
+        if self.importance not in IMPORTANCES:
+            raise InputError(f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        if self.compensation not in COMPENSATIONS:
+            raise InputError(f"unknown compensation {self.compensation!r}; choose one of {', '.join(COMPENSATIONS)}")
+        if not 0 < self.max_layer_ratio < 1:
+            raise InputError(f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio}")
+        if self.ridge < 0:
+            raise InputError(f"ridge must be >= 0, got {self.ridge}")
+
+
+@dataclass
+class Slimming:
+    """What width pruning does to one branch: the kept channel indices and the new output map."""
+
+    label: str
+    kept: torch.Tensor  # int64 indices into the channels, sorted
+    weight: torch.Tensor  # (width_out, kept)
+    bias: torch.Tensor | None
+    damage: float  # per-token squared output error of the compensated branch (from statistics)
+
+
+def _blocks(channels: int, size: int) -> list[torch.Tensor]:
+    size = min(size, channels)
+    return [torch.arange(start, min(start + size, channels)) for start in range(0, channels, size)]
+
+
+def block_importance(weight: torch.Tensor, stats: InnerStats, blocks: list[torch.Tensor],
+                     kind: str) -> torch.Tensor:
+    """Importance of each channel block of one branch with output weight `weight` (out, channels):
+    "element" (FLAP), "vector" (with within-block correlations); per token, squared output units.
+
+    Example:
+        >>> s = InnerStats.empty(4, gram=True); s.update(torch.randn(50, 4))
+        >>> block_importance(torch.eye(4), s, _blocks(4, 2), "element").shape
+        torch.Size([2])
+    """
+    w = weight.double()
+    if kind == "element":
+        per = (w * w).sum(0) * stats.variance()
+        return torch.stack([per[g].sum() for g in blocks])
+    cov = stats.covariance()
+    return torch.stack([((w[:, g].T @ w[:, g]) * cov[g][:, g]).sum() for g in blocks]).clamp_min(0)
+
+
+def compensate(weight: torch.Tensor, bias: torch.Tensor | None, stats: InnerStats, kept: torch.Tensor,
+               how: str, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The output map on the kept channels: (weight, bias, per-token squared error).
+
+    "refit": least squares of the original output on [h_kept, 1] (ridge relative to the mean
+    diagonal); "bias": W[:, kept] and b + W[:, dropped] mean(h_dropped) (FLAP); "none": W[:, kept].
+
+    Example:
+        >>> s = InnerStats.empty(3, gram=True); h = torch.randn(200, 3); h[:, 2] = h[:, 0]; s.update(h)
+        >>> w, b, err = compensate(torch.ones(2, 3), None, s, torch.tensor([0, 1]), "refit", 0.0)
+        >>> err < 1e-9, [round(v, 6) for v in w[0].tolist()]
+        (True, [2.0, 1.0])
+    """
+    gram = stats.gram / stats.tokens.clamp_min(1)  # E [h, 1]^T [h, 1]
+    n = weight.shape[1]
+    base = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    w_ext = torch.cat([weight.double(), base[:, None]], 1)
+    keep1 = torch.cat([kept, torch.tensor([n])])
+    if how == "refit":
+        a = gram[keep1][:, keep1]
+        lam = ridge * float(a.diagonal()[:-1].mean()) if len(kept) else 0.0
+        a = a + lam * torch.eye(len(keep1), dtype=torch.float64)
+        rhs = gram[keep1] @ w_ext.T  # (kept+1, out)
+        sol = torch.linalg.solve(a, rhs)
+        new_w, new_b = sol[:-1].T, sol[-1]
+    else:
+        mean = stats.sum / stats.tokens.clamp_min(1)
+        dropped = torch.ones(n, dtype=torch.bool)
+        dropped[kept] = False
+        new_w = weight.double()[:, kept]
+        new_b = base + (weight.double()[:, dropped] @ mean[dropped] if how == "bias" else 0)
+    new_ext = torch.zeros_like(w_ext)
+    new_ext[:, kept], new_ext[:, n] = new_w, new_b
+    diff = w_ext - new_ext
+    error = float((diff * (diff @ gram)).sum())  # E ||(W_ext - W'_ext) [h, 1]||^2
+    bias_out = new_b if (bias is not None or how != "none") else None
+    return new_w.to(weight.dtype), None if bias_out is None else bias_out.to(weight.dtype), max(error, 0.0)
+
+
+def _weights(ctx: PolicyContext) -> dict[str, torch.Tensor]:
+    return ctx.session.ep.state_dict
+
+
+@torch.no_grad()
+def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: list[str] | None = None,
+                  stats: dict[str, InnerStats] | None = None) -> tuple[list[Slimming], int]:
+    """Choose channel blocks to drop across the FFN branches in `labels` (default: every branch
+    with a channel site) until `budget` parameters are saved (net of added biases); returns the
+    slimmings and the parameters saved.
+
+    Example:
+        >>> slimmings, saved = plan_slimming(ctx, SaapOptions(), 10_000)  # doctest: +SKIP
+    """
+    sites = ctx.session.channel_sites
+    labels = [label for label in (labels if labels is not None else list(sites)) if label in sites]
+    if not labels:
+        return [], 0
+    stats = stats or ctx.session.inner_stats(ctx.batches, labels, gram=True)
+    state = _weights(ctx)
+    imp_el, imp_vec, blocks, cost, fluct = {}, {}, {}, {}, {}
+    for label in labels:
+        site, s = sites[label], stats[label]
+        weight = state[site.last_weight]
+        blocks[label] = _blocks(site.channels, opts.block)
+        imp_el[label] = block_importance(weight, s, blocks[label], "element")
+        imp_vec[label] = block_importance(weight, s, blocks[label], "vector")
+        width_in = state[site.producers[0][0]].shape[1]
+        cost[label] = site.params_per_channel(width_in, weight.shape[0])
+        fluct[label] = float(s.fluctuation().mean())
+    mean_el = torch.cat(list(imp_el.values())).mean().clamp_min(1e-30)
+    mean_vec = torch.cat(list(imp_vec.values())).mean().clamp_min(1e-30)
+    mean_fl = max(sum(fluct.values()) / len(fluct), 1e-30)
+    units = []  # (score per parameter, label, block index)
+    for label in labels:
+        if opts.importance == "element":
+            score = imp_el[label]
+        elif opts.importance == "vector":
+            score = imp_vec[label]
+        else:
+            score = 0.5 * (imp_vec[label] / mean_vec + imp_el[label] / mean_el) * mean_vec
+        if opts.fluctuation:
+            score = score * (1 + fluct[label] / mean_fl)
+        for i, g in enumerate(blocks[label]):
+            units.append((float(score[i]) / (len(g) * cost[label]), label, i))
+    units.sort()
+    dropped: dict[str, list[int]] = {}
+    saved = 0
+    for _, label, i in units:
+        if saved >= budget:
+            break
+        site = sites[label]
+        have = dropped.setdefault(label, [])
+        gone = sum(len(blocks[label][j]) for j in have) + len(blocks[label][i])
+        if gone > opts.max_layer_ratio * site.channels:
+            continue
+        weight = state[site.last_weight]
+        new_bias = site.last_bias is None and opts.compensation != "none" and not have
+        gain = len(blocks[label][i]) * cost[label] - (weight.shape[0] if new_bias else 0)
+        if saved + gain - budget > budget - saved:
+            break  # stopping short lands nearer the budget than this unit would
+        saved += gain
+        have.append(i)
+    slimmings = []
+    for label in labels:
+        if not dropped.get(label):
+            continue
+        site = sites[label]
+        gone = torch.cat([blocks[label][i] for i in dropped[label]])
+        keep = torch.ones(site.channels, dtype=torch.bool)
+        keep[gone] = False
+        kept = keep.nonzero().flatten()
+        bias = state[site.last_bias] if site.last_bias else None
+        w, b, err = compensate(state[site.last_weight], bias, stats[label], kept, opts.compensation, opts.ridge)
+        slimmings.append(Slimming(label, kept, w, b, err))
+        ctx.record_score(label, "slim_damage", err)
+        ctx.record_score(label, "slim_kept", float(len(kept)) / site.channels)
+    return slimmings, saved
+
+
+@torch.no_grad()
+def slim_replacements(ctx: PolicyContext, slimmings: list[Slimming],
+                      prefix: str = "s") -> tuple[list[Replacement], dict[str, torch.Tensor]]:
+    """Recipe entries (action "slim") and tensors for `slimmings`: the kept rows of each producer
+    and the compensated output map.
+
+    Example:
+        >>> replacements, tensors = slim_replacements(ctx, slimmings)  # doctest: +SKIP
+    """
+    state = _weights(ctx)
+    sites: dict[str, ChannelSite] = ctx.session.channel_sites
+    replacements, tensors = [], {}
+    for i, s in enumerate(slimmings):
+        site = sites[s.label]
+        producers = []
+        for j, (w_key, b_key) in enumerate(site.producers):
+            tensors[f"{prefix}{i}.p{j}.weight"] = state[w_key][s.kept].clone()
+            new_b = None
+            if b_key:
+                new_b = f"{prefix}{i}.p{j}.bias"
+                tensors[new_b] = state[b_key][s.kept].clone()
+            producers.append((f"{prefix}{i}.p{j}.weight", new_b))
+        tensors[f"{prefix}{i}.out.weight"] = s.weight.contiguous()
+        out_b = None
+        if s.bias is not None:
+            out_b = f"{prefix}{i}.out.bias"
+            tensors[out_b] = s.bias.contiguous()
+        # module paths of the producers and the last matmul: transformers-side loading swaps these
+        modules = [key.removeprefix("hf.").rsplit(".", 1)[0] for key, _ in (*site.producers, (site.last_weight, None))]
+        info = {"kept": [int(k) for k in s.kept], "channels": site.channels, "damage": s.damage, "modules": modules}
+        replacements.append(Replacement((s.label,), "slim", "slim", "inner", [(f"{prefix}{i}.out.weight", out_b)],
+                                        info, producers))
+    return replacements, tensors
+
+
+def saap(ctx: PolicyContext) -> Recipe:
+    """Width pruning alone: FFN channel blocks dropped across all layers to the budget.
+
+    Example:
+        >>> recipe = saap(ctx)  # doctest: +SKIP
+    """
+    opts = ctx.options_as(SaapOptions)
+    if not ctx.session.channel_sites:
+        raise InputError("this model's FFN branches expose no prunable channels (fused or Conv1D projections); "
+                         "use --method subfit")
+    budget = round(ctx.target * ctx.block_params)
+    slimmings, saved = plan_slimming(ctx, opts, budget)
+    if saved < budget:
+        ctx.notes.append(f"width pruning reached {saved / ctx.block_params:.2%} of block parameters: every FFN "
+                         f"channel block allowed by max_layer_ratio={opts.max_layer_ratio} is gone (attention heads "
+                         "are not pruned yet); use subfit or hybrid for more")
+    order = {b.label: i for i, b in enumerate(ctx.branches)}
+    slimmings.sort(key=lambda s: order[s.label])
+    replacements, tensors = slim_replacements(ctx, slimmings)
+    return Recipe("saap", branch_records(ctx.branches), replacements, tensors, options=asdict(opts))

@@ -1,0 +1,155 @@
+"""Width pruning (SAAP-style FFN channel blocks): inner statistics, the slim rewrite, compensation,
+and the whole path to a saved directory, transformers and ONNX Runtime."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import transformers as tf
+
+import subfit_fx
+from subfit_fx.branches import count_params
+from subfit_fx.calibrate import prepare
+from subfit_fx.methods.saap import SaapOptions, compensate
+from subfit_fx.stats import InnerStats
+from subfit_fx.zoo import tiny_model
+
+
+@functools.cache
+def _model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tiny_model(arch, layers=4)
+
+
+def _calib() -> torch.Tensor:
+    return torch.randint(3, 120, (16, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(ids, torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "opt", "gpt_neox"])
+def test_inner_statistics_equal_the_last_matmuls_input(arch):
+    model = _model(arch)
+    session = prepare(subfit_fx.capture(model), progress=False)
+    ids = _calib()[:2]
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0  # padding is left out
+    stats = session.inner_stats([(ids, mask)])
+    assert set(stats) == {b.label for b in session.branches if b.kind == "ffn"}
+    site = session.channel_sites[sorted(stats)[0]]
+    seen = []
+    module = model.get_submodule(site.last_weight.removeprefix("hf.").rsplit(".", 1)[0])
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    h = seen[0].reshape(-1, site.channels)[mask.reshape(-1).bool()].double()
+    s = stats[site.label]
+    assert int(s.tokens) == int(mask.sum())
+    assert torch.allclose(s.sq, (h * h).sum(0))
+    assert torch.allclose(s.gram[:-1, :-1], h.T @ h)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "opt"])
+def test_slim_program_equals_the_model_with_dropped_channels_zeroed(arch):
+    """compensation='none' keeps W[:, kept]: exactly the dense model with the other columns zero."""
+    model = _model(arch)
+    c = subfit_fx.compress(model, _calib(), 0.2, method="saap", compensation="none", block=16, progress=False)
+    assert c.recipe.slimmed_labels() and not c.recipe.removed_attention_layers()
+    assert abs(c.report.sparsity_actual - 0.2) < 0.05
+    reference = copy.deepcopy(model)
+    for r in c.recipe.replacements:
+        last = reference.get_submodule(r.info["modules"][-1])
+        keep = torch.zeros(r.info["channels"], dtype=torch.bool)
+        keep[r.info["kept"]] = True
+        with torch.no_grad():
+            last.weight[:, ~keep] = 0
+    ids = _calib()[:3]
+    assert torch.allclose(_logits(c.module(), ids), _logits(subfit_fx.capture(reference).module(), ids), atol=1e-5)
+    assert count_params(c.program) < count_params(subfit_fx.capture(model))
+
+
+def test_refit_compensation_beats_bias_beats_none_on_the_statistics():
+    torch.manual_seed(0)
+    h = torch.randn(500, 8) @ torch.randn(8, 8) + 0.5  # correlated channels with a mean
+    stats = InnerStats.empty(8, gram=True)
+    stats.update(h)
+    weight = torch.randn(4, 8)
+    kept = torch.tensor([0, 2, 3, 5, 7])
+    errors = {how: compensate(weight, None, stats, kept, how, 0.0)[2] for how in ("refit", "bias", "none")}
+    assert errors["refit"] <= errors["bias"] <= errors["none"]
+    w, b, err = compensate(weight, None, stats, kept, "refit", 0.0)
+    direct = ((h.double() @ weight.double().T) - (h.double()[:, kept] @ w.double().T + b.double())).pow(2).sum(1).mean()
+    assert abs(float(direct) - err) < 1e-6 * max(1.0, err)
+
+
+def test_options_are_validated():
+    with pytest.raises(subfit_fx.SubfitError, match="importance"):
+        SaapOptions(importance="magic")
+    with pytest.raises(subfit_fx.SubfitError, match="max_layer_ratio"):
+        SaapOptions(max_layer_ratio=1.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_slimmed_directory_loads_in_subfit_fx_and_transformers(arch, tmp_path):
+    model = _model(arch)
+    c = subfit_fx.compress(model, _calib(), 0.2, method="saap", block=16, progress=False)
+    out = c.save(tmp_path / "out")
+    ids = _calib()[:2]
+    ours = _logits(c.module(), ids)
+    loaded = subfit_fx.load(out)
+    assert torch.equal(_logits(loaded.module(), ids), ours)
+    cls = tf.AutoModel if arch == "bert" else tf.AutoModelForCausalLM
+    hf = cls.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        got = hf(input_ids=ids, attention_mask=torch.ones_like(ids))
+    got = got.last_hidden_state if arch == "bert" else got.logits
+    assert torch.allclose(got, ours, atol=1e-5)
+
+
+def test_slimmed_model_exports_to_onnx_with_and_without_cache(tmp_path):
+    """Both exports validate against the rewritten torch program (parity is enforced inside)."""
+    from subfit_fx.exporters.kv_cache import export_onnx_kv
+    from subfit_fx.exporters.onnx_export import export_onnx
+
+    c = subfit_fx.compress(_model("llama"), _calib(), 0.2, method="saap", block=16, progress=False)
+    plain = export_onnx(c, tmp_path / "plain.onnx")
+    cached = export_onnx_kv(c, tmp_path / "kv.onnx")
+    assert plain.parity is not None and cached.parity is not None
+    dense = export_onnx(_model("llama"), tmp_path / "dense.onnx", validate=False)
+    assert plain.bytes < dense.bytes
+
+
+def test_hybrid_replaces_branches_and_slims_the_kept_ffns_under_one_budget():
+    model = _model("llama")
+    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", share=0.5, block=16, progress=False)
+    actions = {r.labels[0]: r.action for r in c.recipe.replacements}
+    assert "slim" in actions.values() and {"remove", "bypass"} & set(actions.values())
+    assert abs(c.report.sparsity_actual - 0.3) <= 0.015, c.report.notes
+    slimmed, replaced = set(c.recipe.slimmed_labels()), set(c.recipe.replaced_labels())
+    assert slimmed < replaced  # a branch is either replaced or slimmed, never both
+    # SubFit's part alone, at its share of the budget, is what the hybrid's replacements are
+    ids = _calib()[:2]
+    dense = _logits(subfit_fx.capture(model).module(), ids)
+    assert not torch.allclose(_logits(c.module(), ids), dense)
+
+
+def test_cli_compresses_with_width_pruning_options(tmp_path):
+    from subfit_fx.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out = tmp_path / "out"
+    argv = ["compress", "builtin:llama", "--calib", str(calib), "--samples", "8", "--seq-len", "32",
+            "--method", "saap", "--block", "16", "--compensation", "bias", "--no-fluctuation", "--out", str(out)]
+    assert main(argv) == 0
+    recipe = subfit_fx.recipe.Recipe.load(out)
+    assert recipe.method == "saap" and recipe.options["compensation"] == "bias"
+    assert recipe.options["fluctuation"] is False and recipe.slimmed_labels()
+    assert main([*argv[:-2], "--importance", "magic", "--out", str(tmp_path / "o2")]) == 2
