@@ -25,13 +25,14 @@ import torch
 
 from subfit_fx.errors import InputError, ModelLoadError, NonFiniteError, SubfitError
 
-__all__ = ["ACTIONS", "FORMS", "INPUTS", "KINDS", "check_bench", "check_eval", "check_lm_eval", "check_recipe",
-           "check_recipe_tensors", "check_report", "dumps", "read_json"]
+__all__ = ["ACTIONS", "DTYPE_NAMES", "FORMS", "INPUTS", "KINDS", "check_bench", "check_eval", "check_lm_eval",
+           "check_recipe", "check_recipe_tensors", "check_report", "dumps", "read_json"]
 
 ACTIONS = ("remove", "bypass")
 FORMS = ("remove", "linear", "lowrank", "shared")
 INPUTS = ("normalized", "stream")
 KINDS = ("attention", "ffn")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # a recipe's options.dtype (subfit_fx.devices.DTYPES)
 _RECIPE_FIX = "compress again (or restore the recipe directory 'subfit-fx compress' wrote)"
 _REPORT_FIX = "restore the report.json 'subfit-fx compress' wrote, or delete it"
 
@@ -158,6 +159,8 @@ def check_recipe(data: Any, path: Path, format: str) -> None:
     f.get(data, "base_model", "str?", default=None)
     options = f.get(data, "options", "dict", default={})
     f.get(options, "sparsity", "num", "options.", default=None)
+    if "dtype" in options:  # recorded since dtypes other than float32 run; older recipes are float32
+        f.choice(options, "dtype", DTYPE_NAMES, "options.")
     order: dict[str, int] = {}
     widths: dict[str, int] = {}
     for i, b in enumerate(f.get(data, "branches", "list")):
