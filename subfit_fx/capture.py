@@ -183,7 +183,8 @@ def _check_loading_info(path: Path, config: object, info: dict, own_modules: set
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
-    """Token ids and an all-ones attention mask shaped (batch, seq) for a Hugging Face model.
+    """Token ids and an all-ones attention mask shaped (batch, seq) for a Hugging Face model, on
+    the model's device.
 
     Example:
         >>> from subfit_fx.zoo import tiny_model
@@ -199,6 +200,9 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> tupl
     seq = max(2, min(seq, max_pos))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (max(2, batch), seq), generator=gen)
+    # where the weights are: torch.export runs the model on them (a GPU model on CPU ids fails)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = ids.to(device)
     return ids, torch.ones_like(ids)
 
 
