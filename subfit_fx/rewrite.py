@@ -68,6 +68,7 @@ class _Builder:
         self.replaced: dict[fx.Node, fx.Node] = {}  # stream nodes that earlier spans replaced
         vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
         self.fake_mode = detect_fake_mode(vals)
+        self.device = vals[0].device if vals else torch.device("cpu")  # where the program's tensors live
 
     def resolve(self, node: fx.Node) -> fx.Node:
         """The node that now stands for `node` (a span may have replaced it)."""
@@ -75,14 +76,14 @@ class _Builder:
             node = self.replaced[node]
         return node
 
-    def _tensor(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
-        value = self.recipe.tensors[key].detach().to(device, dtype).contiguous()
+    def _tensor(self, key: str, dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Parameter:
+        value = self.recipe.tensors[key].detach().to(device or self.device, dtype).contiguous()
         return torch.nn.Parameter(value, requires_grad=False)
 
     def _new_value(self, key: str, value: torch.nn.Parameter) -> fx.Node:
         raise NotImplementedError
 
-    def param(self, key: str, dtype: torch.dtype, device: torch.device) -> fx.Node:
+    def param(self, key: str, dtype: torch.dtype, device: torch.device | None = None) -> fx.Node:
         if key not in self.values:
             value = self._tensor(key, dtype, device)
             node = self._new_value(key, value)

@@ -25,14 +25,13 @@ import torch
 
 from subfit_fx.errors import InputError, ModelLoadError, NonFiniteError, SubfitError
 
-__all__ = ["ACTIONS", "DTYPE_NAMES", "FORMS", "INPUTS", "KINDS", "check_bench", "check_eval", "check_lm_eval",
-           "check_recipe", "check_recipe_tensors", "check_report", "dumps", "read_json"]
+__all__ = ["ACTIONS", "FORMS", "INPUTS", "KINDS", "check_bench", "check_eval", "check_lm_eval", "check_recipe",
+           "check_recipe_tensors", "check_report", "dumps", "read_json"]
 
 ACTIONS = ("remove", "bypass")
 FORMS = ("remove", "linear", "lowrank", "shared")
 INPUTS = ("normalized", "stream")
 KINDS = ("attention", "ffn")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # a recipe's options.dtype (subfit_fx.devices.DTYPES)
 _RECIPE_FIX = "compress again (or restore the recipe directory 'subfit-fx compress' wrote)"
 _REPORT_FIX = "restore the report.json 'subfit-fx compress' wrote, or delete it"
 
@@ -133,6 +132,9 @@ def dumps(data: Any, what: str) -> str:
         raise NonFiniteError(f"{what}: {bad[0]} is {bad[1]}, not a finite number; the model or its calibration "
                              "produced NaN or Inf: check the model's weights and rerun")
     return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # a recipe's options.dtype (subfit_fx.devices.DTYPES)
 
 
 def check_recipe(data: Any, path: Path, format: str) -> None:
