@@ -56,11 +56,13 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
     return isinstance(model, tf.PreTrainedModel) and model.can_generate()
 
 
-def load_model(path: str | Path) -> torch.nn.Module:
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, *,
+               trust_remote_code: bool = False) -> torch.nn.Module:
     """Load a local Hugging Face model directory (or a .gguf file, see `subfit_fx.gguf`) in eval
-    mode, from safetensors only.
+    mode, from safetensors only, in `dtype` (None or "auto": the checkpoint's own, from its config).
 
-    Causal LMs load with their LM head, other models (BERT family) as encoders.
+    Causal LMs load with their LM head, other models (BERT family) as encoders. A model whose
+    config names its own Python code (`auto_map`) loads only with `trust_remote_code=True`.
 
     Example:
         >>> model = load_model("runs/reference")  # doctest: +SKIP
@@ -74,8 +76,9 @@ def load_model(path: str | Path) -> torch.nn.Module:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelLoadError(f"'{path}' is not a model directory (no config.json); pass the folder "
                              "written by save_pretrained()")
+    _check_remote_code(path, trust_remote_code)
     try:
-        config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a bad config
         raise ModelLoadError(f"cannot read '{path / 'config.json'}': {_first_line(exc)}; "
                              "fix or regenerate the config") from exc
@@ -83,16 +86,36 @@ def load_model(path: str | Path) -> torch.nn.Module:
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     cls = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    from subfit_fx.devices import resolve_dtype
+
     try:
         # mismatched shapes are reported by us below, by name, instead of transformers' "see the report"
         model, info = cls.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                          ignore_mismatched_sizes=True, output_loading_info=True)
+                                          ignore_mismatched_sizes=True, output_loading_info=True,
+                                          dtype=resolve_dtype(dtype) or "auto", trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelLoadError(f"cannot load weights from '{path}': {_first_line(exc)}; the "
                              "safetensors files may be corrupt: re-save or re-download them") from exc
     _check_loading_info(path, config, info,
                         own_modules=None if causal else {n for n, _ in model.named_children()})
     return model.eval()
+
+
+def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuse, before transformers runs anything, a model that needs its own code without the flag
+    (transformers would ask on a terminal, or fail with a paragraph)."""
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # AutoConfig reports a bad config next, with its own message
+    if trust_remote_code or not isinstance(data, dict) or not data.get("auto_map"):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if data.get("model_type") not in CONFIG_MAPPING:
+        raise ModelLoadError(f"'{path}' needs its own Python code to load (auto_map in config.json, model_type "
+                             f"{data.get('model_type')!r} unknown to transformers); pass --trust-remote-code "
+                             "(trust_remote_code=True) if you trust that code: it runs on this machine")
 
 
 def check_weight_files(path: Path) -> list[Path]:
@@ -160,7 +183,8 @@ def _check_loading_info(path: Path, config: object, info: dict, own_modules: set
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
-    """Token ids and an all-ones attention mask shaped (batch, seq) for a Hugging Face model.
+    """Token ids and an all-ones attention mask shaped (batch, seq) for a Hugging Face model, on
+    the model's device.
 
     Example:
         >>> from subfit_fx.zoo import tiny_model
@@ -176,6 +200,9 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> tupl
     seq = max(2, min(seq, max_pos))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (max(2, batch), seq), generator=gen)
+    # where the weights are: torch.export runs the model on them (a GPU model on CPU ids fails)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = ids.to(device)
     return ids, torch.ones_like(ids)
 
 

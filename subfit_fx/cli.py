@@ -42,7 +42,8 @@ def _drop_record(record: object) -> bool:
     return False
 
 
-__all__ = ["build_parser", "main", "method_options_from_args", "print_summary", "run_guarded"]
+__all__ = ["add_model_flags", "build_parser", "main", "method_options_from_args", "model_loading", "print_summary",
+           "run_guarded"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -80,7 +81,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from subfit_fx.capture import capture
     from subfit_fx.models import resolve_model
 
-    ep = capture(resolve_model(args.model))
+    ep = capture(resolve_model(args.model, **model_loading(args)))
     branches = find_branches(ep)
     block, total = count_block_params(ep, branches), count_params(ep)
     if args.json:
@@ -98,6 +99,44 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print("  ".join(cells))
     print(f"{len(branches)} branches; block parameters {block:,}; all parameters {total:,}")
     return 0
+
+
+def add_model_flags(p: argparse.ArgumentParser, device_default: str = "auto") -> None:
+    """`--dtype`, `--device`, `--revision` and `--trust-remote-code`: how a MODEL argument loads.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_model_flags(p)
+        >>> p.parse_args(["--dtype", "bfloat16"]).dtype
+        'bfloat16'
+    """
+    from subfit_fx.devices import DEVICE_HELP, DTYPE_CHOICES
+
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="precision the model runs in (default auto: the checkpoint's; built-in and GGUF are float32)")
+    p.add_argument("--device", default=device_default, help=f"{DEVICE_HELP} (default {device_default})")
+    p.add_argument("--revision", help="Hub ids: branch, tag or commit (default main)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model that ships its own Python code (it runs on this machine)")
+
+
+def model_loading(args: argparse.Namespace) -> dict[str, Any]:
+    """The `resolve_model` / `compress` keywords the model flags set, checked now: a bad device or
+    dtype fails in seconds, and a Hub id in `args.model` becomes its local snapshot directory
+    (downloaded, or found in the cache offline) before any long work.
+
+    Example:
+        >>> model_loading(build_parser().parse_args(["inspect", "builtin:llama", "--device", "cpu"]))["device"]
+        'cpu'
+    """
+    from subfit_fx.devices import check_dtype_on_device, resolve_device, resolve_dtype
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    if dtype is not None:
+        check_dtype_on_device(dtype, device)
+    from subfit_fx.models import local_spec
+
+    args.model = local_spec(args.model, args.revision, trust_remote_code=args.trust_remote_code)
+    return {"dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code}
 
 
 def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,18 +171,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                                seed=args.seed, skip_first=args.skip_first, holdout=args.holdout)
     options = method_options_from_args(args)
     method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
+    loading = model_loading(args)
     check_text_file(args.calib)
     check_output(Path(args.out), args.force, inputs=[p for p in (args.model, args.calib) if Path(p).exists()])
     # claimed now, not at save: a second run on this --out fails in seconds, not after all the work
     # (under torchrun every rank runs this; rank 0 claims when it saves)
     with nullcontext() if args.distributed else claim(Path(args.out)):
         if args.distributed or args.pipeline != "basic" or args.offload is not None or args.layers_per_pass != 1:
-            return _compress_on_pipeline(args, target, config, options)
+            return _compress_on_pipeline(args, target, config, {**options, **loading})
 
         from subfit_fx.compress import compress
 
         print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
-        compressed = compress(args.model, args.calib, target, args.method, calibration=config, **options)
+        compressed = compress(args.model, args.calib, target, args.method, calibration=config, **loading, **options)
         out = compressed.save(args.out, force=args.force)
         print_summary(compressed.report)
         print(f"wrote {out}")
@@ -241,7 +281,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     from subfit_fx.methods import METHODS
 
     p = sub.add_parser("compress", help="compress a model to a parameter budget")
-    p.add_argument("model", help="a local Hugging Face model directory or builtin:ARCH")
+    p.add_argument("model", help="a local Hugging Face model directory, a Hub id (org/name), a .gguf file or "
+                                 "builtin:ARCH")
+    add_model_flags(p)
     p.add_argument("--calib", required=True, help="calibration data: a UTF-8 text file, a .jsonl of chat conversations "
                                                   "(rendered with the chat template) or a datasets save_to_disk folder")
     p.add_argument("--sparsity", default="0.25", help="fraction of block parameters to remove, 0 < s < 0.9")
@@ -314,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     p = sub.add_parser("inspect", help="list the residual branches of a model")
     p.add_argument("model", nargs="?", default=BUILTIN_DEFAULT,
-                   help=f"a local Hugging Face model directory or builtin:ARCH (default {BUILTIN_DEFAULT})")
+                   help=f"a local Hugging Face model directory, a Hub id (org/name), a .gguf file or builtin:ARCH "
+                        f"(default {BUILTIN_DEFAULT})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_model_flags(p, device_default="cpu")
     _add_compress_parser(sub)
     _add_demo_parser(sub)
     import importlib

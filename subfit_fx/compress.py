@@ -23,11 +23,12 @@ from subfit_fx.branches import count_block_params, count_params, find_branches
 from subfit_fx.calibrate import Session, prepare
 from subfit_fx.capture import capture, is_causal_lm, max_positions
 from subfit_fx.data import Batch, load_tokenizer, split_batches, text_batches, token_batches
+from subfit_fx.devices import dtype_name, model_dtype, module_device, to_device
 from subfit_fx.errors import InputError
 from subfit_fx.gguf import gguf_directory, is_gguf
 from subfit_fx.html_report import write_html_report
 from subfit_fx.methods import PolicyContext, check_method, method_options
-from subfit_fx.models import resolve_model
+from subfit_fx.models import local_spec, resolve_model
 from subfit_fx.recipe import Recipe
 from subfit_fx.report import Report, build_report
 from subfit_fx.rewrite import apply_recipe
@@ -118,7 +119,7 @@ class Compressed:
         """
         base = self.recipe.base_model
         if self._dense is None and base and (base.startswith("builtin:") or Path(base).exists()):
-            model = resolve_model(base)
+            model = resolve_model(base, dtype=self.recipe.options.get("dtype"))
             if self.recipe.base_sha256 in (None, weights_sha256(model)):
                 self._dense = model
         return self._dense
@@ -187,19 +188,28 @@ def calibration_batches(calib: Any, model: torch.nn.Module, config: CalibrationC
     return token_batches(calib, config.batch_size)
 
 
-def _resolve(model: Any) -> tuple[torch.nn.Module, str | None]:
+def _resolve(model: Any, load: dict[str, Any]) -> tuple[torch.nn.Module, str | None]:
+    """(model, the spec a recipe records); `load`: dtype, device, revision, trust_remote_code."""
+    from subfit_fx.devices import place
+
     if isinstance(model, str | Path):
-        spec = str(model)
-        resolved = resolve_model(spec)
+        # a Hub id becomes its snapshot directory: a local path like any other from here on
+        spec = local_spec(str(model), load.get("revision"), trust_remote_code=load.get("trust_remote_code", False))
+        resolved = resolve_model(spec, dtype=load.get("dtype"), device=load.get("device") or "auto",
+                                 trust_remote_code=load.get("trust_remote_code", False))
         return resolved, spec if spec.startswith("builtin:") else str(Path(spec).resolve())
     if isinstance(model, torch.nn.Module):
-        return model.eval(), None
-    raise InputError(f"model must be an nn.Module, a model directory or builtin:ARCH, not {type(model).__name__}")
+        # an in-memory model stays where it is unless told otherwise
+        return place(model, load.get("dtype"), load.get("device")).eval(), None
+    raise InputError(f"model must be an nn.Module, a model directory, a Hub id or builtin:ARCH, not "
+                     f"{type(model).__name__}")
 
 
 def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *,
              calibration: CalibrationConfig | None = None, tokenizer: Any = None, progress: bool = True,
-             session_factory: Callable[..., Session] | None = None, **options: Any) -> Compressed:
+             session_factory: Callable[..., Session] | None = None, dtype: str | torch.dtype | None = None,
+             device: str | torch.device | None = None, revision: str | None = None, trust_remote_code: bool = False,
+             **options: Any) -> Compressed:
     """Compress `model` to `sparsity` (net fraction of transformer-block parameters) with `method`.
 
     `calib`: a text file (tokenized with the model's tokenizer, chunked into `samples`
@@ -208,7 +218,11 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     (`samples=32`), which override it. The other `options` go to the method (for SubFit: see
     `SubfitOptions`). `session_factory` (default
     `prepare`) picks the calibration pipeline, e.g. `subfit_fx.pipelines.SessionFactory("sequential")`
-    (layer by layer) or a data-parallel one under torchrun (docs/distributed.md).
+    (layer by layer) or a data-parallel one under torchrun (docs/distributed.md). A model given by
+    name (a directory, Hub id at `revision`, .gguf or builtin:ARCH) loads in `dtype` (default: the
+    checkpoint's) on `device` (default "auto": cuda when available); an nn.Module is moved only
+    when `dtype` / `device` are given. Statistics and fits are float64 whatever the dtype; the
+    recipe records the dtype and stores its bypass weights in it.
 
     Example:
         >>> from subfit_fx.zoo import tiny_model
@@ -222,8 +236,10 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     # strict (a misspelt key fails here, before any long work); the calibration's holdout reaches
     # options classes that declare one (SubFit's held-out scoring checks it)
     typed = method_options(method, options, **({"holdout": config.holdout} if config.holdout else {}))
-    module, spec = _resolve(model)
+    module, spec = _resolve(model, {"dtype": dtype, "device": device, "revision": revision,
+                                    "trust_remote_code": trust_remote_code})
     batches = calibration_batches(calib, module, config, model_path=spec, tokenizer=tokenizer)
+    batches = to_device(batches, module_device(module))
     fit_batches, held = split_batches(batches, config.holdout)
     if config.holdout and not held:
         raise InputError("holdout needs at least two calibration sequences; pass more --samples")
@@ -235,7 +251,7 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), typed)
     recipe = policy(ctx)
     recipe.base_model = spec
-    recipe.options = {**recipe.options, **config.recorded(), "method": method}
+    recipe.options = {**recipe.options, **config.recorded(), "method": method, "dtype": dtype_name(model_dtype(module))}
     program = apply_recipe(ep, recipe, check=False, branches=branches)
     report = build_report(method, target, recipe, branches, block, count_params(ep), count_params(program),
                           ctx.scores, recipe.options, ctx.notes)
@@ -263,7 +279,7 @@ def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compres
         if recipe.base_model is None:
             raise InputError(f"recipe in '{directory}' was made from an in-memory model; pass it: "
                              "load(dir, model=...)")
-        model = dense = resolve_model(recipe.base_model)
+        model = dense = resolve_model(recipe.base_model, dtype=recipe.options.get("dtype"))
     ep = capture(model)
     program = apply_recipe(ep, recipe)
     report_path = directory / "report.json"

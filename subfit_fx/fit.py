@@ -37,17 +37,18 @@ class Fit:
     width_out: int = 0  # only needed by "remove" (no layers to infer it from)
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
-        """Run the bypass on z (any leading shape) in z's dtype.
+        """Run the bypass on z (any leading shape) in z's dtype, on z's device.
 
         Example:
             >>> removal(torch.eye(3, dtype=torch.float64), 2.0, 2).apply(torch.ones(4, 2)).abs().sum().item()
             0.0
         """
         if not self.layers:
-            return torch.zeros(*z.shape[:-1], self.width_out, dtype=z.dtype)
+            return torch.zeros(*z.shape[:-1], self.width_out, dtype=z.dtype, device=z.device)
         out = z
         for weight, bias in self.layers:
-            out = torch.nn.functional.linear(out, weight.to(z.dtype), None if bias is None else bias.to(z.dtype))
+            out = torch.nn.functional.linear(out, weight.to(z.device, z.dtype),
+                                             None if bias is None else bias.to(z.device, z.dtype))
         return out
 
 

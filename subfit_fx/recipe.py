@@ -78,6 +78,16 @@ class Recipe:
     options: dict[str, Any] = field(default_factory=dict)
     base_sha256: str | None = None  # provenance: `standalone.weights_sha256` of the base
 
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the bypass weights are saved in: the model's (`options["dtype"]`), float32 for
+        recipes written before the dtype was recorded.
+
+        Example:
+            >>> Recipe("m", [], [], options={"dtype": "bfloat16"}).storage_dtype()
+            torch.bfloat16
+        """
+        return getattr(torch, str(self.options.get("dtype", "float32")))
+
     def replaced_labels(self) -> list[str]:
         """Labels of all replaced branches, in recipe order."""
         return [label for r in self.replacements for label in r.labels]
@@ -180,7 +190,7 @@ class Recipe:
         (directory / "recipe.json").write_text(dumps(self.to_json(), "recipe.json"))
         if not weights:
             return
-        tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in sorted(self.tensors.items())}
+        tensors = {k: v.detach().to("cpu", self.storage_dtype()).contiguous() for k, v in sorted(self.tensors.items())}
         save_file(tensors, str(directory / "weights.safetensors"), metadata={"format": FORMAT})
 
     @classmethod

@@ -75,6 +75,7 @@ class _Builder:
         self.replaced: dict[fx.Node, fx.Node] = {}  # stream nodes that earlier spans replaced
         vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
         self.fake_mode = detect_fake_mode(vals)
+        self.device = vals[0].device if vals else torch.device("cpu")  # where the program's tensors live
 
     def resolve(self, node: fx.Node) -> fx.Node:
         """The node that now stands for `node` (a span may have replaced it)."""
@@ -82,15 +83,16 @@ class _Builder:
             node = self.replaced[node]
         return node
 
-    def _tensor(self, key: str, dtype: torch.dtype) -> torch.nn.Parameter:
-        return torch.nn.Parameter(self.recipe.tensors[key].detach().to(dtype).contiguous(), requires_grad=False)
+    def _tensor(self, key: str, dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Parameter:
+        value = self.recipe.tensors[key].detach().to(device or self.device, dtype).contiguous()
+        return torch.nn.Parameter(value, requires_grad=False)
 
     def _new_value(self, key: str, value: torch.nn.Parameter) -> fx.Node:
         raise NotImplementedError
 
-    def param(self, key: str, dtype: torch.dtype) -> fx.Node:
+    def param(self, key: str, dtype: torch.dtype, device: torch.device | None = None) -> fx.Node:
         if key not in self.values:
-            value = self._tensor(key, dtype)
+            value = self._tensor(key, dtype, device)
             node = self._new_value(key, value)
             if self.fake_mode is not None:
                 node.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True)
@@ -111,11 +113,13 @@ class _Builder:
 
     def chain(self, z: fx.Node, layers: list[tuple[str, str | None]], before: fx.Node) -> fx.Node:
         val = z.meta.get("val")
+        # bypass weights take the dtype and device of the activations they multiply
         dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+        device = val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
         out = z
         for w_key, b_key in layers:
-            w = self.param(w_key, dtype)
-            args = (out, w, self.param(b_key, dtype)) if b_key else (out, w)
+            w = self.param(w_key, dtype, device)
+            args = (out, w, self.param(b_key, dtype, device)) if b_key else (out, w)
             out = self._call(aten.linear.default, args, before)
         return out
 

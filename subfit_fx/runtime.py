@@ -34,6 +34,7 @@ __all__ = [
     "KIND_KEY",
     "KIND_KV_CACHE",
     "KIND_PLAIN",
+    "PROVIDERS",
     "SOURCE_KEY",
     "TOKENIZER_KEY",
     "VOCAB_KEY",
@@ -43,6 +44,7 @@ __all__ = [
     "default_providers",
     "model_metadata",
     "position_ids_from_mask",
+    "providers_for",
 ]
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -58,6 +60,29 @@ def default_providers() -> list[str]:
     """
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def providers_for(name: str = "auto") -> list[str]:
+    """ONNX Runtime providers for a `--provider` value: auto (`default_providers`), cpu, or cuda
+    (an `InputError` naming the fix when this ONNX Runtime build has no CUDA provider).
+
+    Example:
+        >>> providers_for("cpu")
+        ['CPUExecutionProvider']
+    """
+    if name == "auto":
+        return default_providers()
+    if name not in PROVIDERS:
+        raise InputError(f"unknown provider {name!r}; use auto, {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if PROVIDERS[name] not in available:
+        raise InputError(f"this ONNX Runtime has no {PROVIDERS[name]} (it has {', '.join(available)}); install "
+                         "onnxruntime-gpu (matching your CUDA) in place of onnxruntime, or pass --provider cpu")
+    # the CPU provider stays as the fallback for the few ops a GPU provider leaves to it
+    return [PROVIDERS[name], *(["CPUExecutionProvider"] if name != "cpu" else [])]
 
 
 def create_session(path: str | Path, *, providers: Sequence[str] | None = None,

@@ -134,6 +134,9 @@ def dumps(data: Any, what: str) -> str:
     return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # a recipe's options.dtype (subfit_fx.devices.DTYPES)
+
+
 def check_recipe(data: Any, path: Path, format: str) -> None:
     """Check a parsed recipe.json: types, branch records, known actions / forms / inputs, labels of
     its own branches (spans consecutive, none replaced twice), tensor keys declared with 2-D weights
@@ -158,6 +161,8 @@ def check_recipe(data: Any, path: Path, format: str) -> None:
     f.get(data, "base_model", "str?", default=None)
     options = f.get(data, "options", "dict", default={})
     f.get(options, "sparsity", "num", "options.", default=None)
+    if "dtype" in options:  # recorded since dtypes other than float32 run; older recipes are float32
+        f.choice(options, "dtype", DTYPE_NAMES, "options.")
     order: dict[str, int] = {}
     widths: dict[str, int] = {}
     for i, b in enumerate(f.get(data, "branches", "list")):

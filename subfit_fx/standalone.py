@@ -252,8 +252,8 @@ def write_standalone(program: torch.export.ExportedProgram, recipe: Recipe, base
         notes.append(f"transformers cannot load this directory ({exc}); subfit_fx.load(DIR) can")
         spec, kept = None, set(kept_program)
     kept = {aliases.get(k, k) for k in kept}  # a tied weight under the name its first holder has
-    tensors = {k: state[k].detach().contiguous() for k in sorted(kept)}
-    tensors.update({f"{STORE}.{store_name(k)}": v.detach().to(torch.float32).contiguous()
+    tensors = {k: state[k].detach().cpu().contiguous() for k in sorted(kept)}
+    tensors.update({f"{STORE}.{store_name(k)}": v.detach().to("cpu", recipe.storage_dtype()).contiguous()
                     for k, v in recipe.tensors.items()})
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     _write_config(base, recipe, spec, sorted(set(state) - kept - set(aliases)), directory)
@@ -318,6 +318,8 @@ def load_base_skeleton(directory: Path) -> torch.nn.Module:
     with torch.random.fork_rng():
         model = cls.from_config(base_config)
     weights = {k: v for k, v in load_file(str(directory / WEIGHTS)).items() if not k.startswith(STORE + ".")}
+    # the base runs in the dtype it was compressed in (its weights were saved in it), not float32
+    model = model.to(next((v.dtype for v in weights.values() if v.is_floating_point()), torch.float32))
     own = model.state_dict()
     aliases = _tied_aliases(own)
     unexpected = sorted(k for k in weights if k not in own or own[k].shape != weights[k].shape)

@@ -71,7 +71,7 @@ class BranchStats:
 
     def _update_rows(self, x: torch.Tensor, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
-        ones = torch.ones(x.shape[0], 1, dtype=torch.float64)
+        ones = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
         for kind, z in inputs.items():
             zt = torch.cat([z.double(), ones], dim=1)
             self.gram[kind].addmm_(zt.T, zt)
@@ -92,6 +92,19 @@ class BranchStats:
         s["angle_sum"] += (angle / torch.pi).sum()
         s["ratio_sum"] += (y_norm / x_norm.clamp_min(1e-30)).sum()
         self.tokens += x.shape[0]
+
+    def to(self, device: torch.device | str) -> BranchStats:
+        """Move every statistic to `device`, in place (float64 stays float64); returns self.
+
+        Example:
+            >>> BranchStats.empty(2, 2).to("cpu").gram["normalized"].device
+            device(type='cpu')
+        """
+        self.tokens = self.tokens.to(device)
+        for table in (self.gram, self.cross, self.scalars):
+            for key, t in table.items():
+                table[key] = t.to(device)
+        return self
 
     def add_(self, other: BranchStats) -> BranchStats:
         """Accumulate `other` into self (statistics are additive) and return self.

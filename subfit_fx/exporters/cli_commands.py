@@ -191,9 +191,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         >>> cmd_generate(build_parser().parse_args(["generate", "m.onnx", "--prompt", "hi"]))  # doctest: +SKIP
         0
     """
-    from subfit_fx.runtime import VOCAB_KEY, OnnxCausalLM
+    from subfit_fx.runtime import VOCAB_KEY, OnnxCausalLM, providers_for
 
-    lm = OnnxCausalLM(onnx_file(args.onnx), threads=args.threads)
+    lm = OnnxCausalLM(onnx_file(args.onnx), threads=args.threads, providers=providers_for(args.provider))
     vocab = int(lm.metadata.get(VOCAB_KEY, 256))
     tokenizer = _tokenizer(args, lm.metadata, vocab)
     prompt = tokenizer(args.prompt)["input_ids"]
@@ -233,8 +233,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from subfit_fx.exporters.artifacts import model_bytes
     from subfit_fx.exporters.bench import decode_step, interleaved, kv_bytes_per_token, prefill_step
     from subfit_fx.onnx_format import KIND_KEY
-    from subfit_fx.runtime import OnnxCausalLM, OnnxRunner, create_session, model_metadata
+    from subfit_fx.runtime import OnnxCausalLM, OnnxRunner, create_session, model_metadata, providers_for
 
+    providers = providers_for(args.provider)  # before any work: a missing CUDA provider is one line
     paths = {"dense": onnx_file(args.dense), "compressed": onnx_file(args.compressed)}
     metadata = {name: model_metadata(create_session(p, threads=1)) for name, p in paths.items()}
     kinds = {name: meta.get(KIND_KEY) for name, meta in metadata.items()}
@@ -249,7 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              f"{'; a decode step after it needs one more' if kv else ''}); use --seq up to "
                              f"{context - kv}")
     runner = OnnxCausalLM if kv else OnnxRunner
-    models = {name: runner(p, threads=args.threads) for name, p in paths.items()}
+    models = {name: runner(p, threads=args.threads, providers=providers) for name, p in paths.items()}
     rows = []
     for seq in args.seq:
         stages = [("prefill" if kv else "forward", lambda m, s=seq: prefill_step(m, s))]
@@ -261,7 +262,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          "compressed_ms": times["compressed"] * 1e3,
                          "speedup": times["dense"] / times["compressed"]})
     sizes = {name: model_bytes(p) for name, p in paths.items()}
-    result: dict[str, Any] = {"rows": rows, "bytes": sizes, "repeats": args.repeats, "threads": args.threads}
+    result: dict[str, Any] = {"rows": rows, "bytes": sizes, "repeats": args.repeats, "threads": args.threads,
+                              "provider": models["dense"].session.get_providers()[0]}
     if kv:
         result["kv_bytes_per_token"] = {name: kv_bytes_per_token(m) for name, m in models.items()}
     text = dumps(result, "benchmark result")
@@ -276,7 +278,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if kv:
         kvb = result["kv_bytes_per_token"]
         print(f"KV cache per token: dense {kvb['dense']:,} B, compressed {kvb['compressed']:,} B")
-    print(f"medians of {args.repeats} interleaved runs")
+    print(f"medians of {args.repeats} interleaved runs on {result['provider']}")
     return 0
 
 
@@ -296,6 +298,10 @@ def _seq_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"sequence lengths must be >= 1, got {text!r}")
     return values
+
+
+PROVIDER_HELP = ("ONNX Runtime execution provider: auto (CUDA when this onnxruntime has it, else CPU), cpu, or cuda "
+                 "(CUDAExecutionProvider, needs onnxruntime-gpu)")
 
 
 def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | None = None) -> None:
@@ -334,6 +340,7 @@ def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | 
     p.add_argument("--top-k", type=positive_int, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help=PROVIDER_HELP)
 
     p = subparsers.add_parser("bench", help="time a dense and a compressed ONNX model against each other")
     p.add_argument("dense", help="the dense model's ONNX file")
@@ -341,6 +348,7 @@ def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | 
     p.add_argument("--seq", type=_seq_list, default=[128], help="sequence / past lengths, e.g. 128,512")
     p.add_argument("--repeats", type=positive_int, default=10, help="interleaved timed runs per model (default 10)")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help=PROVIDER_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

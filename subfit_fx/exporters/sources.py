@@ -136,13 +136,30 @@ def as_source(obj: Any, *, name: str | None = None) -> ExportSource:
     if isinstance(obj, torch.export.ExportedProgram):
         return ExportSource(program=obj, name=name or "program")
     if hasattr(obj, "recipe") and hasattr(obj, "base_model") and hasattr(obj, "program"):
+        if _low_precision(obj.base_model):  # re-applied to a float32 copy: the program is bf16 / fp16
+            return ExportSource(model=_float32(obj.base_model), recipe=obj.recipe, name=name or "compressed")
         return ExportSource(model=obj.base_model, program=obj.program, recipe=obj.recipe,
                             name=name or "compressed")
     if isinstance(obj, torch.nn.Module):
         model = obj.hf if isinstance(obj, HFWrapper) else obj
+        model = _float32(model) if _low_precision(model) else model
         return ExportSource(model=model.eval(), name=name or type(model).__name__)
     raise InputError(f"cannot export a {type(obj).__name__}: pass a Hugging Face model, an "
                      "ExportedProgram or the result of subfit_fx.compress()")
+
+
+def _low_precision(model: Any) -> bool:
+    return isinstance(model, torch.nn.Module) and any(
+        p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+
+
+def _float32(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 CPU copy of a bfloat16 / float16 model: ONNX files are float32 (ONNX Runtime's CPU
+    provider has no bfloat16 MatMul), and the upcast of the weights is exact, so the file computes
+    the model's function at higher precision (docs/deploy.md, "Precision")."""
+    import copy
+
+    return copy.deepcopy(model).to("cpu", torch.float32)
 
 
 def load_source(spec: str) -> ExportSource:
@@ -167,7 +184,7 @@ def load_source(spec: str) -> ExportSource:
         return src
     from subfit_fx.models import resolve_model
 
-    model = resolve_model(spec)
+    model = resolve_model(spec, dtype="float32")  # ONNX files are float32 (see _float32)
     return ExportSource(model=model, name=spec if spec.startswith("builtin:") else path.name,
                         tokenizer_dir=None if spec.startswith("builtin:") else tokenizer_dir(path))
 

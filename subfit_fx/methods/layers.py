@@ -137,7 +137,8 @@ class StreamStats:
         cos = (ua * ub).sum(-1).clamp(-1, 1)
         # 2 atan2(|u - v|, |u + v|) is exact near 0 where arccos(cos) is not (identical streams: 0)
         angle = 2 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1)) / torch.pi
-        row = torch.stack([cos.sum(), angle.sum(), torch.tensor(float(cos.numel()), dtype=torch.float64)])
+        row = torch.stack([cos.sum(), angle.sum(),
+                           torch.tensor(float(cos.numel()), dtype=torch.float64, device=cos.device)])
         slot = (mode, key)
         self.sums[slot] = self.sums[slot] + row if slot in self.sums else row
 
@@ -160,7 +161,7 @@ def _last_rows(mask: torch.Tensor | None, batch: int, seq: int) -> tuple[torch.T
     """(row, position) of the last counted token of each sequence (rows with none are left out)."""
     if mask is None or mask.shape != (batch, seq):
         return torch.arange(batch), torch.full((batch,), seq - 1)
-    positions = torch.arange(seq).expand(batch, seq)
+    positions = torch.arange(seq, device=mask.device).expand(batch, seq)
     last = torch.where(mask, positions, -1).max(dim=1).values
     rows = torch.nonzero(last >= 0).flatten()
     return rows, last[rows]

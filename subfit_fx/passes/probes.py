@@ -92,7 +92,9 @@ class BranchProbe(torch.nn.Module):
     def stop_observing(self) -> BranchStats | None:
         """Stop accumulating and hand back the statistics."""
         stats, self.stats, self.observe_inputs, self.target_fn = self.stats, None, (), None
-        return stats
+        # accumulated where the activations are (no per-batch transfers); handed back on the CPU,
+        # where fits, reductions and offload expect them
+        return stats.to("cpu") if stats is not None else None
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.stats is not None:
@@ -100,6 +102,8 @@ class BranchProbe(torch.nn.Module):
             target = self.target_fn(x, y) if self.target_fn is not None else y
             xs = sel(x)
             inputs = {k: xs if k == "stream" else sel(z) for k in self.observe_inputs}
+            if self.stats.tokens.device != xs.device:  # float64 sums on the model's device (GPU)
+                self.stats.to(xs.device)
             self.stats.update(xs, inputs, sel(target))
         out = y if self.replacement is None else self.replacement(x, z)
         if self.record:

@@ -32,11 +32,22 @@ def test_export_generate_bench(tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
 
-    assert main(["bench", str(out), str(out), "--seq", "8", "--repeats", "2", "--json"]) == 0
+    assert main(["bench", str(out), str(out), "--seq", "8", "--repeats", "2", "--json", "--provider", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["stage"] for r in result["rows"]] == ["prefill", "decode"]
+    assert result["provider"] == "CPUExecutionProvider"
     assert result["kv_bytes_per_token"]["dense"] == 4 * 2 * 2 * 16 * 4  # layers x k,v x heads x dim x fp32
     check_bench(result, tmp_path / "bench.json")  # what `report` reads back
+
+
+def test_cuda_provider_without_onnxruntime_gpu_is_one_line(tmp_path, capsys):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    assert main(["bench", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--provider", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDAExecutionProvider" in err and "onnxruntime-gpu" in err and err.count("\n") == 1
 
 
 def test_generate_needs_a_tokenizer_for_unknown_sources(tmp_path, capsys):
