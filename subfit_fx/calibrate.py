@@ -362,7 +362,8 @@ class Session:
         try:
             self.run(batches, desc)
         finally:
-            stats = {label: self._inner[label].stats for label in labels}
+            # handed back on the CPU, where the policies' solves expect them
+            stats = {label: self._inner[label].stats.to("cpu") for label in labels}
             for label in labels:
                 self._inner[label].stats = None
         flat = self.reducer.sums({(label, key): t for label, s in stats.items() for key, t in s.tensors().items()})

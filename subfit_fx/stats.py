@@ -198,13 +198,15 @@ class InnerStats:
         """Add the tokens of one batch: rows of `h` (tokens, channels), padding already dropped."""
         if h.shape[0] == 0:
             return
-        batch_sq = torch.zeros(self.channels, dtype=torch.float64)
+        if self.tokens.device != h.device:  # float64 sums on the model's device (GPU)
+            self.to(h.device)
+        batch_sq = torch.zeros(self.channels, dtype=torch.float64, device=h.device)
         for start in range(0, h.shape[0], BranchStats.CHUNK):
             rows = h[start:start + BranchStats.CHUNK].double()
             self.sum += rows.sum(0)
             batch_sq += (rows * rows).sum(0)
             if self.gram is not None:
-                ht = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], dim=1)
+                ht = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64, device=h.device)], dim=1)
                 self.gram.addmm_(ht.T, ht)
         self.sq += batch_sq
         mean_sq = batch_sq / h.shape[0]
@@ -212,6 +214,17 @@ class InnerStats:
         self.batch_sq2 += mean_sq * mean_sq
         self.batches += 1
         self.tokens += h.shape[0]
+
+    def to(self, device: torch.device | str) -> InnerStats:
+        """Move every statistic to `device`, in place; returns self.
+
+        Example:
+            >>> InnerStats.empty(2, gram=True).to("cpu").gram.device
+            device(type='cpu')
+        """
+        for key, t in self.tensors().items():
+            setattr(self, key, t.to(device))
+        return self
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All statistics as a flat name -> tensor dict (for all-reduce).

@@ -143,8 +143,18 @@ def compensate(weight: torch.Tensor, bias: torch.Tensor | None, stats: InnerStat
     return new_w.to(weight.dtype), None if bias_out is None else bias_out.to(weight.dtype), max(error, 0.0)
 
 
-def _weights(ctx: PolicyContext) -> dict[str, torch.Tensor]:
-    return ctx.session.ep.state_dict
+class _Weights:
+    """The base weights by state_dict key, on the CPU (where the statistics and solves are)."""
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        self.state = ctx.session.ep.state_dict
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.state[key].detach().cpu()
+
+
+def _weights(ctx: PolicyContext) -> _Weights:
+    return _Weights(ctx)
 
 
 @torch.no_grad()
