@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +18,10 @@ from subfit_fx.zoo import tiny_model
 
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in one worker per core (make test: -n 2); tiny models gain nothing from
+    # intra-op threads, and two workers with two threads each would fight over two cores
+    torch.set_num_threads(1)
 
 
 @functools.cache
