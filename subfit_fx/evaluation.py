@@ -233,6 +233,9 @@ def continuation_choice(module: Module, tokenizer: Any, text: str, n_items: int 
         0.41
     """
     items = choice_items(text, n_items, seed)
+    if not items:  # every passage lacked distinct distractors (a text of repeated sentences), or n_items 0
+        raise InputError("the evaluation text yields no continuation-choice items (its sentences repeat, or "
+                         "no items were asked for); use a text with varied sentences")
     correct = 0
     for chunk in tqdm(_chunks(items, max(1, items_per_batch)), desc="continuation choice", leave=False,
                       unit="batch", disable=not progress):

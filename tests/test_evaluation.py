@@ -191,3 +191,9 @@ def test_eval_cli_user_errors_are_one_line(eval_main, tmp_path, capsys):
     (tmp_path / "t.txt").write_text(_text())
     assert eval_main(["eval", "builtin:llama", "--text", str(tmp_path / "t.txt"), "--seq-len", "4096"]) == 2
     assert "--seq-len" in capsys.readouterr().err
+
+
+def test_text_without_distinct_distractors_is_a_clear_error_not_a_division_by_zero(llama_module):
+    text = " ".join(["The same sentence comes again here."] * 40)  # no distractor differs from the truth
+    with pytest.raises(subfit_fx.SubfitError, match="no continuation-choice items"):
+        continuation_choice(llama_module, ByteTokenizer(128), text, n_items=5, progress=False)
