@@ -644,7 +644,7 @@ def _start_long_compress(tmp: Path, out: Path) -> subprocess.Popen:
     calib = tmp / "long.txt"
     calib.write_text(calib_text(words=12000))
     argv = [sys.executable, "-m", "subfit_fx", "compress", "builtin:llama", "--calib", str(calib),
-            "--sparsity", "0.25", "--samples", "128", "--seq-len", "128", "--out", str(out)]
+            "--sparsity", "0.25", "--samples", "32", "--seq-len", "128", "--out", str(out)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
 
 
