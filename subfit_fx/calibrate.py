@@ -30,7 +30,7 @@ from subfit_fx.channels import ChannelSite, find_channel_sites
 from subfit_fx.data import Batch
 from subfit_fx.errors import CalibrationError
 from subfit_fx.fit import Fit
-from subfit_fx.passes.probes import BranchProbe, ProbeContext, insert_inner_probes, insert_probes
+from subfit_fx.passes.probes import BranchProbe, InnerProbe, ProbeContext, insert_inner_probes, insert_probes
 from subfit_fx.rewrite import stream_after
 from subfit_fx.stats import BranchStats, InnerStats
 
@@ -144,9 +144,7 @@ class Session:
         self.reducer = reducer or LocalReducer()
         self._context = ProbeContext(skip_first=skip_first)
         self._module, self._probes = insert_probes(ep, branches, self._context)
-        self.channel_sites: dict[str, ChannelSite] = find_channel_sites(ep.graph, branches,
-                                                                        param_nodes_of_program(ep))
-        self._inner = insert_inner_probes(self._module, self.channel_sites, self._context)
+        self._inner: dict[str, InnerProbe] | None = None  # inserted on the first inner_stats call
         self.progress = progress and self.reducer.rank == 0  # one progress bar, on rank 0
 
     # -- running --------------------------------------------------------------------------
@@ -344,6 +342,17 @@ class Session:
         return stats
 
 
+    @functools.cached_property
+    def channel_sites(self) -> dict[str, ChannelSite]:
+        """Channel sites (width-pruning structure) of the branches, by label."""
+        return find_channel_sites(self.ep.graph, self.branches, param_nodes_of_program(self.ep))
+
+    def _inner_probes(self) -> dict[str, InnerProbe]:
+        # only sessions that ask for inner statistics pay for the extra probe calls per forward
+        if self._inner is None:
+            self._inner = insert_inner_probes(self._module, self.channel_sites, self._context)
+        return self._inner
+
     def inner_stats(self, batches: Iterable[Batch], labels: Iterable[str] | None = None, *, gram: bool = True,
                     desc: str | None = "inner statistics") -> dict[str, InnerStats]:
         """Statistics of the inner input h of each branch in `labels` that has a channel site
@@ -355,17 +364,17 @@ class Session:
             >>> s.inner_stats(batches)["model.layers.0.mlp"].variance().shape  # doctest: +SKIP
             torch.Size([128])
         """
-        labels = [label for label in (labels if labels is not None else self.channel_sites)
-                  if label in self._inner]
+        inner = self._inner_probes()
+        labels = [label for label in (labels if labels is not None else self.channel_sites) if label in inner]
         for label in labels:
-            self._inner[label].stats = InnerStats.empty(self.channel_sites[label].channels, gram)
+            inner[label].stats = InnerStats.empty(self.channel_sites[label].channels, gram)
         try:
             self.run(batches, desc)
         finally:
             # handed back on the CPU, where the policies' solves expect them
-            stats = {label: self._inner[label].stats.to("cpu") for label in labels}
+            stats = {label: inner[label].stats.to("cpu") for label in labels}
             for label in labels:
-                self._inner[label].stats = None
+                inner[label].stats = None
         flat = self.reducer.sums({(label, key): t for label, s in stats.items() for key, t in s.tensors().items()})
         for (label, key), t in flat.items():
             setattr(stats[label], key, t)

@@ -212,6 +212,17 @@ def check_recipe(data: Any, path: Path, format: str) -> None:
         _check_chain(f, layers, shapes, widths[labels[0]], where)
 
 
+def _pair(f: _Fields, pair: Any, shapes: dict[str, list[int]], field: str) -> tuple[str, str | None]:
+    """(weight key, bias key or None) of a [weight key, bias key or null] pair of declared tensors."""
+    if not (isinstance(pair, list) and len(pair) == 2):
+        f.fail(field, "is not a [weight key, bias key or null] pair")
+    w_key, b_key = f.value(pair[0], "str", f"{field}.0"), f.value(pair[1], "str?", f"{field}.1")
+    for key in (k for k in (w_key, b_key) if k is not None):
+        if key not in shapes:
+            f.fail(field, f"names tensor {key!r}, which the recipe's tensors do not list")
+    return w_key, b_key
+
+
 def _check_slim(f: _Fields, r: dict, layers: list, shapes: dict[str, list[int]], width: int, where: str) -> None:
     """A slim replacement: producers [kept, in] (+ [kept] biases), one last map [width, kept]."""
     producers = f.get(r, "producers", "list", where)
@@ -220,12 +231,7 @@ def _check_slim(f: _Fields, r: dict, layers: list, shapes: dict[str, list[int]],
     kept = None
     for j, pair in enumerate(producers):
         field = f"{where}producers.{j}"
-        if not (isinstance(pair, list) and len(pair) == 2):
-            f.fail(field, "is not a [weight key, bias key or null] pair")
-        w_key, b_key = f.value(pair[0], "str", f"{field}.0"), f.value(pair[1], "str?", f"{field}.1")
-        for key in (k for k in (w_key, b_key) if k is not None):
-            if key not in shapes:
-                f.fail(field, f"names tensor {key!r}, which the recipe's tensors do not list")
+        w_key, b_key = _pair(f, pair, shapes, field)
         shape = shapes[w_key]
         kept = shape[0] if kept is None else kept
         if len(shape) != 2 or shape[0] != kept:
@@ -242,12 +248,7 @@ def _check_chain(f: _Fields, layers: list, shapes: dict[str, list[int]], width: 
     features = width if start is None else start
     for j, pair in enumerate(layers):
         field = f"{where}layers.{j}"
-        if not (isinstance(pair, list) and len(pair) == 2):
-            f.fail(field, "is not a [weight key, bias key or null] pair")
-        w_key, b_key = f.value(pair[0], "str", f"{field}.0"), f.value(pair[1], "str?", f"{field}.1")
-        for key in (k for k in (w_key, b_key) if k is not None):
-            if key not in shapes:
-                f.fail(field, f"names tensor {key!r}, which the recipe's tensors do not list")
+        w_key, b_key = _pair(f, pair, shapes, field)
         shape = shapes[w_key]
         if len(shape) != 2 or shape[1] != features:
             f.fail(f"tensors.{w_key}", f"is {shape}, expected a 2-D weight [out, {features}] ({field})")
