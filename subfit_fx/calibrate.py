@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final, Protocol
@@ -31,11 +32,12 @@ from subfit_fx.data import Batch
 from subfit_fx.errors import CalibrationError
 from subfit_fx.fit import Fit
 from subfit_fx.passes.probes import BranchProbe, InnerProbe, ProbeContext, insert_inner_probes, insert_probes
+from subfit_fx.passes.segments import Segment, graph_output, initial_values, run_segment, split_graph
 from subfit_fx.rewrite import stream_after
 from subfit_fx.stats import BranchStats, InnerStats
 
-__all__ = ["PIPELINES", "REMOVE", "LocalReducer", "OnePass", "Pipeline", "Reducer", "Session", "prepare",
-           "register_pipeline"]
+__all__ = ["PIPELINES", "REMOVE", "LocalReducer", "OnePass", "Pipeline", "Reducer", "ResumableForward", "Session",
+           "prepare", "register_pipeline"]
 
 REMOVE: Final = "remove"  # a replacement that removes the branch (its output becomes 0)
 
@@ -145,6 +147,8 @@ class Session:
         self._context = ProbeContext(skip_first=skip_first)
         self._module, self._probes = insert_probes(ep, branches, self._context)
         self._inner: dict[str, InnerProbe] | None = None  # inserted on the first inner_stats call
+        self._closures: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.graph_version = 0  # bumped whenever the probed graph changes
         self.progress = progress and self.reducer.rank == 0  # one progress bar, on rank 0
 
     # -- running --------------------------------------------------------------------------
@@ -178,6 +182,20 @@ class Session:
             if handle is not None:
                 handle.remove()
 
+    def resumable(self, batches: list[Batch]) -> ResumableForward:
+        """Forwards of `batches` that can restart at a branch (see `ResumableForward`).
+
+        Example:
+            >>> run = session.resumable(held); outs = run.forward_all()  # doctest: +SKIP
+        """
+        return ResumableForward(self, batches)
+
+    def _probe_nodes(self) -> dict[str, str]:
+        """Branch label -> name of its probe's node in the probed graph."""
+        owner = {id(probe): label for label, probe in self._probes.items()}
+        return {owner[id(self._module.get_submodule(n.target))]: n.name for n in self._module.graph.nodes
+                if n.op == "call_module" and id(self._module.get_submodule(n.target)) in owner}
+
     def execution_order(self) -> list[str]:
         """Branch labels in the order the graph runs their probes."""
         owner = {id(probe): label for label, probe in self._probes.items()}
@@ -196,16 +214,50 @@ class Session:
             probe.replacement = None if fit is None else _zeros
             return
         stream = input_kind == "stream" or self.by_label[label].normalized is None
+        # one closure per live (fit, input): setting the same fit again is the same replacement, so
+        # `replacements()` compares by identity (restart points of ResumableForward stay valid); an
+        # entry lives while its closure (which holds the fit, so the id stays unique) is referenced
+        key = (id(fit), stream)
+        replacement = self._closures.get(key)
+        if replacement is None:
+            def replacement(x: torch.Tensor, z: torch.Tensor, _fit: Fit = fit) -> torch.Tensor:
+                return _fit.apply(x if stream else z)
 
-        def replacement(x: torch.Tensor, z: torch.Tensor, _fit: Fit = fit) -> torch.Tensor:
-            return _fit.apply(x if stream else z)
-
+            self._closures[key] = replacement
         probe.replacement = replacement
 
+    def replacements(self, labels: Iterable[str]) -> tuple[tuple[Callable[..., torch.Tensor] | None, ...], ...]:
+        """What each branch in `labels` currently returns instead of its output, and what its
+        inner probe returns instead of h (None: unchanged); compare two calls to see whether
+        replacements changed in between.
+
+        Example:
+            >>> session.replacements(["model.layers.0.mlp"])  # doctest: +SKIP
+            ((None, None),)
+        """
+        inner = self._inner or {}
+        return tuple((self._probes[label].replacement,
+                      inner[label].replacement if label in inner else None) for label in labels)
+
+    def set_inner_replacement(self, label: str, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Make branch `label`'s last matmul read fn(h) instead of its inner input h (None: h
+        again): how a width-pruning policy judges a slimming at the output before it rewrites
+        anything. Only branches with a channel site (`channel_sites`) have one.
+
+        Example:
+            >>> session.set_inner_replacement("model.layers.3.mlp", lambda h: h * keep)  # doctest: +SKIP
+        """
+        inner = self._inner_probes()
+        if label not in inner:
+            raise ValueError(f"branch {label!r} has no channel site (no inner input to replace)")
+        inner[label].replacement = fn
+
     def clear_replacements(self) -> None:
-        """Restore every branch."""
+        """Restore every branch (inner replacements included)."""
         for probe in self._probes.values():
             probe.replacement = None
+        for inner in (self._inner or {}).values():
+            inner.replacement = None
 
     @contextmanager
     def replaced(self, replacements: Mapping[str, Fit | str | None] | None = None,
@@ -218,6 +270,7 @@ class Session:
             ...     logits = session.forward(batch)
         """
         saved = {label: probe.replacement for label, probe in self._probes.items()}
+        saved_inner = {label: probe.replacement for label, probe in (self._inner or {}).items()}
         self.clear_replacements()
         try:
             for label, fit in (replacements or {}).items():
@@ -226,6 +279,8 @@ class Session:
         finally:
             for label, fn in saved.items():
                 self._probes[label].replacement = fn
+            for label, fn in saved_inner.items():
+                self._inner[label].replacement = fn  # type: ignore[index]
 
     # -- streams --------------------------------------------------------------------------
 
@@ -332,7 +387,72 @@ class Session:
             self.run(batches, desc, stop_after=stop_after)
         finally:
             stats = {label: probe.stop_observing() for label, probe in probes.items()}
-        stats = self.reducer.stats(stats)
+        return self._checked(self.reducer.stats(stats))
+
+    def observe_layerwise(self, batches: list[Batch], groups: list[list[str]],
+                          inputs: tuple[str, ...] = ("normalized",), desc: str | None = None,
+                          targets: dict[str, Target] | None = None, *,
+                          revisable: bool = False) -> Iterator[dict[str, BranchStats]]:
+        """Statistics of each group of labels in turn (summed over processes), with every node of
+        the graph up to the last group's last probe run once per batch in total.
+
+        The graph is split after each group's last probe (`subfit_fx.passes.segments`); the values
+        that cross a cut (the residual stream, masks, rotary tables) are kept for every batch of
+        this process's shard between groups (the activation cache). Replacements set before a group
+        runs are active in it. With `revisable`, replacements of a group's own branches may change
+        while the caller holds its statistics (before asking for the next group): its segment then
+        runs again, observers off, so later groups see the new outputs (this keeps the group's
+        input values alive one group longer). Groups must follow the graph's order.
+
+        Example:
+            >>> for stats in session.observe_layerwise(batches, [["model.layers.0.self_attn"]]):  # doctest: +SKIP
+            ...     print(sorted(stats))
+            ['model.layers.0.self_attn']
+        """
+        order = self.execution_order()
+        ends = [max(order.index(label) for label in group) for group in groups]
+        starts = [min(order.index(label) for label in group) for group in groups]
+        if any(s <= e for s, e in zip(starts[1:], ends, strict=False)):
+            raise ValueError("layer-wise groups must follow the graph's order, each after the previous "
+                             "group's last branch")
+        node_of = self._probe_nodes()
+        segments = split_graph(self._module, [node_of[order[e]] for e in ends])
+        shard = self.reducer.shard(list(batches))
+        values = [initial_values(self._module, batch) for batch in shard]
+        bar = tqdm(total=len(groups) * len(shard), desc=desc, leave=False, unit="batch",
+                   disable=not (self.progress and desc))
+
+        def sweep(segment: Segment, keep_inputs: bool) -> list[dict[str, Any]]:
+            before = [dict(v) for v in values] if keep_inputs else []
+            for batch, v in zip(shard, values, strict=True):
+                self._context.set_batch(batch[1])
+                with torch.no_grad():
+                    run_segment(segment, v)
+            return before
+
+        try:
+            for group, segment in zip(groups, segments, strict=True):
+                probes = {label: self._probes[label] for label in group}
+                for label, probe in probes.items():
+                    probe.start_observing(inputs, (targets or {}).get(label))
+                try:
+                    before = sweep(segment, revisable)
+                finally:
+                    stats = {label: probe.stop_observing() for label, probe in probes.items()}
+                bar.update(len(shard))
+                set_before = self.replacements(group)
+                yield self._checked(self.reducer.stats(stats))
+                if self.replacements(group) != set_before:
+                    if not revisable:
+                        raise ValueError("replacements of an observed group changed before the next group; "
+                                         "pass revisable=True")
+                    values[:] = before
+                    sweep(segment, False)
+                del before
+        finally:
+            bar.close()
+
+    def _checked(self, stats: dict[str, BranchStats]) -> dict[str, BranchStats]:
         for label, s in stats.items():
             if int(s.tokens) == 0:
                 raise CalibrationError("calibration saw no tokens (all padding?); pass non-empty sequences")
@@ -340,7 +460,6 @@ class Session:
                 raise CalibrationError(f"statistics of '{label}' hold NaN or Inf (non-finite activations); "
                                        "check the model in float32 and the calibration text")
         return stats
-
 
     @functools.cached_property
     def channel_sites(self) -> dict[str, ChannelSite]:
@@ -351,6 +470,7 @@ class Session:
         # only sessions that ask for inner statistics pay for the extra probe calls per forward
         if self._inner is None:
             self._inner = insert_inner_probes(self._module, self.channel_sites, self._context)
+            self.graph_version += 1  # segments split before this (ResumableForward) are stale
         return self._inner
 
     def inner_stats(self, batches: Iterable[Batch], labels: Iterable[str] | None = None, *, gram: bool = True,
@@ -385,6 +505,84 @@ class Session:
                 raise CalibrationError(f"inner statistics of '{label}' hold NaN or Inf (non-finite activations); "
                                        "check the model in float32 and the calibration text")
         return stats
+
+
+class ResumableForward:
+    """Forwards of a fixed list of batches that restart at a branch instead of at the embedding.
+
+    `forward_all()` runs the whole graph and keeps, per batch, the values that cross the cut
+    before every branch (the residual stream; masks and rotary tables are shared, not copied);
+    `forward_from(label)` then reruns only from `label`'s branch on, which is all that changes
+    when only that branch's (or later branches') replacement changed since. Outputs are bitwise
+    those of full forwards. Memory: one stream per branch per batch; where that exceeds
+    `max_bytes`, only every k-th restart point is kept (k as small as fits) and `forward_from`
+    restarts at the nearest kept point at or before the branch.
+
+    Example:
+        >>> run = session.resumable(held)  # doctest: +SKIP
+        >>> base = run.forward_all()  # doctest: +SKIP
+        >>> session.set_replacement("model.layers.20.mlp", REMOVE)  # doctest: +SKIP
+        >>> only_the_tail = run.forward_from("model.layers.20.mlp")  # doctest: +SKIP
+    """
+
+    def __init__(self, session: Session, batches: list[Batch], max_bytes: int = 2 << 30) -> None:
+        self.session, self.batches, self.max_bytes = session, list(batches), max_bytes
+        self.order = session.execution_order()
+        self._split()
+        self._saved: list[dict[int, dict[str, Any]]] = []  # per batch: segment index -> the values before it
+        self._state: tuple | None = None  # replacements in place at the last forward_all
+        self.every = 1  # restart points kept: every k-th branch
+
+    def _split(self) -> None:
+        nodes = self.session._probe_nodes()
+        # segment k ends right after branch k's probe; the last one runs to the output
+        self._segments = split_graph(self.session._module, [nodes[label] for label in self.order], tail=True)
+        self._version = self.session.graph_version
+
+    @torch.no_grad()
+    def forward_all(self) -> list[torch.Tensor]:
+        """Outputs of every batch under the current replacements, remembering where to restart."""
+        if self._version != self.session.graph_version:
+            self._split()
+        self._saved = []
+        outs, seen, new_bytes = [], set(), [0] * len(self.order)
+        for batch in self.batches:
+            values, saved = initial_values(self.session._module, batch), {}
+            self.session._context.set_batch(batch[1])
+            for k, segment in enumerate(self._segments[:len(self.order)]):
+                if k % self.every == 0:
+                    saved[k] = dict(values)
+                    for t in values.values():  # bytes each point adds (shared tables count once)
+                        if isinstance(t, torch.Tensor) and id(t) not in seen:
+                            seen.add(id(t))
+                            new_bytes[k] += t.numel() * t.element_size()
+                run_segment(segment, values)
+            run_segment(self._segments[-1], values)
+            self._saved.append(saved)
+            outs.append(graph_output(self.session._module, values))
+        total = sum(new_bytes)
+        if total > self.max_bytes and self.every == 1:
+            self.every = -(-total // self.max_bytes)
+            self._saved = [{k: v for k, v in saved.items() if k % self.every == 0} for saved in self._saved]
+        self._state = self.session.replacements(self.order)
+        return outs
+
+    @torch.no_grad()
+    def forward_from(self, label: str) -> list[torch.Tensor]:
+        """Outputs of every batch, rerunning only from branch `label` (or the nearest kept restart
+        point before it) on; every replacement before that point must be as at the last `forward_all`."""
+        start = self.order.index(label) // self.every * self.every
+        if (self._state is None or self._version != self.session.graph_version
+                or self.session.replacements(self.order[:start]) != self._state[:start]):
+            raise ValueError(f"replacements before {label!r} changed since forward_all(); call forward_all() first")
+        outs = []
+        for batch, saved in zip(self.batches, self._saved, strict=True):
+            values = dict(saved[start])
+            self.session._context.set_batch(batch[1])
+            for segment in self._segments[start:]:
+                run_segment(segment, values)
+            outs.append(graph_output(self.session._module, values))
+        return outs
 
 
 def _stop_forward(*_: Any) -> None:

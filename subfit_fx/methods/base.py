@@ -122,7 +122,9 @@ class OutputJudge:
     Causal LMs: mean KL(dense || current) of the next-token distributions per token (always >= 0,
     far less noisy than a loss difference, and it does not fit the held-out labels). Encoders: the
     output energy lost, ||out - dense||^2 / ||dense||^2 over real tokens. The dense outputs are
-    computed once, at construction, with no replacement set.
+    computed once, at construction, with no replacement set. `judge(start=label)` reruns only
+    from branch `label` on (`ResumableForward`): valid when only that branch's or later
+    branches' replacements changed since the last full `judge()`.
 
     Example:
         >>> judge = OutputJudge(session, held, causal=True); judge()  # doctest: +SKIP
@@ -132,8 +134,9 @@ class OutputJudge:
     def __init__(self, session: Session, batches: list[Batch], causal: bool) -> None:
         self.session, self.batches, self.causal = session, batches, causal
         self.calls = 0
+        self._run = session.resumable(batches)
         with session.replaced():  # the dense model, whatever is set now
-            self.reference = [self._prepare(session.forward(b), b) for b in batches]
+            self.reference = [self._prepare(out, b) for out, b in zip(self._run.forward_all(), batches, strict=True)]
 
     def _prepare(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         keep = batch[1] > 0
@@ -153,12 +156,14 @@ class OutputJudge:
             return self()
 
     @torch.no_grad()
-    def __call__(self) -> float:
-        """Divergence of the session's current graph (replacements as set) from the dense model."""
+    def __call__(self, start: str | None = None) -> float:
+        """Divergence of the session's current graph (replacements as set) from the dense model;
+        `start`: rerun only from that branch on (see the class docstring)."""
         self.calls += 1
         total, count = 0.0, 0.0
-        for ref, batch in zip(self.reference, self.batches):
-            out = self._prepare(self.session.forward(batch), batch)
+        outs = self._run.forward_all() if start is None else self._run.forward_from(start)
+        for ref, batch, raw in zip(self.reference, self.batches, outs, strict=True):
+            out = self._prepare(raw, batch)
             if self.causal:
                 total += float((ref.exp() * (ref - out)).sum())
                 count += ref.shape[0]

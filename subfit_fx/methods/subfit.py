@@ -31,7 +31,7 @@ from subfit_fx.scores import SCORES
 from subfit_fx.selection import Candidate, repair_overshoot, select, sparsity_of
 from subfit_fx.stats import BranchStats
 
-__all__ = ["SubfitOptions", "subfit"]
+__all__ = ["SubfitOptions", "judge_split", "subfit"]
 
 SCORE_CHOICES = (*SCORES, "holdout")
 # Forms that compete with the default bypass (low-rank attention / shared-basis FFN) per branch.
@@ -320,14 +320,20 @@ def _never_worse_than_removal(ctx: PolicyContext, opts: SubfitOptions, judge: Ou
     def judged(candidate: dict[str, Fit]) -> float:
         return judge.of(candidate, opts.bypass_input)
 
-    current, best = dict(fits), judged(fits)
-    swapped = []
-    for label in [b.label for b in ctx.branches if b.label in fits and fits[b.label].form != "remove"]:
-        trial = {**current, label: removed[label]}
-        value = judged(trial)
-        if value < best:
-            current, best = trial, value
-            swapped.append(label)
+    current, swapped = dict(fits), []
+    session = ctx.session
+    with session.replaced(current, opts.bypass_input):
+        best = judge()
+        # in depth order, so each trial reruns only from its branch on (judge(start=...))
+        for label in [b.label for b in ctx.branches if b.label in fits and fits[b.label].form != "remove"]:
+            session.set_replacement(label, removed[label], opts.bypass_input)
+            value = judge(start=label)
+            if value < best:
+                current[label], best = removed[label], value
+                swapped.append(label)
+                judge()  # a new restart point: this branch's output changed for good
+            else:
+                session.set_replacement(label, current[label], opts.bypass_input)
     everything = judged(removed)
     if swapped:
         ctx.notes.append(f"bypasses that judged worse than removal in the final selection, removed: {swapped}")
@@ -335,6 +341,27 @@ def _never_worse_than_removal(ctx: PolicyContext, opts: SubfitOptions, judge: Ou
         ctx.notes.append("the whole selection judged worse than removing the same branches: removed them")
         return removed
     return current
+
+
+def judge_split(ctx: PolicyContext, sequences: int) -> tuple[list, list]:
+    """(calibration batches, one held-out batch of `sequences` sequences) for an output judge:
+    the context's held-out batches when it has them, else sequences split off the calibration.
+
+    Example:
+        >>> batches, held = judge_split(ctx, 4)  # doctest: +SKIP
+    """
+    from subfit_fx.data import split_batches
+
+    batches, held = ctx.batches, ctx.holdout
+    if not held:
+        n_seq = sum(int(ids.shape[0]) for ids, _ in batches)
+        if n_seq < 2:
+            raise InputError("the output judge needs at least 2 calibration sequences; pass more --samples "
+                             "or judge='statistics'")
+        batches, held = split_batches(batches, min(sequences, n_seq // 2) / n_seq)
+    ids = torch.cat([ids for ids, _ in held])[:sequences]
+    mask = torch.cat([mask for _, mask in held])[:sequences]
+    return batches, [(ids, mask)]
 
 
 def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
@@ -355,19 +382,9 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     A branch's chosen form never judges worse than its removal (removal saves more parameters,
     so a fit that damages more is dominated and dropped).
     """
-    from subfit_fx.data import split_batches
-
     session = ctx.session
-    batches, held = ctx.batches, ctx.holdout
-    if not held:
-        n_seq = sum(int(ids.shape[0]) for ids, _ in batches)
-        if n_seq < 2:
-            raise InputError("the output judge needs at least 2 calibration sequences; pass more --samples "
-                             "or judge='statistics'")
-        batches, held = split_batches(batches, min(opts.judge_sequences, n_seq // 2) / n_seq)
-    held_ids = torch.cat([ids for ids, _ in held])[: opts.judge_sequences]
-    held_mask = torch.cat([mask for _, mask in held])[: opts.judge_sequences]
-    held = [(held_ids, held_mask)]
+    batches, held = judge_split(ctx, opts.judge_sequences)
+    held_ids = held[0][0]
     forms = FORMS[opts.forms] if opts.forms != "fit" else FORMS["fit-or-remove"]
     fitter = _Fitter(ctx, opts)
     all_ffn = [b.label for b in ctx.branches if b.kind == "ffn"]
@@ -399,10 +416,11 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
             labels = [label for label in labels if label in keep]
         base = judge()
         fresh: dict[tuple[str, str], float] = {}
-        for label in labels:
+        for label in tqdm(labels, desc=f"judge round {r + 1}/{n_rounds}", leave=False, unit="branch",
+                          disable=not session.progress):
             for form, fit in alts[label].items():
                 session.set_replacement(label, fit, opts.bypass_input)
-                fresh[label, form] = max(judge() - base, 0.0)
+                fresh[label, form] = max(judge(start=label) - base, 0.0)  # only the graph after it reruns
             session.set_replacement(label, None)
             # removal saves at least as much as any fit: a fit that damages more is dominated
             for form in [f for f in alts[label] if f != "remove"]:

@@ -159,21 +159,21 @@ def insert_probes(ep: torch.export.ExportedProgram, branches: list[Branch],
 
 class InnerProbe(torch.nn.Module):
     """Observer of a branch's inner input h (the input of its last matmul): passes h through,
-    accumulating `InnerStats` while observing and keeping the last batch's h while `keep_last`
-    (a replacement that reads h, e.g. a slimmed output projection under judgement)."""
+    accumulating `InnerStats` while observing; with a `replacement` set it returns
+    replacement(h) instead (e.g. the dropped channels of a slimming under judgement predicted
+    from the kept ones), after observing h itself."""
 
     def __init__(self, site: ChannelSite, context: ProbeContext) -> None:
         super().__init__()
         self.site, self.context = site, context
         self.stats: InnerStats | None = None
-        self.keep_last = False
-        self.last: torch.Tensor | None = None
+        self.replacement: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.stats is not None:
             self.stats.update(self.context.select(h))
-        if self.keep_last:
-            self.last = h
+        if self.replacement is not None:
+            return self.replacement(h)
         return h
 
 

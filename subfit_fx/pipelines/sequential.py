@@ -201,16 +201,16 @@ def sequential_calibrate(session: Session, batches: Iterable[Batch], labels: Ite
     """
     groups = layer_groups(session.branches, labels, layers_per_pass)
     order = session.execution_order()
-    batches = list(batches)
     result = SequentialResult(groups=groups)
     scratch = Path(tempfile.mkdtemp(dir=offload, prefix="subfit-stats-")) if offload is not None else None
+    wanted = {label: targets[label] for group in groups for label in group if label in targets} if targets else None
+    sweeps = session.observe_layerwise(list(batches), groups, inputs, desc, wanted, revisable=on_group is not None)
+    previous_end = -1
     try:
-        for i, group in enumerate(groups):
-            last = max(order.index(label) for label in group)
-            wanted = {label: targets[label] for label in group if label in targets} if targets else None
-            stats = session.observe(batches, group, inputs, desc and f"{desc} {i + 1}/{len(groups)}", wanted,
-                                    stop_after=order[last])
-            fraction = (last + 1) / len(order)
+        for group, stats in zip(groups, sweeps, strict=True):
+            end = max(order.index(label) for label in group)
+            fraction = (end - previous_end) / len(order)  # this group's share of the graph's probes
+            previous_end = end
             live = stats_nbytes(stats)
             result.peak_bytes = max(result.peak_bytes, result.resident_bytes + live)
             result.all_at_once_bytes += live
@@ -226,10 +226,14 @@ def sequential_calibrate(session: Session, batches: Iterable[Batch], labels: Ite
                 else:
                     values[label] = result.stats[label] = s
                     result.resident_bytes += stats_nbytes(s)
-                del s  # the accumulators go now, before the next sweep allocates its own
+                del s  # the accumulators go now, before the next group allocates its own
             if on_group is not None:
+                replaced = session.replacements(group)
                 on_group(group, values)
+                if session.replacements(group) != replaced:
+                    result.forward_cost += fraction  # the group's segment runs again for the next groups
     finally:
+        sweeps.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # files were unlinked when mapped
     return result

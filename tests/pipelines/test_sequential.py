@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import importlib
 import weakref
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import subfit_fx.calibrate
 from subfit_fx.branches import count_block_params
@@ -66,7 +68,7 @@ def test_sequential_pipeline_holds_one_layer_of_statistics_and_matches_all_at_on
     assert meter.peak == 2 * ONE_BRANCH == result.peak_bytes  # one layer: attention + FFN
     assert meter.peak * LAYERS <= basic_peak
     assert result.all_at_once_bytes == result.offloaded_bytes == basic_peak
-    assert result.forward_cost == pytest.approx((LAYERS + 1) / 2)  # each sweep stops after its layer
+    assert result.forward_cost == pytest.approx(1.0)  # each layer runs once, nothing after the last probe
     assert list(tmp_path.iterdir()) == []  # offloaded files were unlinked once mapped
     # No replacement active: the same tokens in the same order, so bitwise the same statistics.
     assert flat(result.stats).keys() == dense.keys()
@@ -119,7 +121,8 @@ def test_replacements_set_between_layers_feed_the_next_layers():
             session.set_replacement(attention0, remove)
 
     result = sequential_calibrate(session, data, groups[0] + groups[1], on_group=on_group, desc=None)
-    assert result.forward_cost == pytest.approx((2 + 4) / (2 * LAYERS))  # stopped after layers 0 and 1
+    # layers 0 and 1 once, and layer 0 again after its attention was replaced
+    assert result.forward_cost == pytest.approx((4 + 2) / (2 * LAYERS))
     compressed = flat(session.calibrate(data, groups[1], desc=None))  # attention 0 still removed
     session.clear_replacements()
     dense = flat(session.calibrate(data, groups[0] + groups[1], desc=None))
@@ -129,6 +132,45 @@ def test_replacements_set_between_layers_feed_the_next_layers():
     for label in groups[1]:  # observed with layer 0's attention removed
         assert all(torch.equal(t, compressed[label][k]) for k, t in got[label].items())
         assert not torch.equal(got[label]["gram.normalized"], dense[label]["gram.normalized"])
+
+
+class WeightUses(TorchDispatchMode):
+    """Counts, independently of the pipeline, how often each parameter of a module is read by an
+    aten op (a layer that runs twice reads its weights twice)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.names = {p.untyped_storage().data_ptr(): name for name, p in module.named_parameters()}
+        self.uses: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.names:
+                self.uses[self.names[a.untyped_storage().data_ptr()]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_layerwise_pipeline_runs_each_layer_once_with_statistics_equal_to_the_basic_pipeline():
+    _, ep = captured("llama", LAYERS)
+    session = prepare(ep, progress=False)
+    data = batches()
+    module = ep.module()
+    with WeightUses(module) as one_forward:  # the plain captured model, once over the batches
+        for ids, mask in data:
+            module(ids, mask)
+    with WeightUses(session._module) as layerwise:
+        result = sequential_calibrate(session, data, desc=None)
+    layers = {name: n for name, n in one_forward.uses.items() if ".layers." in name}
+    assert len(layers) == 9 * LAYERS and all(n > 0 for n in layers.values())
+    assert {name: layerwise.uses[name] for name in layers} == layers  # every layer exactly once
+    assert layerwise.uses["hf.lm_head.weight"] == 0  # nothing after the last layer's probes
+    dense = flat(session.calibrate(data, desc=None))
+    for label, tensors in flat(result.stats).items():
+        assert all(torch.equal(t, dense[label][k]) for k, t in tensors.items()), label
+    # groups out of the graph's order are refused before anything runs
+    groups = layer_groups(session.branches)
+    with pytest.raises(ValueError, match="follow the graph's order"):
+        next(session.observe_layerwise(data, [groups[1], groups[0]]))
 
 
 def test_layer_groups_reject_unknown_labels_and_bad_sizes():
