@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from subfit_fx.cli_types import positive_int
+from subfit_fx.cli_types import fractions, positive_int
 from subfit_fx.errors import SubfitError
 
 
@@ -324,15 +324,26 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                         "(fit-or-remove) or bypass, removal or a full linear map (auto)")
     p.add_argument("--distance-tokens", choices=("last", "all"),
                    help="UIDL/ReplaceMe: tokens of the angular distance (default last)")
-    p.add_argument("--block", type=positive_int, help="saap / hybrid: FFN channels per pruning unit (default 64)")
+    p.add_argument("--block", type=positive_int,
+                   help="saap / hybrid / flap: FFN channels per pruning unit (default 64; flap 1)")
     p.add_argument("--importance", choices=("fused", "vector", "element"),
-                   help="saap / hybrid: channel-block importance (default fused)")
+                   help="saap / hybrid / flap: channel-block importance (default fused; flap element)")
     p.add_argument("--compensation", choices=("refit", "bias", "none"),
-                   help="saap / hybrid: how the output projection is compensated (default refit)")
+                   help="saap / hybrid / flap: how the output projection is compensated (default refit; flap bias)")
     p.add_argument("--no-fluctuation", dest="fluctuation", action="store_false", default=None,
                    help="saap / hybrid: one global ranking, no protection of fluctuating layers")
     p.add_argument("--max-layer-ratio", type=float, help="saap / hybrid: most of a layer's channels to drop (0.75)")
-    p.add_argument("--share", type=float, help="hybrid: fraction of the budget SubFit's replacements take (0.5)")
+    p.add_argument("--strategy", choices=("joint", "share"),
+                   help="hybrid: every option judged and chosen by one knapsack (joint, default), or SubFit "
+                        "first for --share of the budget and width pruning for the rest (share)")
+    p.add_argument("--levels", type=fractions,
+                   help="hybrid --strategy joint: fractions of an FFN's channel blocks each judged slimming drops "
+                        "(default 0.25,0.5,0.75; counts in between are interpolated)")
+    p.add_argument("--standardize", action="store_true", default=None,
+                   help="saap / hybrid: rank channel blocks by their z-score within each layer (FLAP's adaptive "
+                        "structure; flap's default)")
+    p.add_argument("--share", type=float,
+                   help="hybrid --strategy share: fraction of the budget SubFit's replacements take (0.5)")
     p.add_argument("--eval-batches", type=positive_int, help="BlockPruner: batches judging each removal (default all)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output")

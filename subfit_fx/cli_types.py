@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int"]
+__all__ = ["fractions", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -29,3 +29,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer; pass 1 or more")
     return value
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    """Comma-separated fractions in (0, 1), e.g. slimming levels "0.25,0.5,0.75".
+
+    Example:
+        >>> fractions("0.25,0.5")
+        (0.25, 0.5)
+    """
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers; pass e.g. 0.25,0.5,0.75") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: pass fractions in (0, 1) separated by commas, e.g. 0.25,0.5,0.75")
+    return values

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from subfit_fx.errors import InputError
 
-__all__ = ["BUDGET_TOLERANCE", "Candidate", "check_sparsity", "repair_overshoot", "select", "sparsity_of"]
+__all__ = ["BUDGET_TOLERANCE", "Candidate", "check_sparsity", "repair_overshoot", "select", "select_jointly",
+           "sparsity_of"]
 
 BUDGET_TOLERANCE = 0.015  # net block sparsity a selection may land away from its target
 
@@ -157,3 +158,92 @@ def repair_overshoot(chosen: list[Candidate], picked: list[str], pool: list[Cand
     if best is None:
         return picked
     return [label for label in picked if label != best_out.label] + [c.label for c in best[1]]
+
+
+def select_jointly(candidates: list[Candidate], block_params: int, target: float,
+                   group_costs: dict[str, int] | None = None, tolerance: float = BUDGET_TOLERANCE,
+                   resolution: int = 4096) -> list[Hashable]:
+    """At most one candidate per branch (`Candidate.key`: keep it, or one of its options: a fit,
+    removal, a slimming level...) so that the net sparsity lands in [target, target + tolerance]
+    at the least total damage (sum of scores): a multiple-choice knapsack, solved exactly by
+    dynamic programming over the parameters saved in units of 1/`resolution` of the budget
+    (saved parameters are rounded down, so the real sparsity is never below what was planned).
+    A group cost (a shared FFN basis) is handled by solving with and without the group and
+    keeping the better. Where no choice lands in the window (coarse options), the choice nearest
+    under the target within `tolerance` (and 90 % of it) is taken, as `repair_overshoot` does,
+    else the least damage above the window, else the most saved.
+
+    With integer parameter counts below `resolution` the solution is optimal, so it never costs
+    more damage than the greedy `select` whose selection lies in the same window.
+
+    Example:
+        >>> cands = [Candidate("a", 0.1, 60, 0), Candidate("b", 0.3, 60, 0),
+        ...          Candidate(("c", 1), 0.2, 30, 0, branch="c"), Candidate(("c", 2), 0.35, 50, 0, branch="c")]
+        >>> select_jointly(cands, 100, 0.5, tolerance=0.2)
+        ['a']
+        >>> select_jointly(cands, 100, 0.9, tolerance=0.2)
+        [('c', 1), 'a']
+    """
+    import numpy as np
+
+    group_costs = group_costs or {}
+    budget = target * block_params
+    best: tuple[tuple[int, float], list[Hashable]] | None = None
+    groups = sorted({c.group for c in candidates if c.group})
+    for used in [frozenset(), *([frozenset(groups)] if groups else [])]:
+        pool = [c for c in candidates if c.saved > 0 and (c.group is None or c.group in used)]
+        extra = sum(group_costs.get(g, 0) for g in used)
+        need = budget + extra
+        unit = max(1.0, need / resolution)
+        low, high = int(np.ceil(need / unit - 1e-9)), int((need + tolerance * block_params) // unit)
+        biggest = max((int(c.saved // unit) for c in pool), default=0)
+        cap = max(high, low + biggest)
+        items: dict[Hashable, list[Candidate]] = {}
+        for c in pool:
+            items.setdefault(c.key, []).append(c)
+        dp = np.full(cap + 1, np.inf)
+        dp[0] = 0.0
+        trace = []
+        for key in sorted(items, key=str):
+            new, arg = dp.copy(), np.full(cap + 1, -1)
+            for j, c in enumerate(items[key]):
+                size = int(c.saved // unit)
+                if size <= 0 or size > cap:
+                    continue
+                shifted = np.full(cap + 1, np.inf)
+                shifted[size:] = dp[:-size] + c.score
+                better = shifted < new
+                new[better], arg[better] = shifted[better], j
+            dp = new
+            trace.append((key, arg))
+        states, reachable = np.arange(cap + 1), np.isfinite(dp)
+        below = max(need - tolerance * block_params, 0.9 * need) / unit
+        above = reachable & (states >= low) & (states <= high)
+        under = reachable & (states >= below) & (states < low)
+        if above.any():  # in [target, target + tolerance]: the least damage
+            state = int(np.flatnonzero(above)[np.argmin(dp[above])])
+        elif under.any():  # else just under the target, as near as possible
+            nearest = states == np.flatnonzero(under).max()
+            state = int(np.flatnonzero(nearest)[0])
+        elif (reachable & (states >= low)).any():  # else the least damage above the window
+            over = reachable & (states >= low)
+            state = int(np.flatnonzero(over)[np.argmin(dp[over])])
+        else:
+            state = int(np.flatnonzero(reachable)[-1])
+        picks = []
+        for key, arg in reversed(trace):
+            j = int(arg[state])
+            if j >= 0:
+                picks.append(items[key][j])
+                state -= int(items[key][j].saved // unit)
+        chosen_groups = {c.group for c in picks if c.group}
+        if chosen_groups != set(used):  # the group was paid for but not used: the other solve covers it
+            continue
+        reached = sparsity_of(picks, block_params, group_costs)
+        inside = target <= reached <= target + tolerance + 1e-12
+        near = max(target - tolerance, 0.9 * target) <= reached < target
+        rank = (0 if inside else 1 if near else 2 if reached >= target else 3,
+                -reached if near or reached < target else sum(c.score for c in picks))
+        if best is None or rank < best[0]:
+            best = (rank, [c.label for c in sorted(picks, key=lambda c: str(c.label))])
+    return best[1] if best is not None else []

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from subfit_fx.errors import InputError
-from subfit_fx.selection import Candidate, check_sparsity, select, sparsity_of
+from subfit_fx.selection import Candidate, check_sparsity, select, select_jointly, sparsity_of
 
 
 @given(st.lists(st.tuples(st.floats(0, 1), st.integers(10, 1000), st.integers(0, 9)), min_size=1, max_size=12),
@@ -85,3 +85,31 @@ def test_budget_repair_swaps_an_ffn_for_attention_to_land_on_target():
     picked = select(ffn + attn, 1000, 0.3)
     assert len(picked) == 2 and "a0" in picked and sum(x.startswith("f") for x in picked) == 1
     assert sorted(select(ffn + attn, 1000, 0.3, tolerance=1.0)) == ["f0", "f1"]
+
+
+@given(st.lists(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 60)), min_size=1, max_size=4),
+                min_size=1, max_size=10),
+       st.floats(0.05, 0.7), st.booleans())
+def test_joint_choice_meets_the_budget_and_never_costs_more_than_greedy(branches, target, grouped):
+    """Multiple-choice instances (several options per branch, e.g. slimming levels and a fit): the
+    exact knapsack lands at or above the target within one option's parameters, and never has
+    more total damage than the greedy selection."""
+    cands = [Candidate((i, j), score, 60, 60 - saved, "g" if grouped and j == 0 else None, branch=f"b{i}")
+             for i, options in enumerate(branches) for j, (score, saved) in enumerate(options)]
+    block = 60 * len(branches)
+    costs = {"g": 5}
+    widest = max(c.saved for c in cands) / block
+    joint = [c for c in cands if c.label in select_jointly(cands, block, target, costs, tolerance=widest)]
+    greedy = [c for c in cands if c.label in select(cands, block, target, costs, tolerance=1.0)]
+    assert len({c.key for c in joint}) == len(joint)  # one option per branch
+    reached, greedy_reached = sparsity_of(joint, block, costs), sparsity_of(greedy, block, costs)
+    if greedy_reached >= target:
+        assert target - 1e-12 <= reached <= target + widest + 1e-12
+        if greedy_reached <= target + widest + 1e-12:
+            assert sum(c.score for c in joint) <= sum(c.score for c in greedy) + 1e-9
+
+
+def test_joint_choice_prefers_two_small_options_over_one_big_one():
+    cands = [Candidate("big", 0.5, 100, 0), Candidate(("x", 1), 0.1, 100, 50, branch="x"),
+             Candidate(("y", 1), 0.1, 100, 50, branch="y"), Candidate(("y", 2), 0.4, 100, 0, branch="y")]
+    assert select_jointly(cands, 300, 1 / 3, tolerance=0.0) == [("x", 1), ("y", 1)]

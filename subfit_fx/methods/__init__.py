@@ -25,7 +25,7 @@ from subfit_fx.methods.hybrid import HybridOptions, hybrid
 from subfit_fx.methods.layers import BaselineOptions
 from subfit_fx.methods.llm_drop import llm_drop
 from subfit_fx.methods.replaceme import replaceme
-from subfit_fx.methods.saap import SaapOptions, saap
+from subfit_fx.methods.saap import FlapOptions, SaapOptions, flap, saap
 from subfit_fx.methods.shortgpt import shortgpt
 from subfit_fx.methods.subfit import GuardedOptions, SubfitOptions, subfit, subfit_guarded
 from subfit_fx.methods.uidl import uidl
@@ -48,6 +48,7 @@ METHODS: dict[str, Method] = {
     "subfit-guarded": Method(subfit_guarded, GuardedOptions),
     "saap": Method(saap, SaapOptions),  # width pruning of FFN channels (issue 18)
     "hybrid": Method(hybrid, HybridOptions),  # SubFit + width pruning under one budget
+    "flap": Method(flap, FlapOptions),  # the FLAP width-pruning baseline
     # baselines (METHOD.md): same calibration, same parameter budget
     "shortgpt": Method(shortgpt, BaselineOptions),
     "uidl": Method(uidl, BaselineOptions),

@@ -1,14 +1,24 @@
 """The hybrid policy: SubFit replaces whole branches, SAAP-style width pruning slims the FFN
 branches that stay, under one parameter budget (issue 18).
 
-SubFit (default options, judged at the output) takes `share` of the budget first; its
-replacements are then set in the session, so the inner statistics of the remaining FFN branches
-are gathered on the compressed upstream, and width pruning takes the rest of the budget (net of
-what SubFit actually saved) from the branches SubFit kept. Redundancy spread thinly inside a
-branch, which SubFit cannot take, is what width pruning takes.
+strategy="joint": every branch takes exactly one option - keep, SubFit's bypass, removal, or
+(FFN branches with a channel site) slimming to one of `levels` (fractions of its channel blocks
+dropped, least important first, compensated) - and the options are chosen jointly: each is judged
+by its damage at the model's output on held-out sequences (the SubFit output judge; a slimming
+is judged by replacing the branch's inner input h with what the compensated slimming stands for,
+`Session.set_inner_replacement`), and an exact multiple-choice knapsack (`select_jointly`) picks
+the least total damage at the budget. As in SubFit this runs in `rounds`: each round sets the
+choices so far, re-judges the shortlisted branches (compounding) and adds the next fraction of
+the budget. Redundancy spread thinly inside a branch, which SubFit cannot take, is what the
+slimming levels take.
 
-Cost: SubFit's (see `subfit_fx.methods.subfit`) plus one calibration pass for the inner
-statistics.
+strategy="share": SubFit (default options) takes `share` of the budget first; with its
+replacements set, the inner statistics of the kept FFN branches are gathered and width pruning
+takes the rest.
+
+Cost (joint): one calibration pass for branch statistics, one for inner statistics, and about
+(F n + S n_ffn) forwards of the held-out sequences in the first round (F forms, S levels; each
+rerunning only the graph after its branch), fewer in later rounds.
 
 Example:
     >>> HybridOptions(share=0.25).share
@@ -18,14 +28,27 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
 
 from subfit_fx.errors import InputError
 from subfit_fx.fit import Fit
-from subfit_fx.methods.base import PolicyContext
-from subfit_fx.methods.saap import SaapOptions, plan_slimming, slim_replacements
-from subfit_fx.methods.subfit import SubfitOptions, subfit
-from subfit_fx.recipe import Recipe, branch_records
+from subfit_fx.methods.base import OutputJudge, PolicyContext, kept_norm_params
+from subfit_fx.methods.saap import (
+    SaapOptions,
+    block_scores,
+    inner_map,
+    kept_channels,
+    plan_slimming,
+    slim_replacements,
+    slimming_of,
+)
+from subfit_fx.methods.subfit import SubfitOptions, _alternatives, _Fitter, _shortlist, judge_split, subfit
+from subfit_fx.recipe import Recipe, branch_records, recipe_from_fits
+from subfit_fx.selection import BUDGET_TOLERANCE, Candidate, select_jointly, sparsity_of
 
 __all__ = ["HybridOptions", "hybrid", "set_recipe_replacements"]
 
@@ -34,16 +57,24 @@ __all__ = ["HybridOptions", "hybrid", "set_recipe_replacements"]
 class HybridOptions:
     """Options of the hybrid policy: the budget share of SubFit, and width pruning's options."""
 
-    share: float = 0.5  # fraction of the budget that SubFit's branch replacements take
+    strategy: str = "joint"  # "joint": every option judged, one knapsack; "share": SubFit first, then slimming
+    share: float = 0.5  # strategy "share": fraction of the budget that SubFit's branch replacements take
+    levels: tuple[float, ...] = (0.25, 0.5, 0.75)  # strategy "joint": fractions of an FFN's blocks a slimming drops
     block: int = 64
     importance: str = "fused"
     compensation: str = "refit"
     fluctuation: bool = True
     max_layer_ratio: float = 0.75
+    standardize: bool = False
 
     def __post_init__(self) -> None:
+        if self.strategy not in ("joint", "share"):
+            raise InputError(f"strategy={self.strategy!r} is invalid; use 'joint' (every option judged, one "
+                             "knapsack) or 'share' (SubFit first, width pruning for the rest)")
         if not 0 <= self.share <= 1:
             raise InputError(f"share must be in [0, 1] (the fraction of the budget SubFit takes), got {self.share}")
+        if not self.levels or not all(0 < v <= self.max_layer_ratio for v in self.levels):
+            raise InputError(f"levels {self.levels} must be fractions in (0, max_layer_ratio={self.max_layer_ratio}]")
         self.saap()  # validates the width-pruning options
 
     def saap(self) -> SaapOptions:
@@ -54,7 +85,8 @@ class HybridOptions:
             32
         """
         return SaapOptions(block=self.block, importance=self.importance, compensation=self.compensation,
-                           fluctuation=self.fluctuation, max_layer_ratio=self.max_layer_ratio)
+                           fluctuation=self.fluctuation, max_layer_ratio=self.max_layer_ratio,
+                           standardize=self.standardize)
 
 
 def set_recipe_replacements(ctx: PolicyContext, recipe: Recipe) -> None:
@@ -80,12 +112,19 @@ def saved_params(ctx: PolicyContext, recipe: Recipe) -> int:
 
 
 def hybrid(ctx: PolicyContext) -> Recipe:
-    """SubFit for `share` of the budget, width pruning of the kept FFN branches for the rest.
+    """Branch replacements and width pruning under one budget (see the module docstring).
 
     Example:
         >>> recipe = hybrid(ctx)  # doctest: +SKIP
     """
     opts = ctx.options_as(HybridOptions)
+    if opts.strategy == "joint":
+        return _joint(ctx, opts)
+    return _share(ctx, opts)
+
+
+def _share(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
+    """SubFit for `share` of the budget, width pruning of the kept FFN branches for the rest."""
     budget = round(ctx.target * ctx.block_params)
     first = Recipe("subfit", [], [])
     if opts.share > 0:
@@ -105,3 +144,162 @@ def hybrid(ctx: PolicyContext) -> Recipe:
     merged = sorted([*first.replacements, *replacements], key=lambda r: order[r.labels[0]])
     return Recipe("hybrid", branch_records(ctx.branches), merged, {**first.tensors, **tensors},
                   options={**first.options, **asdict(opts)})
+
+
+class _Options:
+    """Every option of every branch for the joint strategy: SubFit's fits and removal, and
+    slimming levels of the FFN branches with a channel site, with what each saves."""
+
+    def __init__(self, ctx: PolicyContext, opts: HybridOptions, sub: SubfitOptions, batches: list) -> None:
+        self.ctx, self.sub, self.saap = ctx, sub, opts.saap()
+        session = ctx.session
+        stats = session.calibrate(batches, inputs=(sub.bypass_input,), desc="calibrate")
+        self.fitter = _Fitter(ctx, sub)
+        fits = self.fitter.fits(stats, [b.label for b in ctx.branches if b.kind == "ffn"])
+        self.alts = _alternatives(ctx, dataclasses.replace(sub, forms="fit-or-remove"), fits, stats)
+        sites = session.channel_sites
+        self.inner = session.inner_stats(batches, list(sites), gram=True) if sites else {}
+        scores = block_scores(ctx, self.saap, list(sites), self.inner) if sites else {}
+        self.kept: dict[str, dict[str, torch.Tensor]] = {}  # every slimming count's kept channels
+        self.levels: dict[str, dict[str, int]] = {}  # the judged slimming options and their block counts
+        self.slim_saved: dict[str, dict[str, int]] = {}
+        state = ctx.session.ep.state_dict
+        for label, sc in scores.items():
+            site, ranked = sites[label], sc.ranked()
+            out = state[site.last_weight].shape[0]
+            new_bias = out if site.last_bias is None and self.saap.compensation != "none" else 0
+            most = int(self.saap.max_layer_ratio * len(sc.blocks))
+            judged = sorted({min(max(1, round(level * len(sc.blocks))), most) for level in opts.levels} - {0})
+            if not judged:
+                continue
+            self.levels[label] = {f"slim:{count}/{len(sc.blocks)}": count for count in judged}
+            for count in range(1, judged[-1] + 1):  # every count up to the deepest judged level
+                kept = kept_channels(sc, ranked[:count], site.channels)
+                name = f"slim:{count}/{len(sc.blocks)}"
+                self.kept.setdefault(label, {})[name] = kept
+                self.slim_saved.setdefault(label, {})[name] = (site.channels - len(kept)) * sc.cost - new_bias
+        self._maps: dict[tuple[str, str], object] = {}
+
+    def judged(self, label: str) -> list[str]:
+        """The options judged at the output: the fits, removal and the judged slimming levels."""
+        return [*self.alts[label], *self.levels.get(label, {})]
+
+    def interpolated(self, label: str, damage: dict[str, float]) -> dict[str, float]:
+        """Damage of every slimming count of `label`, linear between its judged levels (and 0
+        at no slimming): fine steps for the budget at the cost of the judged ones."""
+        levels = self.levels.get(label, {})
+        if not levels:
+            return {}
+        points = [(0, 0.0), *sorted((count, damage[name]) for name, count in levels.items())]
+        out = {}
+        for count, name in enumerate(self.kept[label], start=1):
+            (c0, d0), (c1, d1) = next((a, b) for a, b in itertools.pairwise(points) if a[0] < count <= b[0])
+            out[name] = d0 + (d1 - d0) * (count - c0) / (c1 - c0)
+        return out
+
+    def saved(self, label: str, option: str) -> int:
+        if option in self.alts[label]:
+            fit = self.alts[label][option]
+            b = self.ctx.session.by_label[label]
+            return b.params - fit.params - (kept_norm_params(b, self.sub.bypass_input) if fit.layers else 0)
+        return self.slim_saved[label][option]
+
+    def candidate(self, label: str, option: str, damage: float) -> Candidate:
+        params = self.ctx.session.by_label[label].params
+        shared = option in self.alts[label] and self.alts[label][option].form == "shared"
+        return Candidate((label, option), damage, params, params - self.saved(label, option),
+                         "ffn_basis" if shared else None, branch=label)
+
+    def set(self, label: str, option: str | None) -> None:
+        """Put `option` in place for branch `label` (None: the branch as it is)."""
+        session = self.ctx.session
+        if option is None or option in self.alts[label]:
+            session.set_replacement(label, None if option is None else self.alts[label][option],
+                                    self.sub.bypass_input)
+            if label in self.kept:
+                session.set_inner_replacement(label, None)
+            return
+        session.set_replacement(label, None)
+        session.set_inner_replacement(label, self._inner_map(label, option))
+
+    def _inner_map(self, label: str, option: str) -> object:
+        if (label, option) not in self._maps:
+            kept = self.kept[label][option]
+            a = inner_map(self.inner[label], kept, self.saap.compensation, self.saap.ridge)
+            weight = self.ctx.session.ep.state_dict[self.ctx.session.channel_sites[label].last_weight]
+            n, k = a.shape[0] - 1, len(kept)
+            mix = a[:n, :k].T.to(weight.dtype).to(weight.device).contiguous()  # (kept, channels)
+            shift = a[:n, k].to(weight.dtype).to(weight.device)
+            index = kept.to(weight.device)
+
+            def stands_for(h: torch.Tensor) -> torch.Tensor:
+                return h.index_select(-1, index) @ mix + shift
+
+            self._maps[label, option] = stands_for
+        return self._maps[label, option]
+
+    def recipe(self, chosen: dict[str, str], options: dict) -> Recipe:
+        ctx = self.ctx
+        fits = {label: self.alts[label][o] for label, o in chosen.items() if o in self.alts[label]}
+        first = recipe_from_fits("hybrid", ctx.branches, fits, {label: self.sub.bypass_input for label in fits})
+        slimmings = [slimming_of(ctx, label, self.inner[label], self.kept[label][o], self.saap)
+                     for label, o in chosen.items() if o not in self.alts[label]]
+        replacements, tensors = slim_replacements(ctx, slimmings, prefix="s")
+        order = {b.label: i for i, b in enumerate(ctx.branches)}
+        merged = sorted([*first.replacements, *replacements], key=lambda r: order[r.labels[0]])
+        return Recipe("hybrid", branch_records(ctx.branches), merged, {**first.tensors, **tensors}, options=options)
+
+
+def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
+    """Every option of every branch judged at the output, chosen by an exact knapsack per round."""
+    session = ctx.session
+    sub = SubfitOptions()
+    batches, held = judge_split(ctx, sub.judge_sequences)
+    space = _Options(ctx, opts, sub, batches)
+    judge = OutputJudge(session, held, ctx.causal)
+    group_costs = {"ffn_basis": space.fitter.basis_params}
+    chosen: dict[str, str] = {}
+    damage: dict[tuple[str, str], float] = {}
+    for r in range(sub.rounds):
+        session.clear_replacements()
+        for label, option in chosen.items():
+            space.set(label, option)
+        already = [space.candidate(label, o, 0.0) for label, o in chosen.items()]
+        reached = sparsity_of(already, ctx.block_params, group_costs)
+        step = ctx.target * (r + 1) / sub.rounds
+        labels = [b.label for b in ctx.branches if b.label not in chosen]
+        if r > 0:
+            stale = [space.candidate(lb, o, d) for (lb, o), d in damage.items() if lb not in chosen]
+            keep = _shortlist(stale, (step - reached) * ctx.block_params, sub.shortlist)
+            labels = [label for label in labels if label in keep]
+        base = judge()
+        fresh: dict[tuple[str, str], float] = {}
+        for label in tqdm(labels, desc=f"judge round {r + 1}/{sub.rounds}", leave=False, unit="branch",
+                          disable=not session.progress):
+            judged = {}
+            for option in space.judged(label):
+                space.set(label, option)
+                judged[option] = max(judge(start=label) - base, 0.0)
+            space.set(label, None)
+            fresh.update({(label, o): v for o, v in {**judged, **space.interpolated(label, judged)}.items()})
+        for (label, option), value in fresh.items():
+            if option in space.judged(label):
+                ctx.record_score(label, f"judged_{option}", value)
+        damage = {key: value for key, value in damage.items() if key[0] not in labels} | fresh
+        paid = {c.group for c in already if c.group}
+        costs = {g: 0 if g in paid else cost for g, cost in group_costs.items()}
+        last = r == sub.rounds - 1
+        # the last round also weighs the branches left off the shortlist (their older damages),
+        # so that the budget can land within the tolerance
+        pool = [space.candidate(label, o, d) for (label, o), d in (damage if last else fresh).items()
+                if label not in chosen]
+        picks = select_jointly(pool, ctx.block_params, max(step - reached, 0.0), costs,
+                               tolerance=BUDGET_TOLERANCE if last else (step - reached) / 2)
+        chosen.update(dict(picks))
+        if sparsity_of([space.candidate(lb, o, 0.0) for lb, o in chosen.items()], ctx.block_params,
+                       group_costs) >= ctx.target:
+            break
+    session.clear_replacements()
+    ctx.notes.append(f"output judge: {judge.calls} forwards of {int(held[0][0].shape[0])} held-out sequences; "
+                     f"options chosen: {', '.join(f'{lb} {o}' for lb, o in chosen.items())}")
+    return space.recipe(chosen, {"sparsity": ctx.target, **asdict(sub), **asdict(opts)})

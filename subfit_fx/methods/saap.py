@@ -40,7 +40,8 @@ from subfit_fx.methods.base import PolicyContext
 from subfit_fx.recipe import Recipe, Replacement, branch_records
 from subfit_fx.stats import InnerStats
 
-__all__ = ["IMPORTANCES", "SaapOptions", "Slimming", "plan_slimming", "saap", "slim_replacements"]
+__all__ = ["IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores", "flap",
+           "inner_map", "kept_channels", "plan_slimming", "saap", "slim_replacements", "slimming_of"]
 
 IMPORTANCES = ("fused", "vector", "element")
 COMPENSATIONS = ("refit", "bias", "none")
@@ -56,6 +57,7 @@ class SaapOptions:
     fluctuation: bool = True  # protect layers whose importance fluctuates across batches
     max_layer_ratio: float = 0.75  # at most this fraction of a layer's channels goes
     ridge: float = 1e-3  # relative ridge of the refit
+    standardize: bool = False  # FLAP's adaptive structure: scores standardized within each layer
 
     def __post_init__(self) -> None:
         if self.block < 1:
@@ -121,26 +123,46 @@ def compensate(weight: torch.Tensor, bias: torch.Tensor | None, stats: InnerStat
     n = weight.shape[1]
     base = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
     w_ext = torch.cat([weight.double(), base[:, None]], 1)
-    keep1 = torch.cat([kept, torch.tensor([n])])
-    if how == "refit":
-        a = gram[keep1][:, keep1]
-        lam = ridge * float(a.diagonal()[:-1].mean()) if len(kept) else 0.0
-        a = a + lam * torch.eye(len(keep1), dtype=torch.float64)
-        rhs = gram[keep1] @ w_ext.T  # (kept+1, out)
-        sol = torch.linalg.solve(a, rhs)
-        new_w, new_b = sol[:-1].T, sol[-1]
-    else:
-        mean = stats.sum / stats.tokens.clamp_min(1)
-        dropped = torch.ones(n, dtype=torch.bool)
-        dropped[kept] = False
-        new_w = weight.double()[:, kept]
-        new_b = base + (weight.double()[:, dropped] @ mean[dropped] if how == "bias" else 0)
+    sol = w_ext @ inner_map(stats, kept, how, ridge)  # (out, kept + 1): [W', b']
+    new_w, new_b = sol[:, :-1], sol[:, -1]
     new_ext = torch.zeros_like(w_ext)
     new_ext[:, kept], new_ext[:, n] = new_w, new_b
     diff = w_ext - new_ext
     error = float((diff * (diff @ gram)).sum())  # E ||(W_ext - W'_ext) [h, 1]||^2
     bias_out = new_b if (bias is not None or how != "none") else None
     return new_w.to(weight.dtype), None if bias_out is None else bias_out.to(weight.dtype), max(error, 0.0)
+
+
+def inner_map(stats: InnerStats, kept: torch.Tensor, how: str, ridge: float) -> torch.Tensor:
+    """The linear map A ((channels + 1) x (kept + 1), float64) from [h_kept, 1] to the [h, 1] that
+    a compensated slimming stands for: the output map on the kept channels is [W, b] A.
+
+    "refit": every channel's least-squares prediction from [h_kept, 1] (ridge relative to the mean
+    diagonal; the kept channels predict themselves when ridge is 0); "bias": dropped channels
+    become their means; "none": zeros. Setting h <- (A [h_kept, 1])[:channels] in the running model
+    (`Session.set_inner_replacement`) judges a slimming at the output before any rewrite.
+
+    Example:
+        >>> s = InnerStats.empty(3, gram=True); s.update(torch.randn(100, 3) + 2)
+        >>> a = inner_map(s, torch.tensor([0, 2]), "bias", 0.0)
+        >>> a.shape, bool(torch.allclose(a[1, 2], s.sum[1] / s.tokens))
+        (torch.Size([4, 3]), True)
+    """
+    gram = stats.gram / stats.tokens.clamp_min(1)  # E [h, 1]^T [h, 1]
+    n = gram.shape[0] - 1
+    keep1 = torch.cat([kept, torch.tensor([n])])
+    if how == "refit":
+        a = gram[keep1][:, keep1]
+        lam = ridge * float(a.diagonal()[:-1].mean()) if len(kept) else 0.0
+        a = a + lam * torch.eye(len(keep1), dtype=torch.float64)
+        return torch.linalg.solve(a, gram[keep1]).T  # G[:, K1] (G[K1, K1] + lam)^-1
+    out = torch.zeros(n + 1, len(keep1), dtype=torch.float64)
+    out[keep1, torch.arange(len(keep1))] = 1.0
+    if how == "bias":
+        dropped = torch.ones(n, dtype=torch.bool)
+        dropped[kept] = False
+        out[:n][dropped, -1] = (stats.sum / stats.tokens.clamp_min(1))[dropped]
+    return out
 
 
 class _Weights:
@@ -155,6 +177,68 @@ class _Weights:
 
 def _weights(ctx: PolicyContext) -> _Weights:
     return _Weights(ctx)
+
+
+@dataclass
+class BlockScores:
+    """Channel blocks of one FFN branch and what the policies rank them by."""
+
+    label: str
+    blocks: list[torch.Tensor]  # channel indices per block
+    score: torch.Tensor  # per block: importance (squared output units), or its within-layer z-score
+    cost: int  # parameters one channel costs (producer rows + a column of the last matmul)
+    standardized: bool = False
+
+    def ranked(self) -> list[int]:
+        """Block indices, least important first.
+
+        Example:
+            >>> BlockScores("f", [torch.arange(2), torch.arange(2, 4)], torch.tensor([2.0, 1.0]), 3).ranked()
+            [1, 0]
+        """
+        per = self.score / torch.tensor([len(g) for g in self.blocks], dtype=self.score.dtype)
+        return sorted(range(len(self.blocks)), key=lambda i: (float(per[i]), i))
+
+
+@torch.no_grad()
+def block_scores(ctx: PolicyContext, opts: SaapOptions, labels: list[str],
+                 stats: dict[str, InnerStats]) -> dict[str, BlockScores]:
+    """Importance of every channel block of the FFN branches in `labels` under `opts` (fusion,
+    fluctuation protection, FLAP's standardization), comparable across branches.
+
+    Example:
+        >>> scores = block_scores(ctx, SaapOptions(), ["model.layers.0.mlp"], stats)  # doctest: +SKIP
+    """
+    sites = ctx.session.channel_sites
+    state = _weights(ctx)
+    imp_el, imp_vec, blocks, cost, fluct = {}, {}, {}, {}, {}
+    for label in labels:
+        site, s = sites[label], stats[label]
+        weight = state[site.last_weight]
+        blocks[label] = _blocks(site.channels, opts.block)
+        imp_el[label] = block_importance(weight, s, blocks[label], "element")
+        imp_vec[label] = block_importance(weight, s, blocks[label], "vector")
+        width_in = state[site.producers[0][0]].shape[1]
+        cost[label] = site.params_per_channel(width_in, weight.shape[0])
+        fluct[label] = float(s.fluctuation().mean())
+    mean_el = torch.cat(list(imp_el.values())).mean().clamp_min(1e-30)
+    mean_vec = torch.cat(list(imp_vec.values())).mean().clamp_min(1e-30)
+    mean_fl = max(sum(fluct.values()) / len(fluct), 1e-30)
+    out = {}
+    for label in labels:
+        if opts.importance == "element":
+            score = imp_el[label]
+        elif opts.importance == "vector":
+            score = imp_vec[label]
+        else:
+            score = 0.5 * (imp_vec[label] / mean_vec + imp_el[label] / mean_el) * mean_vec
+        if opts.fluctuation:
+            score = score * (1 + fluct[label] / mean_fl)
+        if opts.standardize:  # (score - layer mean) / layer std: a layer's ratio follows its score's shape
+            per = score / torch.tensor([len(g) for g in blocks[label]], dtype=score.dtype)
+            score = (per - per.mean()) / per.std().clamp_min(1e-30) if len(per) > 1 else per * 0
+        out[label] = BlockScores(label, blocks[label], score, cost[label], opts.standardize)
+    return out
 
 
 @torch.no_grad()
@@ -173,31 +257,12 @@ def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: li
         return [], 0
     stats = stats or ctx.session.inner_stats(ctx.batches, labels, gram=True)
     state = _weights(ctx)
-    imp_el, imp_vec, blocks, cost, fluct = {}, {}, {}, {}, {}
-    for label in labels:
-        site, s = sites[label], stats[label]
-        weight = state[site.last_weight]
-        blocks[label] = _blocks(site.channels, opts.block)
-        imp_el[label] = block_importance(weight, s, blocks[label], "element")
-        imp_vec[label] = block_importance(weight, s, blocks[label], "vector")
-        width_in = state[site.producers[0][0]].shape[1]
-        cost[label] = site.params_per_channel(width_in, weight.shape[0])
-        fluct[label] = float(s.fluctuation().mean())
-    mean_el = torch.cat(list(imp_el.values())).mean().clamp_min(1e-30)
-    mean_vec = torch.cat(list(imp_vec.values())).mean().clamp_min(1e-30)
-    mean_fl = max(sum(fluct.values()) / len(fluct), 1e-30)
-    units = []  # (score per parameter, label, block index)
-    for label in labels:
-        if opts.importance == "element":
-            score = imp_el[label]
-        elif opts.importance == "vector":
-            score = imp_vec[label]
-        else:
-            score = 0.5 * (imp_vec[label] / mean_vec + imp_el[label] / mean_el) * mean_vec
-        if opts.fluctuation:
-            score = score * (1 + fluct[label] / mean_fl)
-        for i, g in enumerate(blocks[label]):
-            units.append((float(score[i]) / (len(g) * cost[label]), label, i))
+    scores = block_scores(ctx, opts, labels, stats)
+    blocks = {label: sc.blocks for label, sc in scores.items()}
+    units = []  # (score per parameter, label, block index): z-scores compare as they are
+    for label, sc in scores.items():
+        for i, g in enumerate(sc.blocks):
+            units.append((float(sc.score[i]) if sc.standardized else float(sc.score[i]) / (len(g) * sc.cost), label, i))
     units.sort()
     dropped: dict[str, list[int]] = {}
     saved = 0
@@ -211,26 +276,45 @@ def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: li
             continue
         weight = state[site.last_weight]
         new_bias = site.last_bias is None and opts.compensation != "none" and not have
-        gain = len(blocks[label][i]) * cost[label] - (weight.shape[0] if new_bias else 0)
+        gain = len(blocks[label][i]) * scores[label].cost - (weight.shape[0] if new_bias else 0)
         if saved + gain - budget > budget - saved:
             break  # stopping short lands nearer the budget than this unit would
         saved += gain
         have.append(i)
-    slimmings = []
-    for label in labels:
-        if not dropped.get(label):
-            continue
-        site = sites[label]
-        gone = torch.cat([blocks[label][i] for i in dropped[label]])
-        keep = torch.ones(site.channels, dtype=torch.bool)
-        keep[gone] = False
-        kept = keep.nonzero().flatten()
-        bias = state[site.last_bias] if site.last_bias else None
-        w, b, err = compensate(state[site.last_weight], bias, stats[label], kept, opts.compensation, opts.ridge)
-        slimmings.append(Slimming(label, kept, w, b, err))
-        ctx.record_score(label, "slim_damage", err)
-        ctx.record_score(label, "slim_kept", float(len(kept)) / site.channels)
+    slimmings = [slimming_of(ctx, label, stats[label], kept_channels(scores[label], dropped[label],
+                                                                      sites[label].channels), opts)
+                 for label in labels if dropped.get(label)]
     return slimmings, saved
+
+
+def kept_channels(scores: BlockScores, dropped: list[int], channels: int) -> torch.Tensor:
+    """Sorted indices of the channels left when the blocks `dropped` go.
+
+    Example:
+        >>> kept_channels(BlockScores("f", [torch.arange(2), torch.arange(2, 4)], torch.zeros(2), 1), [0], 4)
+        tensor([2, 3])
+    """
+    keep = torch.ones(channels, dtype=torch.bool)
+    if dropped:
+        keep[torch.cat([scores.blocks[i] for i in dropped])] = False
+    return keep.nonzero().flatten()
+
+
+@torch.no_grad()
+def slimming_of(ctx: PolicyContext, label: str, stats: InnerStats, kept: torch.Tensor,
+                opts: SaapOptions) -> Slimming:
+    """The compensated slimming of branch `label` to the channels `kept` (scores recorded).
+
+    Example:
+        >>> slimming_of(ctx, "model.layers.0.mlp", stats, torch.arange(64), SaapOptions())  # doctest: +SKIP
+    """
+    site = ctx.session.channel_sites[label]
+    state = _weights(ctx)
+    bias = state[site.last_bias] if site.last_bias else None
+    w, b, err = compensate(state[site.last_weight], bias, stats, kept, opts.compensation, opts.ridge)
+    ctx.record_score(label, "slim_damage", err)
+    ctx.record_score(label, "slim_kept", float(len(kept)) / site.channels)
+    return Slimming(label, kept, w, b, err)
 
 
 @torch.no_grad()
@@ -268,13 +352,46 @@ def slim_replacements(ctx: PolicyContext, slimmings: list[Slimming],
     return replacements, tensors
 
 
+@dataclass(frozen=True)
+class FlapOptions(SaapOptions):
+    """FLAP (An et al., AAAI 2024) in the same framework: single channels scored by the
+    fluctuation metric ||W[:, j]||^2 Var(h_j), standardized within each layer and ranked globally
+    (adaptive per-layer ratios), with bias compensation.
+
+    Example:
+        >>> FlapOptions().block, FlapOptions().compensation
+        (1, 'bias')
+    """
+
+    block: int = 1
+    importance: str = "element"
+    compensation: str = "bias"
+    fluctuation: bool = False
+    standardize: bool = True
+
+
+def flap(ctx: PolicyContext) -> Recipe:
+    """The FLAP baseline: width pruning of FFN channels with FLAP's metric, structure and bias
+    compensation (attention heads are not pruned, as for saap).
+
+    Example:
+        >>> recipe = flap(ctx)  # doctest: +SKIP
+    """
+    recipe = _width_only(ctx, ctx.options_as(FlapOptions))
+    recipe.method = "flap"
+    return recipe
+
+
 def saap(ctx: PolicyContext) -> Recipe:
     """Width pruning alone: FFN channel blocks dropped across all layers to the budget.
 
     Example:
         >>> recipe = saap(ctx)  # doctest: +SKIP
     """
-    opts = ctx.options_as(SaapOptions)
+    return _width_only(ctx, ctx.options_as(SaapOptions))
+
+
+def _width_only(ctx: PolicyContext, opts: SaapOptions) -> Recipe:
     if not ctx.session.channel_sites:
         raise InputError("this model's FFN branches expose no prunable channels (fused or Conv1D projections); "
                          "use --method subfit")

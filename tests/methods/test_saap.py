@@ -126,9 +126,10 @@ def test_slimmed_model_exports_to_onnx_with_and_without_cache(tmp_path):
     assert plain.bytes < dense.bytes
 
 
-def test_hybrid_replaces_branches_and_slims_the_kept_ffns_under_one_budget():
+def test_hybrid_share_replaces_branches_and_slims_the_kept_ffns_under_one_budget():
     model = _model("llama")
-    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", share=0.5, block=16, progress=False)
+    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", strategy="share", share=0.5, block=16,
+                           progress=False)
     actions = {r.labels[0]: r.action for r in c.recipe.replacements}
     assert "slim" in actions.values() and {"remove", "bypass"} & set(actions.values())
     assert abs(c.report.sparsity_actual - 0.3) <= 0.015, c.report.notes
@@ -153,3 +154,64 @@ def test_cli_compresses_with_width_pruning_options(tmp_path):
     assert recipe.method == "saap" and recipe.options["compensation"] == "bias"
     assert recipe.options["fluctuation"] is False and recipe.slimmed_labels()
     assert main([*argv[:-2], "--importance", "magic", "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_flap_drops_single_channels_by_standardized_fluctuation_with_bias_compensation():
+    model = _model("llama")
+    c = subfit_fx.compress(model, _calib(), 0.2, method="flap", progress=False)
+    assert c.recipe.method == "flap" and c.recipe.options["block"] == 1 and c.recipe.options["standardize"]
+    assert abs(c.report.sparsity_actual - 0.2) < 0.02, c.report.notes
+    state = subfit_fx.capture(model).state_dict
+    sizes = set()
+    for r in c.recipe.replacements:
+        assert r.action == "slim"
+        kept = torch.tensor(r.info["kept"])
+        sizes.add(r.info["channels"] - len(kept))
+        # bias compensation keeps the kept columns of the output projection as they are
+        last = state[f"hf.{r.info['modules'][-1]}.weight"]
+        assert torch.equal(c.recipe.tensors[r.layers[0][0]], last[:, kept])
+        assert c.recipe.tensors[r.layers[0][1]].shape == (last.shape[0],)
+    # single channels, not blocks of 64: the counts dropped per layer are not multiples of a block
+    assert any(n % 16 for n in sizes)
+
+
+def test_joint_hybrid_gives_each_branch_one_option_at_the_budget():
+    model = _model("llama")
+    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", block=16, progress=False)
+    assert c.recipe.options["strategy"] == "joint"
+    labels = [r.labels[0] for r in c.recipe.replacements]
+    assert len(labels) == len(set(labels)) and c.recipe.slimmed_labels()
+    assert abs(c.report.sparsity_actual - 0.3) <= 0.015, c.report.notes
+    # every branch's judged options are in the report: fits, removal and slimming levels of FFNs
+    judged = next(b["scores"] for b in c.report.branches if b["label"] == "model.layers.1.mlp")
+    assert {"judged_fit", "judged_remove"} <= set(judged) and any(k.startswith("judged_slim:") for k in judged)
+
+
+@pytest.mark.parametrize("compensation", ["refit", "bias", "none"])
+def test_a_slimming_judged_through_the_inner_input_equals_the_rewritten_model(compensation):
+    """What the joint hybrid judges (h replaced by what the compensated slimming stands for) is
+    what the rewrite builds."""
+    from subfit_fx.branches import count_block_params
+    from subfit_fx.methods.base import PolicyContext
+    from subfit_fx.methods.saap import inner_map, slim_replacements, slimming_of
+    from subfit_fx.recipe import Recipe, branch_records
+    from subfit_fx.rewrite import apply_recipe
+
+    ep = subfit_fx.capture(_model("llama"))
+    session = prepare(ep, progress=False)
+    ids = _calib()[:4]
+    data = [(ids, torch.ones_like(ids))]
+    ctx = PolicyContext(session, data, [], count_block_params(ep, session.branches), 0.2, True, {})
+    label = "model.layers.1.mlp"
+    stats = session.inner_stats(data, [label])[label]
+    kept = torch.arange(0, session.channel_sites[label].channels, 3)
+    opts = SaapOptions(compensation=compensation, ridge=0.0)
+    replacements, tensors = slim_replacements(ctx, [slimming_of(ctx, label, stats, kept, opts)])
+    rewritten = apply_recipe(ep, Recipe("saap", branch_records(ctx.branches), replacements, tensors)).module()
+    a = inner_map(stats, kept, compensation, 0.0)
+    mix, shift = a[:-1, :len(kept)].T.float(), a[:-1, len(kept)].float()
+    session.set_inner_replacement(label, lambda h: h[..., kept] @ mix + shift)
+    judged = session.forward(data[0])
+    assert torch.allclose(judged, _logits(rewritten, ids), atol=1e-4)
+    session.clear_replacements()
+    assert not torch.allclose(session.forward(data[0]), judged, atol=1e-4)
