@@ -91,7 +91,7 @@ class LocalReducer:
 
 class Pipeline(Protocol):
     """How `Session.calibrate` gathers statistics: in one pass (`OnePass`) or e.g. layer by layer
-    (`subfit_fx.pipelines.LayerByLayer`), always through `Session.observe`."""
+    (`subfit_fx.pipelines.LayerByLayer`), through `Session.observe` or `Session.observe_layerwise`."""
 
     def calibrate(self, session: Session, batches: list[Batch], labels: list[str], inputs: tuple[str, ...],
                   desc: str | None, targets: dict[str, Target] | None) -> dict[str, BranchStats]:
@@ -126,10 +126,6 @@ def register_pipeline(name: str, factory: Callable[..., Pipeline]) -> None:
     PIPELINES[name] = factory
 
 
-class _StopForward(Exception):
-    """Raised after the last probe a pass needs: the rest of the graph cannot change its statistics."""
-
-
 class Session:
     """A probed, runnable copy of a capture plus its branches: the workspace of every policy.
 
@@ -161,26 +157,15 @@ class Session:
         return self._module(ids, mask)
 
     def run(self, batches: Iterable[Batch], desc: str | None = None,
-            each: Callable[[Batch, torch.Tensor], None] | None = None, *, stop_after: str | None = None) -> None:
+            each: Callable[[Batch, torch.Tensor], None] | None = None) -> None:
         """Run this process's share of `batches` (all of them in one process; a progress bar when
-        `desc` is given), calling `each(batch, out)`. `stop_after`: end each forward right after
-        that branch (then `each` is not called)."""
+        `desc` is given), calling `each(batch, out)`."""
         batches = self.reducer.shard(list(batches))
         bar = tqdm(batches, desc=desc, leave=False, disable=not (self.progress and desc), unit="batch")
-        handle = None
-        if stop_after is not None:
-            handle = self._probes[stop_after].register_forward_hook(_stop_forward)
-        try:
-            for batch in bar:
-                try:
-                    out = self.forward(batch)
-                except _StopForward:
-                    continue
-                if each is not None:
-                    each(batch, out)
-        finally:
-            if handle is not None:
-                handle.remove()
+        for batch in bar:
+            out = self.forward(batch)
+            if each is not None:
+                each(batch, out)
 
     def resumable(self, batches: list[Batch]) -> ResumableForward:
         """Forwards of `batches` that can restart at a branch (see `ResumableForward`).
@@ -376,15 +361,14 @@ class Session:
         return self.pipeline.calibrate(self, list(batches), labels, inputs, desc, targets)
 
     def observe(self, batches: list[Batch], labels: list[str], inputs: tuple[str, ...] = ("normalized",),
-                desc: str | None = None, targets: dict[str, Target] | None = None, *,
-                stop_after: str | None = None) -> dict[str, BranchStats]:
-        """One pass that accumulates the statistics of `labels` (the building block of every
-        pipeline), summed over processes; `stop_after` ends each forward after that branch."""
+                desc: str | None = None, targets: dict[str, Target] | None = None) -> dict[str, BranchStats]:
+        """One pass that accumulates the statistics of `labels` (the basic pipeline's building
+        block; the layer-wise one is `observe_layerwise`), summed over processes."""
         probes: dict[str, BranchProbe] = {label: self._probes[label] for label in labels}
         for label, probe in probes.items():
             probe.start_observing(inputs, (targets or {}).get(label))
         try:
-            self.run(batches, desc, stop_after=stop_after)
+            self.run(batches, desc)
         finally:
             stats = {label: probe.stop_observing() for label, probe in probes.items()}
         return self._checked(self.reducer.stats(stats))
@@ -583,12 +567,6 @@ class ResumableForward:
                 run_segment(segment, values)
             outs.append(graph_output(self.session._module, values))
         return outs
-
-
-def _stop_forward(*_: Any) -> None:
-    # raised here, not passed in: an exception held by a local of a frame in its own traceback
-    # would make a cycle that keeps the whole forward's activations alive until a gc run
-    raise _StopForward
 
 
 def prepare(ep: torch.export.ExportedProgram, branches: list[Branch] | None = None, *, skip_first: bool = False,

@@ -3,18 +3,20 @@
 The basic pipeline (`Session.calibrate`) observes every branch in one pass over the data, so the
 statistics of all branches are in memory together: (d+1)^2 + (d+1)d float64 values per branch and
 bypass-input kind, 17 GB for the 64 branches of a 7B model (d=4096), 172 GB for the 160 of a 70B
-(d=8192). The sequential pipeline instead sweeps the data once per layer (or per `layers_per_pass`
-layers), observing only that layer's branches, and stops each forward right after the layer's last
-probe (the rest of the graph cannot change these statistics). After each sweep the finished
-statistics are handed to `reduce` (compact results: scores, fits; the Gram matrices are dropped),
-or offloaded to a scratch directory and memory-mapped back, or kept in memory. Replacements set
-before a sweep are active in it, so the outputs of already-compressed layers feed the next ones
-(`on_group` can set them between layers).
+(d=8192). The sequential pipeline instead goes one layer (or `layers_per_pass` layers) at a time,
+observing only that layer's branches: the probed graph is split after each layer's last probe
+(`Session.observe_layerwise`, `subfit_fx.passes.segments`), each layer's segment runs once over
+every batch, and the values crossing the cut (the stream, masks, rotary tables) are cached for
+the next layer; nothing after the last observed probe runs. After each layer the finished
+statistics are handed to `reduce` (compact results: scores, fits; the Gram matrices are
+dropped), or offloaded to a scratch directory and memory-mapped back, or kept in memory.
+Replacements set before a layer runs are active in it, so the outputs of already-compressed
+layers feed the next ones (`on_group` can set them between layers; a layer whose replacements it
+changes runs once more, observers off).
 
-Cost: a sweep for layer l runs layers 0..l, so L layers cost about (L + 1) / 2 full forwards
-instead of one (`SequentialResult.forward_cost` counts them). With no replacement active the
-statistics are bitwise those of the basic pipeline: each probe accumulates the same tokens in the
-same order.
+Cost: one forward in total (`SequentialResult.forward_cost` counts it, in units of a forward up to
+the last probe), plus the reruns `on_group` asks for. With no replacement active the statistics
+are bitwise those of the basic pipeline: each probe accumulates the same tokens in the same order.
 
 `LayerByLayer` makes this a session's `calibrate` (a pipeline strategy), so every policy runs on
 it unchanged.
@@ -185,9 +187,9 @@ def sequential_calibrate(session: Session, batches: Iterable[Batch], labels: Ite
                          desc: str | None = "sequential") -> SequentialResult:
     """Calibrate `labels` (default: all branches) one layer at a time.
 
-    Each group of `layers_per_pass` layers gets one sweep over `batches` (`Session.observe`:
-    data-parallel, sharded and all-reduced one layer at a time), with the forward stopped after
-    the group's last branch. Its statistics then go to
+    Each group of `layers_per_pass` layers runs once over `batches` (`Session.observe_layerwise`:
+    data-parallel, sharded and all-reduced one group at a time), from the values cached after the
+    previous group to the group's last branch. Its statistics then go to
     `reduce(label, stats)` (the result is kept, the statistics dropped), else to `offload` (a
     scratch directory; memory-mapped back), else stay in memory. `on_group(labels, values)` runs
     after each group (values: the results or statistics of its labels), e.g. to set replacements
