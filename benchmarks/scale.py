@@ -9,8 +9,9 @@ captured, then one phase runs while a sampler thread reads the process's residen
 
 - `forward`: one plain forward of the calibration batches through the captured graph;
 - `basic`: `Session.calibrate` with the basic pipeline (every branch's statistics at once);
-- `layerwise`: the same statistics with the layer-wise pipeline (`--pipeline sequential`: one
-  segment per layer, each run once, the values crossing each cut cached for every batch).
+- `layerwise`: the same statistics with the layer-wise pipeline (`--pipeline sequential
+  --offload DIR`: one segment per layer, each run once, the values crossing each cut cached for
+  every batch, each layer's statistics written to DIR and memory-mapped back when done).
 
 Reported per phase: wall time, peak RSS during the phase, and the RSS before it (the resident
 model); plus the parts of issue 16's memory bound computed from the model (one layer's weights,
@@ -34,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -119,13 +121,16 @@ def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int) -
                     module(ids, mask)
             out["seconds"] = time.perf_counter() - start
     elif phase in ("basic", "layerwise"):
-        pipeline = LayerByLayer() if phase == "layerwise" else None
-        session = Session(ep, branches, progress=False, pipeline=pipeline)
-        with PeakRSS() as mem:
-            start = time.perf_counter()
-            stats = session.calibrate(batches, desc=None)
-            out["seconds"] = time.perf_counter() - start
-        out["stats_bytes"] = stats_nbytes(stats)
+        with tempfile.TemporaryDirectory() as scratch:
+            # layer-wise as meant for big models: each layer's statistics offloaded to disk when done
+            pipeline = LayerByLayer(offload=scratch) if phase == "layerwise" else None
+            session = Session(ep, branches, progress=False, pipeline=pipeline)
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                stats = session.calibrate(batches, desc=None)
+                out["seconds"] = time.perf_counter() - start
+            out["stats_bytes"] = stats_nbytes(stats)
+            del stats, session
     else:  # equal: layer-wise vs basic statistics on two batches
         few = batches[:2]
         basic = Session(ep, branches, progress=False).calibrate(few, desc=None)
