@@ -70,3 +70,16 @@ def test_every_method_option_has_one_compress_flag():
     flags = set(vars(args))
     assert option_names() - {"holdout"} <= flags  # holdout is the calibration's --holdout
     assert method_options_from_args(args) == {}  # nothing set, nothing passed
+
+
+def test_hybrid_levels_are_fractions_or_a_one_line_usage_error(tmp_path, capsys):
+    from subfit_fx.cli import build_parser, main
+
+    base = ["compress", "builtin:llama", "--calib", "t", "--method", "hybrid"]
+    args = build_parser().parse_args([*base, "--out", "o", "--levels", "0.2,0.4"])
+    assert args.levels == (0.2, 0.4)
+    for bad in ("0.5,abc", "0.5,1.5", ""):
+        assert main([*base, "--out", str(tmp_path / "o"), "--levels", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--levels" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
