@@ -339,9 +339,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--levels", type=fractions,
                    help="hybrid --strategy joint: fractions of an FFN's channel blocks each judged slimming drops "
                         "(default 0.25,0.5,0.75; counts in between are interpolated)")
-    p.add_argument("--standardize", action="store_true", default=None,
-                   help="saap / hybrid: rank channel blocks by their z-score within each layer (FLAP's adaptive "
-                        "structure; flap's default)")
+    p.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
+                   help="saap / hybrid / flap: one global ranking of raw block scores instead of scores "
+                        "standardized within each layer (FLAP's adaptive structure, the default)")
     p.add_argument("--share", type=float,
                    help="hybrid --strategy share: fraction of the budget SubFit's replacements take (0.5)")
     p.add_argument("--eval-batches", type=positive_int, help="BlockPruner: batches judging each removal (default all)")

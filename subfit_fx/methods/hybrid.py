@@ -65,7 +65,7 @@ class HybridOptions:
     compensation: str = "refit"
     fluctuation: bool = True
     max_layer_ratio: float = 0.75
-    standardize: bool = False
+    standardize: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in ("joint", "share"):
