@@ -46,7 +46,14 @@ from subfit_fx.methods.saap import (
     slim_replacements,
     slimming_of,
 )
-from subfit_fx.methods.subfit import SubfitOptions, _alternatives, _Fitter, _shortlist, judge_split, subfit
+from subfit_fx.methods.subfit import (
+    BypassFitter,
+    SubfitOptions,
+    candidate_forms,
+    judge_split,
+    shortlist_branches,
+    subfit,
+)
 from subfit_fx.recipe import Recipe, branch_records, recipe_from_fits
 from subfit_fx.selection import BUDGET_TOLERANCE, Candidate, select_jointly, sparsity_of
 
@@ -154,9 +161,9 @@ class _Options:
         self.ctx, self.sub, self.saap = ctx, sub, opts.saap()
         session = ctx.session
         stats = session.calibrate(batches, inputs=(sub.bypass_input,), desc="calibrate")
-        self.fitter = _Fitter(ctx, sub)
+        self.fitter = BypassFitter(ctx, sub)
         fits = self.fitter.fits(stats, [b.label for b in ctx.branches if b.kind == "ffn"])
-        self.alts = _alternatives(ctx, dataclasses.replace(sub, forms="fit-or-remove"), fits, stats)
+        self.alts = candidate_forms(ctx, dataclasses.replace(sub, forms="fit-or-remove"), fits, stats)
         sites = session.channel_sites
         self.inner = session.inner_stats(batches, list(sites), gram=True) if sites else {}
         scores = block_scores(ctx, self.saap, list(sites), self.inner) if sites else {}
@@ -270,7 +277,7 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
         labels = [b.label for b in ctx.branches if b.label not in chosen]
         if r > 0:
             stale = [space.candidate(lb, o, d) for (lb, o), d in damage.items() if lb not in chosen]
-            keep = _shortlist(stale, (step - reached) * ctx.block_params, sub.shortlist)
+            keep = shortlist_branches(stale, (step - reached) * ctx.block_params, sub.shortlist)
             labels = [label for label in labels if label in keep]
         base = judge()
         fresh: dict[tuple[str, str], float] = {}

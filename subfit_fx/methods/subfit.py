@@ -31,7 +31,7 @@ from subfit_fx.scores import SCORES
 from subfit_fx.selection import Candidate, repair_overshoot, select, sparsity_of
 from subfit_fx.stats import BranchStats
 
-__all__ = ["SubfitOptions", "judge_split", "subfit"]
+__all__ = ["BypassFitter", "SubfitOptions", "candidate_forms", "judge_split", "shortlist_branches", "subfit"]
 
 SCORE_CHOICES = (*SCORES, "holdout")
 # Forms that compete with the default bypass (low-rank attention / shared-basis FFN) per branch.
@@ -95,8 +95,13 @@ class SubfitOptions:
                              "calibration sequences)")
 
 
-class _Fitter:
-    """Candidate bypass fits for every branch, from one set of statistics."""
+class BypassFitter:
+    """SubFit's bypass fits for every branch from one set of statistics: low-rank attention, FFNs
+    on a shared basis fitted on the FFNs given (policies that build on SubFit's forms use it too).
+
+    Example:
+        >>> fits = BypassFitter(ctx, SubfitOptions()).fits(stats, ffn_labels)  # doctest: +SKIP
+    """
 
     def __init__(self, ctx: PolicyContext, opts: SubfitOptions) -> None:
         self.ctx, self.opts = ctx, opts
@@ -123,7 +128,7 @@ class _Fitter:
         return self.width * min(self.basis_size, self.width)
 
 
-def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: _Fitter, chosen: list[str],
+def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: BypassFitter, chosen: list[str],
                       fits: dict[str, Fit]) -> dict[str, Fit]:
     """Refit chosen bypasses in depth order on inputs from the compressed model, with the dense
     stream as target: t = (x + y)_dense - x~, so each bypass also repairs upstream drift."""
@@ -149,10 +154,17 @@ def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: _Fitter, 
     return refit
 
 
-def _alternatives(ctx: PolicyContext, opts: SubfitOptions, fits: dict[str, Fit],
-                  stats: dict[str, BranchStats]) -> dict[str, dict[str, Fit]]:
-    """Candidate forms per branch: the fitted bypass, and with forms='auto' also plain removal and
-    a full-rank linear map (METHOD.md: per branch, the form that does best on held-out data)."""
+def candidate_forms(ctx: PolicyContext, opts: SubfitOptions, fits: dict[str, Fit],
+                    stats: dict[str, BranchStats]) -> dict[str, dict[str, Fit]]:
+    """Candidate forms per branch: the fitted bypass, with forms='fit-or-remove' also plain
+    removal, with 'auto' also a full-rank linear map (METHOD.md: per branch, the form that does
+    best on held-out data).
+
+    Example:
+        >>> forms = candidate_forms(ctx, SubfitOptions(forms="auto"), fits, stats)  # doctest: +SKIP
+        >>> forms["model.layers.3.mlp"].keys()  # doctest: +SKIP
+        dict_keys(['fit', 'remove', 'linear'])
+    """
     out = {label: {"fit": fit} for label, fit in fits.items()}
     for label in fits:
         for form in FORMS[opts.forms]:
@@ -187,7 +199,7 @@ def subfit(ctx: PolicyContext) -> Recipe:
 def _subfit_statistics(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     """One-shot SubFit (judge="statistics"): score, select greedily, fit; optional re-scoring."""
     session = ctx.session
-    fitter = _Fitter(ctx, opts)
+    fitter = BypassFitter(ctx, opts)
     all_ffn = [b.label for b in ctx.branches if b.kind == "ffn"]
     stats = session.calibrate(ctx.batches, inputs=(opts.bypass_input,), desc="calibrate")
     dense_stats = dict(stats)
@@ -207,7 +219,7 @@ def _subfit_statistics(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
             return out
 
     def score_all(labels: list[str], fits: dict[str, Fit]) -> dict[Choice, float]:
-        alts = _alternatives(ctx, opts, {label: fits[label] for label in labels}, stats)
+        alts = candidate_forms(ctx, opts, {label: fits[label] for label in labels}, stats)
         flat = {Choice(label, form): fit for label, forms in alts.items() for form, fit in forms.items()}
         for label in labels:
             for name, fn in SCORES.items():
@@ -286,9 +298,15 @@ def _judged_candidates(ctx: PolicyContext, opts: SubfitOptions, alts: dict[str, 
     return out
 
 
-def _shortlist(pool: list[Candidate], need: float, multiple: float, minimum: int = 4) -> set[str]:
+def shortlist_branches(pool: list[Candidate], need: float, multiple: float, minimum: int = 4) -> set[str]:
     """Branches to re-judge: the best by (stale) damage per parameter saved, until they save
-    `multiple` x `need` parameters (at least `minimum` branches)."""
+    `multiple` x `need` parameters (at least `minimum` branches).
+
+    Example:
+        >>> pool = [Candidate("a", 0.1, 10, 0), Candidate("b", 0.5, 10, 0), Candidate("c", 0.2, 10, 0)]
+        >>> sorted(shortlist_branches(pool, 10, 1.0, minimum=2))
+        ['a', 'c']
+    """
     best: dict[str, Candidate] = {}
     for c in sorted(pool, key=lambda c: (c.score / max(c.saved, 1), c.label)):
         best.setdefault(c.key, c)
@@ -386,11 +404,11 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     batches, held = judge_split(ctx, opts.judge_sequences)
     held_ids = held[0][0]
     forms = FORMS[opts.forms] if opts.forms != "fit" else FORMS["fit-or-remove"]
-    fitter = _Fitter(ctx, opts)
+    fitter = BypassFitter(ctx, opts)
     all_ffn = [b.label for b in ctx.branches if b.kind == "ffn"]
     stats = session.calibrate(batches, inputs=(opts.bypass_input,), desc="calibrate")
     fits = fitter.fits(stats, all_ffn)
-    alts = _alternatives(ctx, SubfitOptions(**{**asdict(opts), "forms": "auto" if "linear" in forms
+    alts = candidate_forms(ctx, SubfitOptions(**{**asdict(opts), "forms": "auto" if "linear" in forms
                                                else "fit-or-remove"}), fits, stats)
     for label, fit in fits.items():
         for name, fn in SCORES.items():
@@ -412,7 +430,7 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
         labels = [b.label for b in ctx.branches if b.label not in chosen]
         if r > 0:
             need = (step_target - reached) * ctx.block_params
-            keep = _shortlist([c for c in stale if c.key not in chosen], need, opts.shortlist)
+            keep = shortlist_branches([c for c in stale if c.key not in chosen], need, opts.shortlist)
             labels = [label for label in labels if label in keep]
         base = judge()
         fresh: dict[tuple[str, str], float] = {}
