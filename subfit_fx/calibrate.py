@@ -183,9 +183,7 @@ class Session:
 
     def execution_order(self) -> list[str]:
         """Branch labels in the order the graph runs their probes."""
-        owner = {id(probe): label for label, probe in self._probes.items()}
-        calls = (id(self._module.get_submodule(n.target)) for n in self._module.graph.nodes if n.op == "call_module")
-        return [owner[i] for i in calls if i in owner]
+        return list(self._probe_nodes())  # graph order
 
     # -- replacements ---------------------------------------------------------------------
 
@@ -529,7 +527,7 @@ class ResumableForward:
         if self._version != self.session.graph_version:
             self._split()
         self._saved = []
-        outs, seen, new_bytes = [], set(), [0] * len(self.order)
+        outs, seen, total = [], set(), 0
         for batch in self.batches:
             values, saved = initial_values(self.session._module, batch), {}
             self.session._context.set_batch(batch[1])
@@ -539,12 +537,11 @@ class ResumableForward:
                     for t in values.values():  # bytes each point adds (shared tables count once)
                         if isinstance(t, torch.Tensor) and id(t) not in seen:
                             seen.add(id(t))
-                            new_bytes[k] += t.numel() * t.element_size()
+                            total += t.numel() * t.element_size()
                 run_segment(segment, values)
             run_segment(self._segments[-1], values)
             self._saved.append(saved)
             outs.append(graph_output(self.session._module, values))
-        total = sum(new_bytes)
         if total > self.max_bytes and self.every == 1:
             self.every = -(-total // self.max_bytes)
             self._saved = [{k: v for k, v in saved.items() if k % self.every == 0} for saved in self._saved]
