@@ -31,7 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BranchBypass", "LayerBypass", "StoredLinear", "SubfitMixin", "install_replacements"]
+__all__ = ["BranchBypass", "LayerBypass", "StoredLinear", "SubfitMixin", "install_replacements", "narrow_heads"]
+
+# Head counts some attention modules read in forward (OPT views by `num_heads`); most use -1.
+HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "num_key_value_heads", "all_head_size")
 
 
 def _chain(store: nn.ParameterDict, layers: list[list[str | None]], x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +105,20 @@ class StoredLinear(nn.Module):
         return _chain(self._store[0], [[self.weight_key, self.bias_key]], x)
 
 
+def narrow_heads(module: nn.Module, groups: int, kept: int) -> None:
+    """Scale the head-count attributes of an attention `module` from `groups` key/value groups to
+    `kept` of them (its projections are narrowed separately).
+
+    Example:
+        >>> m = nn.Module(); m.num_heads = 8; narrow_heads(m, 4, 1); m.num_heads
+        2
+    """
+    for name in HEAD_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value % groups == 0:
+            setattr(module, name, value // groups * kept)
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -119,6 +136,8 @@ def install_replacements(model: nn.Module, spec: dict[str, Any]) -> None:
         if r["type"] == "slim":
             for path, (w_key, b_key) in zip(r["modules"], r["layers"], strict=True):
                 _set_module(model, path, StoredLinear(store, w_key, b_key))
+            if r.get("heads"):  # [attention module, key/value groups, kept groups]
+                narrow_heads(model.get_submodule(r["heads"][0]), r["heads"][1], r["heads"][2])
         elif r["type"] == "branch":
             _set_module(model, r["entry"], BranchBypass(store, r["layers"], r["tuple_output"], r["cache_layer"]))
         else:

@@ -119,6 +119,14 @@ def render_page(title: str, sections: list[tuple[str, str]]) -> str:
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
+def _selection_cell(branch: dict[str, Any]) -> str:
+    if "kept_ratio" in branch:  # width-pruned: how much of it is left
+        return f'<td style="background:#ffcc80;text-align:center">slimmed to {branch["kept_ratio"]:.0%}</td>'
+    replaced = branch["replaced"]
+    return (f'<td style="background:{"#ff3b30" if replaced else "#e7f7ea"};text-align:center">'
+            f'{"replaced" if replaced else "kept"}</td>')
+
+
 def render_html(report: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
     """The report page for a report.json dict; `extras` maps titles to eval/bench JSON.
 
@@ -136,12 +144,11 @@ def render_html(report: dict[str, Any], extras: dict[str, Any] | None = None) ->
     layers = sorted({b["layer"] for b in branches})
     cell = {(b["layer"], b["kind"]): b for b in branches}
     sel_rows = "".join(
-        f"<tr><td>{layer}</td>" + "".join(
-            f'<td style="background:{"#ff3b30" if cell[(layer, k)]["replaced"] else "#e7f7ea"};text-align:center">'
-            f'{"replaced" if cell[(layer, k)]["replaced"] else "kept"}</td>' if (layer, k) in cell else "<td>-</td>"
-            for k in ("attention", "ffn")) + "</tr>" for layer in layers)
+        f"<tr><td>{layer}</td>" + "".join(_selection_cell(cell[(layer, k)]) if (layer, k) in cell else "<td>-</td>"
+                                          for k in ("attention", "ffn")) + "</tr>" for layer in layers)
     fits = [{"label": b["label"], "kind": b["kind"], "layer": b["layer"], "form": b.get("form", ""),
              "branch params": b["params"], "bypass params": b.get("fit", {}).get("params", 0),
+             "kept (slimmed)": f"{b['kept_ratio']:.0%}" if "kept_ratio" in b else "",
              "relative fit error": b.get("scores", {}).get("fit_error_relative", float("nan"))}
             for b in branches if b["replaced"]]
     parts = [
@@ -159,7 +166,8 @@ def render_html(report: dict[str, Any], extras: dict[str, Any] | None = None) ->
             {"quantity": "replaced branches", "value": len(r["replaced"])},
         ], ["quantity", "value"]),
         "<h2>Fit errors of replaced branches</h2>",
-        html_table(fits, ["label", "kind", "layer", "form", "branch params", "bypass params", "relative fit error"])
+        html_table(fits, ["label", "kind", "layer", "form", "branch params", "bypass params", "kept (slimmed)",
+                          "relative fit error"])
         if fits else "<p>Nothing replaced.</p>",
     ]
     for title, data in (extras or {}).items():

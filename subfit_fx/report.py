@@ -38,14 +38,16 @@ class Report:
         return asdict(self)
 
     def selection_map(self) -> str:
-        """Layers x {attention, ffn}: '#' replaced, '.' kept (shows the non-contiguous pattern).
+        """Layers x {attention, ffn}: '#' replaced, 's' slimmed (width-pruned), '.' kept (shows the
+        non-contiguous pattern).
 
         Example:
             >>> Report("m", 0.1, branches=[{"layer": 0, "kind": "ffn", "replaced": True}]).selection_map()
             'layer  attn ffn\\n    0     -   #'
         """
         layers = sorted({b["layer"] for b in self.branches})
-        cell = {(b["layer"], b["kind"]): "#" if b["replaced"] else "." for b in self.branches}
+        cell = {(b["layer"], b["kind"]): ("s" if b.get("form") == "slim" else "#") if b["replaced"] else "."
+                for b in self.branches}
         rows = ["layer  attn ffn"]
         rows += [f"{layer:5d}  {cell.get((layer, 'attention'), '-'):>4} {cell.get((layer, 'ffn'), '-'):>3}"
                  for layer in layers]
@@ -59,9 +61,9 @@ class Report:
             f"- sparsity over all parameters: {self.sparsity_all_params:.2%}",
             f"- parameters: {self.params_before:,} -> {self.params_after:,} (bypasses add {self.bypass_params:,})",
             f"- linear FLOPs per token: {self.flops_per_token_before:,} -> {self.flops_per_token_after:,}",
-            f"- KV cache kept: {self.kv_fraction_kept:.2%} of attention layers",
+            f"- KV cache kept: {self.kv_fraction_kept:.2%} (key/value heads over all attention layers)",
             f"- replaced ({len(self.replaced)}): {', '.join(self.replaced) or 'none'}", "",
-            "## Selection map (# replaced)", "", "```", self.selection_map(), "```", "",
+            "## Selection map (# replaced, s slimmed)", "", "```", self.selection_map(), "```", "",
             "## Branches", "",
         ]
         names = sorted({k for b in self.branches for k in b.get("scores", {})})
@@ -90,14 +92,16 @@ def build_report(method: str, target: float, recipe: Any, branches: list[Any], b
     bypass = recipe.bypass_params() + recipe.kept_params(branches)
     removed_branch_params = sum(b.params for b in branches if b.label in replaced)
     attention = [b for b in branches if b.kind == "attention"]
-    kept_attention = [b for b in attention if b.label not in replaced]
+    # a replaced attention has no cache; a slimmed one keeps its kept key/value groups
+    kv_kept = sum(1.0 if b.label not in replaced else
+                  infos[b.label].get("kept_groups", 0) / infos[b.label].get("groups", 1) for b in attention)
     linear_before = 2 * params_before
     report = Report(
         method=method, sparsity_target=target,
         sparsity_actual=(removed_branch_params - bypass) / block_params,
         sparsity_all_params=(params_before - params_after) / params_before,
         replaced=[b.label for b in branches if b.label in replaced],
-        kv_fraction_kept=len(kept_attention) / len(attention) if attention else 1.0,
+        kv_fraction_kept=kv_kept / len(attention) if attention else 1.0,
         params_before=params_before, params_after=params_after, block_params=block_params,
         bypass_params=bypass,
         # 2 FLOPs per weight per token for the matmuls (embedding lookups excluded would be finer;
@@ -111,5 +115,7 @@ def build_report(method: str, target: float, recipe: Any, branches: list[Any], b
         if b.label in replaced:
             entry["form"] = forms[b.label]
             entry["fit"] = infos[b.label]
+            if forms[b.label] == "slim":  # the fraction of inner channels (or key/value groups) kept
+                entry["kept_ratio"] = len(infos[b.label]["kept"]) / infos[b.label]["channels"]
         report.branches.append(entry)
     return report

@@ -104,10 +104,9 @@ class _Builder:
         with self.graph.inserting_before(before):
             node = self.graph.call_function(target, args, kwargs)
         if self.fake_mode is not None:
-            def val(a: object) -> object:
-                return a.meta["val"] if isinstance(a, fx.Node) else a
+            vals = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])  # nested lists too (view sizes)
             with self.fake_mode:
-                node.meta["val"] = target(*(val(a) for a in args), **{k: val(v) for k, v in kwargs.items()})
+                node.meta["val"] = target(*vals[0], **vals[1])
         node.meta["nn_module_stack"] = {}
         return node
 
@@ -207,6 +206,18 @@ def _replace_span(builder: _Builder, r: Replacement, first: Branch, last: Branch
     builder.replaced[end] = new
 
 
+_SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+
+
+def _narrowed(sizes: list, axis: int, groups: int, kept: int, label: str) -> list:
+    size = sizes[axis]
+    if isinstance(size, int) and size != -1:
+        sizes[axis] = size // groups * kept
+    elif size != -1:
+        raise RecipeMismatchError(f"cannot narrow the heads of '{label}': a symbolic size sits on the head axis")
+    return sizes
+
+
 def _replace_slim(builder: _Builder, r: Replacement, site: ChannelSite | None, nodes: dict[str, fx.Node]) -> None:
     """Narrow one branch: new producers with the kept rows, the channel-wise ops copied onto them,
     a new last matmul; the old ones (and their weights) die with dead-code elimination."""
@@ -221,9 +232,13 @@ def _replace_slim(builder: _Builder, r: Replacement, site: ChannelSite | None, n
         old = nodes[name]
         args = (old.args[0], builder.param(w_key, dtype)) + ((builder.param(b_key, dtype),) if b_key else ())
         new[old] = builder._call(aten.linear.default, args, last)
-    for name in site.chain:
+    # attention: the head axis of each view / reshape / expand literal shrinks to the kept groups
+    kept = builder.recipe.tensors[r.producers[0][0]].shape[0] // site.producer_unit[0] if site.heads else 0
+    for i, name in enumerate(site.chain):
         old = nodes[name]
-        args = tuple(new.get(a, a) if isinstance(a, fx.Node) else a for a in old.args)
+        args = fx.node.map_arg(old.args, lambda a: new.get(a, a))  # nested too: cat's list
+        if site.heads and old.target in _SIZED:
+            args = (args[0], _narrowed(list(args[1]), site.heads[i], site.units, kept, r.labels[0]), *args[2:])
         new[old] = builder._call(old.target, args, last, old.kwargs)
     (w_key, b_key), = r.layers
     h = new[nodes[site.inner]]

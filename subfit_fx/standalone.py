@@ -184,8 +184,11 @@ class _Plan:
         if len(modules) != len(pairs) or not linear:
             raise ValueError(f"width-pruned branch '{r.labels[0]}' does not map onto linear modules")
         self.swapped += modules
-        self.replacements.append({"type": "slim", "modules": modules,
-                                  "layers": [[store_name(w), store_name(b) if b else None] for w, b in pairs]})
+        entry = {"type": "slim", "modules": modules,
+                 "layers": [[store_name(w), store_name(b) if b else None] for w, b in pairs]}
+        if r.info.get("kind") == "attention":
+            entry["heads"] = [modules[0].rpartition(".")[0], r.info["groups"], r.info["kept_groups"]]
+        self.replacements.append(entry)
 
     def span(self, r: Any) -> None:
         layers = list(dict.fromkeys(_layer_path(label) for label in r.labels))

@@ -48,3 +48,13 @@ def test_report_renders_in_headless_chromium(saved, tmp_path):
     proc = subprocess.run([str(script), str(saved / "report.html"), str(tmp_path / "shot.png")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and (tmp_path / "shot.png").stat().st_size > 10_000
+
+
+def test_slimmed_branches_show_how_much_is_kept():
+    from subfit_fx.html_report import render_html
+
+    branches = [{"label": "l.0.attn", "kind": "attention", "layer": 0, "params": 10, "replaced": True,
+                 "form": "slim", "kept_ratio": 2 / 3, "fit": {}},
+                {"label": "l.0.ffn", "kind": "ffn", "layer": 0, "params": 10, "replaced": False}]
+    page = render_html({"method": "saap", "sparsity_target": 0.25, "branches": branches})
+    assert "slimmed to 67%" in page and "kept" in page

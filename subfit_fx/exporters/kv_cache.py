@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from subfit_fx.capture import is_causal_lm
+from subfit_fx.eager import slim_modules
 from subfit_fx.errors import CaptureError, InputError, RecipeMismatchError
 from subfit_fx.exporters.artifacts import model_bytes, save_model, set_metadata, staged_output
 from subfit_fx.exporters.onnx_export import BATCH, OPSET, SEQUENCE, ExportError, ExportResult, check_opset, to_onnx
@@ -225,8 +226,12 @@ def cache_program(model_or_compressed: Any, recipe: Any = None) -> CacheCapture:
                          "inputs); pass the model or the result of subfit_fx.compress()")
     recipe = recipe if recipe is not None else src.recipe
     removed = removed_attention_layers(recipe)
-    layers = len(cache_shapes(src.model))
-    cap = capture_with_cache(src.model, [j for j in range(layers) if j not in removed])
+    model = src.model
+    if recipe is not None:
+        # narrowed key/value groups change the shape of the layer's cache: narrow before capturing
+        model, recipe = slim_modules(model, recipe, kinds=("attention",))
+    layers = len(cache_shapes(model))
+    cap = capture_with_cache(model, [j for j in range(layers) if j not in removed])
     if recipe is not None:
         from subfit_fx.branches import find_branches
         from subfit_fx.rewrite import apply_recipe

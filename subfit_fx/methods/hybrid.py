@@ -45,6 +45,7 @@ from subfit_fx.methods.saap import (
     plan_slimming,
     slim_replacements,
     slimming_of,
+    width_sites,
 )
 from subfit_fx.methods.subfit import (
     BypassFitter,
@@ -73,6 +74,7 @@ class HybridOptions:
     fluctuation: bool = True
     max_layer_ratio: float = 0.75
     standardize: bool = True
+    heads: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in ("joint", "share"):
@@ -93,7 +95,7 @@ class HybridOptions:
         """
         return SaapOptions(block=self.block, importance=self.importance, compensation=self.compensation,
                            fluctuation=self.fluctuation, max_layer_ratio=self.max_layer_ratio,
-                           standardize=self.standardize)
+                           standardize=self.standardize, heads=self.heads)
 
 
 def set_recipe_replacements(ctx: PolicyContext, recipe: Recipe) -> None:
@@ -139,7 +141,7 @@ def _share(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     ctx.session.clear_replacements()
     set_recipe_replacements(ctx, first)
     replaced = set(first.replaced_labels())
-    labels = [label for label in ctx.session.channel_sites if label not in replaced]
+    labels = [label for label in width_sites(ctx, opts.saap()) if label not in replaced]
     rest = budget - saved_params(ctx, first) if first.replacements else budget
     slimmings, saved = plan_slimming(ctx, opts.saap(), max(rest, 0), labels)
     ctx.session.clear_replacements()
@@ -164,7 +166,7 @@ class _Options:
         self.fitter = BypassFitter(ctx, sub)
         fits = self.fitter.fits(stats, [b.label for b in ctx.branches if b.kind == "ffn"])
         self.alts = candidate_forms(ctx, dataclasses.replace(sub, forms="fit-or-remove"), fits, stats)
-        sites = session.channel_sites
+        sites = width_sites(ctx, self.saap)
         self.inner = session.inner_stats(batches, list(sites), gram=True) if sites else {}
         scores = block_scores(ctx, self.saap, list(sites), self.inner) if sites else {}
         self.kept: dict[str, dict[str, torch.Tensor]] = {}  # every slimming count's kept channels
@@ -184,7 +186,7 @@ class _Options:
                 kept = kept_channels(sc, ranked[:count], site.channels)
                 name = f"slim:{count}/{len(sc.blocks)}"
                 self.kept.setdefault(label, {})[name] = kept
-                self.slim_saved.setdefault(label, {})[name] = (site.channels - len(kept)) * sc.cost - new_bias
+                self.slim_saved.setdefault(label, {})[name] = round((site.channels - len(kept)) * sc.cost) - new_bias
         self._maps: dict[tuple[str, str], object] = {}
 
     def judged(self, label: str) -> list[str]:

@@ -43,7 +43,7 @@ from subfit_fx.recipe import Recipe, Replacement, branch_records
 from subfit_fx.stats import InnerStats
 
 __all__ = ["IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores", "flap",
-           "inner_map", "kept_channels", "plan_slimming", "saap", "slim_replacements", "slimming_of"]
+           "inner_map", "kept_channels", "plan_slimming", "saap", "slim_replacements", "slimming_of", "width_sites"]
 
 IMPORTANCES = ("fused", "vector", "element")
 COMPENSATIONS = ("refit", "bias", "none")
@@ -63,6 +63,9 @@ class SaapOptions:
     # alone took saap from 2.32x to 1.88x perplexity (docs/width.md); a per-layer factor such as
     # the fluctuation protection cancels in the z-score, so it only acts without standardization
     standardize: bool = True
+    # attention too, in whole key/value groups (their KV cache goes with them); FFN channels only
+    # when False
+    heads: bool = False
 
     def __post_init__(self) -> None:
         if self.block < 1:
@@ -191,7 +194,7 @@ class BlockScores:
     label: str
     blocks: list[torch.Tensor]  # channel indices per block
     score: torch.Tensor  # per block: importance (squared output units), or its within-layer z-score
-    cost: int  # parameters one channel costs (producer rows + a column of the last matmul)
+    cost: float  # parameters one channel costs (producer rows + a column of the last matmul; a mean for heads)
     standardized: bool = False
 
     def ranked(self) -> list[int]:
@@ -220,7 +223,7 @@ def block_scores(ctx: PolicyContext, opts: SaapOptions, labels: list[str],
     for label in labels:
         site, s = sites[label], stats[label]
         weight = state[site.last_weight]
-        blocks[label] = _blocks(site.channels, opts.block)
+        blocks[label] = _blocks(site.channels, site.unit if site.kind == "attention" else opts.block)
         imp_el[label] = block_importance(weight, s, blocks[label], "element")
         imp_vec[label] = block_importance(weight, s, blocks[label], "vector")
         width_in = state[site.producers[0][0]].shape[1]
@@ -246,6 +249,18 @@ def block_scores(ctx: PolicyContext, opts: SaapOptions, labels: list[str],
     return out
 
 
+def width_sites(ctx: PolicyContext, opts: SaapOptions) -> dict[str, ChannelSite]:
+    """The channel sites width pruning under `opts` may slim: FFN branches, and attention branches
+    (whole key/value groups) with `opts.heads`.
+
+    Example:
+        >>> sorted(width_sites(ctx, SaapOptions(heads=True)))[:1]  # doctest: +SKIP
+        ['model.layers.0.mlp']
+    """
+    kinds = ("ffn", "attention") if opts.heads else ("ffn",)
+    return {label: site for label, site in ctx.session.channel_sites.items() if site.kind in kinds}
+
+
 @torch.no_grad()
 def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: list[str] | None = None,
                   stats: dict[str, InnerStats] | None = None) -> tuple[list[Slimming], int]:
@@ -256,7 +271,7 @@ def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: li
     Example:
         >>> slimmings, saved = plan_slimming(ctx, SaapOptions(), 10_000)  # doctest: +SKIP
     """
-    sites = ctx.session.channel_sites
+    sites = width_sites(ctx, opts)
     labels = [label for label in (labels if labels is not None else list(sites)) if label in sites]
     if not labels:
         return [], 0
@@ -281,7 +296,7 @@ def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: li
             continue
         weight = state[site.last_weight]
         new_bias = site.last_bias is None and opts.compensation != "none" and not have
-        gain = len(blocks[label][i]) * scores[label].cost - (weight.shape[0] if new_bias else 0)
+        gain = round(len(blocks[label][i]) * scores[label].cost) - (weight.shape[0] if new_bias else 0)
         if saved + gain - budget > budget - saved:
             break  # stopping short lands nearer the budget than this unit would
         saved += gain
@@ -337,12 +352,12 @@ def slim_replacements(ctx: PolicyContext, slimmings: list[Slimming],
     for i, s in enumerate(slimmings):
         site = sites[s.label]
         producers = []
-        for j, (w_key, b_key) in enumerate(site.producers):
-            tensors[f"{prefix}{i}.p{j}.weight"] = state[w_key][s.kept].clone()
+        for j, ((w_key, b_key), rows) in enumerate(zip(site.producers, site.producer_rows(s.kept))):
+            tensors[f"{prefix}{i}.p{j}.weight"] = state[w_key][rows].clone()
             new_b = None
             if b_key:
                 new_b = f"{prefix}{i}.p{j}.bias"
-                tensors[new_b] = state[b_key][s.kept].clone()
+                tensors[new_b] = state[b_key][rows].clone()
             producers.append((f"{prefix}{i}.p{j}.weight", new_b))
         tensors[f"{prefix}{i}.out.weight"] = s.weight.contiguous()
         out_b = None
@@ -351,7 +366,10 @@ def slim_replacements(ctx: PolicyContext, slimmings: list[Slimming],
             tensors[out_b] = s.bias.contiguous()
         # module paths of the producers and the last matmul: transformers-side loading swaps these
         modules = [key.removeprefix("hf.").rsplit(".", 1)[0] for key, _ in (*site.producers, (site.last_weight, None))]
-        info = {"kept": [int(k) for k in s.kept], "channels": site.channels, "damage": s.damage, "modules": modules}
+        info = {"kept": [int(k) for k in s.kept], "channels": site.channels, "damage": s.damage, "modules": modules,
+                "kind": site.kind}
+        if site.kind == "attention":  # whole key/value groups: the cache of this layer shrinks too
+            info["groups"], info["kept_groups"] = site.units, len(s.kept) // site.unit
         replacements.append(Replacement((s.label,), "slim", "slim", "inner", [(f"{prefix}{i}.out.weight", out_b)],
                                         info, producers))
     return replacements, tensors
@@ -397,15 +415,15 @@ def saap(ctx: PolicyContext) -> Recipe:
 
 
 def _width_only(ctx: PolicyContext, opts: SaapOptions) -> Recipe:
-    if not ctx.session.channel_sites:
+    if not width_sites(ctx, opts):
         raise InputError("this model's FFN branches expose no prunable channels (fused or Conv1D projections); "
                          "use --method subfit")
     budget = round(ctx.target * ctx.block_params)
     slimmings, saved = plan_slimming(ctx, opts, budget)
     if saved < budget:
         ctx.notes.append(f"width pruning reached {saved / ctx.block_params:.2%} of block parameters: every FFN "
-                         f"channel block allowed by max_layer_ratio={opts.max_layer_ratio} is gone (attention heads "
-                         "are not pruned yet); use subfit or hybrid for more")
+                         f"channel block allowed by max_layer_ratio={opts.max_layer_ratio} is gone"
+                         f"{'' if opts.heads else ' (attention is pruned with --heads)'}; use subfit or hybrid")
     order = {b.label: i for i, b in enumerate(ctx.branches)}
     slimmings.sort(key=lambda s: order[s.label])
     replacements, tensors = slim_replacements(ctx, slimmings)

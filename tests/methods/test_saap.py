@@ -41,8 +41,9 @@ def test_inner_statistics_equal_the_last_matmuls_input(arch):
     mask = torch.ones_like(ids)
     mask[1, 20:] = 0  # padding is left out
     stats = session.inner_stats([(ids, mask)])
-    assert set(stats) == {b.label for b in session.branches if b.kind == "ffn"}
-    site = session.channel_sites[sorted(stats)[0]]
+    assert set(stats) == set(session.channel_sites)
+    assert {b.label for b in session.branches if b.kind == "ffn"} <= set(stats)
+    site = session.channel_sites[next(label for label in sorted(stats) if session.channel_sites[label].kind == "ffn")]
     seen = []
     module = model.get_submodule(site.last_weight.removeprefix("hf.").rsplit(".", 1)[0])
     handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
@@ -215,3 +216,46 @@ def test_a_slimming_judged_through_the_inner_input_equals_the_rewritten_model(co
     assert torch.allclose(judged, _logits(rewritten, ids), atol=1e-4)
     session.clear_replacements()
     assert not torch.allclose(session.forward(data[0]), judged, atol=1e-4)
+
+
+def test_heads_prune_whole_key_value_groups_and_the_kv_cache_shrinks(tmp_path):
+    """--heads: attention loses whole key/value groups; the directory loads in transformers and the
+    KV-cache ONNX has per-layer cache shapes with the kept groups (parity enforced inside)."""
+    import onnx
+
+    from subfit_fx.exporters.kv_cache import export_onnx_kv
+
+    model = _model("llama")  # 4 query heads in 2 key/value groups, head_dim 16
+    c = subfit_fx.compress(model, _calib(), 0.3, method="saap", heads=True, block=16, progress=False)
+    assert c.recipe.options["heads"] is True
+    assert abs(c.report.sparsity_actual - 0.3) < 0.03, c.report.notes
+    attention = {r.labels[0]: r for r in c.recipe.replacements if r.info["kind"] == "attention"}
+    assert attention, "no attention branch was slimmed"
+    for r in attention.values():
+        assert r.info["kept_groups"] < r.info["groups"] == 2 and len(r.info["kept"]) == 32 * r.info["kept_groups"]
+    kept_groups = [attention[f"model.layers.{j}.self_attn"].info["kept_groups"]
+                   if f"model.layers.{j}.self_attn" in attention else 2 for j in range(4)]
+    assert c.report.kv_fraction_kept == pytest.approx(sum(kept_groups) / 8)
+    slimmed = [b for b in c.report.branches if b.get("form") == "slim"]
+    assert all(0 < b["kept_ratio"] < 1 for b in slimmed) and "s" in c.report.selection_map()
+    out = c.save(tmp_path / "out")
+    ids = _calib()[:2]
+    hf = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, _logits(c.module(), ids), atol=1e-5)
+    kv = export_onnx_kv(c, tmp_path / "kv.onnx")
+    assert kv.parity is not None
+    heads = {i.name: i.type.tensor_type.shape.dim[1].dim_value
+             for i in onnx.load(tmp_path / "kv.onnx", load_external_data=False).graph.input}
+    for layer in range(4):
+        kept = attention[f"model.layers.{layer}.self_attn"].info["kept_groups"] \
+            if f"model.layers.{layer}.self_attn" in attention else 2
+        assert heads[f"past_key_values.{layer}.key"] == heads[f"past_key_values.{layer}.value"] == kept
+
+
+def test_joint_hybrid_with_heads_judges_attention_slimming():
+    model = _model("llama")
+    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", heads=True, block=16, progress=False)
+    assert abs(c.report.sparsity_actual - 0.3) <= 0.015, c.report.notes
+    judged = next(b["scores"] for b in c.report.branches if b["label"] == "model.layers.1.self_attn")
+    assert "judged_slim:1/2" in judged and {"judged_fit", "judged_remove"} <= set(judged)
