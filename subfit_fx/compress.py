@@ -108,6 +108,8 @@ class Compressed:
         self.base_model = base_model
         self._dense = dense
         self.source_dir: Path | None = None  # the directory `load` read, if any
+        # (dtype or None, device) `load` was asked to run the model in; the dense model follows
+        self.placement: tuple[torch.dtype | None, torch.device] | None = None
 
     def dense_model(self) -> torch.nn.Module | None:
         """The uncompressed base model: the one compressed in this process, else the recorded base
@@ -120,8 +122,9 @@ class Compressed:
         base = self.recipe.base_model
         if self._dense is None and base and (base.startswith("builtin:") or Path(base).exists()):
             model = resolve_model(base, dtype=self.recipe.options.get("dtype"))
-            if self.recipe.base_sha256 in (None, weights_sha256(model)):
-                self._dense = model
+            if self.recipe.base_sha256 in (None, weights_sha256(model)):  # checked as stored, then placed
+                self._dense = model if self.placement is None else model.to(device=self.placement[1],
+                                                                             dtype=self.placement[0])
         return self._dense
 
     def module(self) -> torch.nn.Module:
@@ -262,16 +265,23 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     return Compressed(program, recipe, report, module, dense=module)
 
 
-def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compressed:
+def load(directory: str | Path, model: torch.nn.Module | None = None, *, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None) -> Compressed:
     """Load a compressed directory without re-calibration: from its own weights when it is
     self-contained (what `save` writes), else by re-applying its recipe to its base model (or to
-    `model`, which is then also the dense model).
+    `model`, which is then also the dense model). `dtype` / `device` (as for `resolve_model`;
+    None: as stored, on the cpu) say where the loaded model runs: it is captured there.
 
     Example:
-        >>> c = load("out/llama-25")  # doctest: +SKIP
+        >>> c = load("out/llama-25", dtype="bfloat16", device="cpu")  # doctest: +SKIP
     """
+    from subfit_fx.devices import check_dtype_on_device, resolve_device, resolve_dtype
+
     directory = Path(directory)
     recipe = Recipe.load(directory)
+    place = resolve_dtype(dtype), resolve_device(device or "cpu")
+    if place[0] is not None:
+        check_dtype_on_device(place[0], place[1])
     dense = model
     if model is None and is_standalone(directory):
         model = load_base_skeleton(directory)
@@ -280,6 +290,8 @@ def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compres
             raise InputError(f"recipe in '{directory}' was made from an in-memory model; pass it: "
                              "load(dir, model=...)")
         model = dense = resolve_model(recipe.base_model, dtype=recipe.options.get("dtype"))
+    if dtype is not None or device is not None:
+        model = model.to(device=place[1], dtype=place[0])
     ep = capture(model)
     program = apply_recipe(ep, recipe)
     report_path = directory / "report.json"
@@ -291,4 +303,5 @@ def load(directory: str | Path, model: torch.nn.Module | None = None) -> Compres
         report = Report(method=recipe.method, sparsity_target=float(recipe.options.get("sparsity", 0.0)))
     compressed = Compressed(program, recipe, report, model, dense=dense)
     compressed.source_dir = directory
+    compressed.placement = place if (dtype is not None or device is not None) else None
     return compressed

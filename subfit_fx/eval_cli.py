@@ -47,6 +47,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from subfit_fx.capture import capture, is_causal_lm, max_positions
+    from subfit_fx.cli import model_loading
     from subfit_fx.compress import load
     from subfit_fx.data import load_tokenizer, read_text
     from subfit_fx.evaluation import evaluate
@@ -56,7 +57,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.text is not None:
             raise InputError("--text and --tasks run different evaluations (our protocol, lm-eval); run them one "
                              "at a time")
-        return run_lm_eval(args)
+        return run_lm_eval(args, model_loading(args))
     if args.text is None:
         raise InputError("nothing to evaluate on; pass --text FILE (perplexity and choice accuracy) or --tasks "
                          "T1,T2 (lm-evaluation-harness tasks)")
@@ -65,10 +66,12 @@ def run_eval(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} {value} must be at least 1")
     text = read_text(args.text)
+    loading = model_loading(args)  # a bad --device / --dtype fails before anything loads
     path = Path(args.model)
     dense = None
-    compressed = load(path) if path.is_dir() and (path / "recipe.json").is_file() else None
-    base = compressed.base_model if compressed is not None else resolve_model(args.model)
+    compressed = load(path, dtype=loading["dtype"], device=loading["device"]) \
+        if path.is_dir() and (path / "recipe.json").is_file() else None
+    base = compressed.base_model if compressed is not None else resolve_model(args.model, **loading)
     limit = max_positions(base)
     seq_len = args.seq_len or min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
     if seq_len < 2 or (limit is not None and seq_len > limit):
@@ -104,7 +107,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_lm_eval(args: argparse.Namespace) -> int:
+def run_lm_eval(args: argparse.Namespace, loading: dict[str, Any] | None = None) -> int:
     """`subfit-fx eval MODEL_OR_DIR --tasks T1,T2`: lm-eval tasks on the model (and its dense base);
     prints a table or JSON and writes the JSON (DIR/lm_eval.json for a compressed DIR, or --output).
 
@@ -135,7 +138,8 @@ def run_lm_eval(args: argparse.Namespace) -> int:
         check_output(out, force=True)  # results are replaced; the folder must exist and be writable
     result = evaluate_tasks(args.model, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                             include_path=args.include_path, dense=not args.no_dense, batch_size=args.batch_size,
-                            max_length=args.seq_len, progress=not args.json)
+                            max_length=args.seq_len, progress=not args.json,
+                            dtype=(loading or {}).get("dtype"), device=(loading or {}).get("device"))
     if out is not None:
         with atomic_file(out, force=True) as tmp:
             tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -174,9 +178,13 @@ def register(subparsers: argparse._SubParsersAction,
         >>> register(sub, commands); commands["eval"].__name__
         'run_eval'
     """
+    from subfit_fx.cli import add_model_flags
+
     p = subparsers.add_parser("eval", help="evaluate a dense or compressed model on a text (METHOD.md protocol) "
                                            "or on lm-evaluation-harness tasks (--tasks)")
-    p.add_argument("model", help="a Hugging Face model directory, builtin:ARCH, or a compressed directory")
+    p.add_argument("model", help="a Hugging Face model directory, a Hub id, a .gguf file, builtin:ARCH, or a "
+                                 "compressed directory")
+    add_model_flags(p)
     p.add_argument("--text", help="evaluation text file (UTF-8); never the calibration text")
     p.add_argument("--tasks", help="lm-eval tasks, comma-separated (e.g. arc_easy,hellaswag), instead of --text; "
                                    "needs pip install subfit-fx[eval]")

@@ -41,6 +41,18 @@ __all__ = [
 Module = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def device_of(module: Module) -> torch.device:
+    """Where `module`'s weights are (inputs go there); cpu for a plain function.
+
+    Example:
+        >>> device_of(torch.nn.Linear(2, 2)), device_of(lambda ids, mask: ids)
+        (device(type='cpu'), device(type='cpu'))
+    """
+    for tensor in (*getattr(module, "parameters", list)(), *getattr(module, "buffers", list)()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def _windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
     """Non-overlapping full windows (stride = window); a partial tail is dropped, as in
     `heldout_perplexity` of examples/training.py, so every window has the same context length (a text shorter
@@ -95,7 +107,9 @@ def perplexity_and_accuracy(module: Module, token_ids: torch.Tensor, seq_len: in
         raise InputError(f"the evaluation text has {ids.numel()} tokens; perplexity needs at least 2")
     groups = [torch.stack(c) for c in _chunks(windows, batch_size)]
     nll, correct, count = 0.0, 0, 0
+    device = device_of(module)
     for batch in tqdm(groups, desc="perplexity", leave=False, unit="batch", disable=not progress):
+        batch = batch.to(device)
         stats = next_token_loss(module(batch, torch.ones_like(batch)), batch)
         nll, correct, count = nll + stats[0], correct + stats[1], count + stats[2]
     return {"perplexity": math.exp(nll / count), "next_token_accuracy": correct / count, "tokens": count,
@@ -207,7 +221,7 @@ def _choices_correct(module: Module, tokenizer: Any, items: list[ChoiceItem], ma
     causal model's logits at real positions)."""
     rows = [_choice_rows(tokenizer, item, max_len) for item in items]
     ids, mask = _pad([whole for item_rows in rows for whole, _ in item_rows])
-    logits = module(ids, mask)
+    logits = module(ids.to(device_of(module)), mask.to(device_of(module))).cpu()
     out, k = [], 0
     for item, item_rows in zip(items, rows):
         scores = []
@@ -264,9 +278,9 @@ def passage_batches(tokenizer: Any, text: str, *, seq_len: int, n_items: int = 2
 
 @torch.no_grad()
 def _pooled(module: Module, batches: Sequence[Batch], desc: str, progress: bool) -> torch.Tensor:
-    out = []
+    out, device = [], device_of(module)
     for ids, mask in tqdm(batches, desc=desc, leave=False, unit="batch", disable=not progress):
-        hidden = module(ids, mask).double()
+        hidden = module(ids.to(device), mask.to(device)).double().cpu()
         weights = mask[..., None].double()
         out.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
     return torch.cat(out)

@@ -197,3 +197,27 @@ def test_text_without_distinct_distractors_is_a_clear_error_not_a_division_by_ze
     text = " ".join(["The same sentence comes again here."] * 40)  # no distractor differs from the truth
     with pytest.raises(subfit_fx.SubfitError, match="no continuation-choice items"):
         continuation_choice(llama_module, ByteTokenizer(128), text, n_items=5, progress=False)
+
+
+def test_eval_cli_runs_in_the_asked_dtype_and_device(eval_main, tmp_path, capsys):
+    """--dtype / --device: the compressed model and its dense base are loaded, captured and run
+    there (bfloat16 on the cpu here); a device this machine lacks is one line and exit 2."""
+    text = tmp_path / "eval.txt"
+    text.write_text(_text())
+    args = ["--text", str(text), "--seq-len", "32", "--max-tokens", "200", "--choice-items", "4", "--json"]
+    calib = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    subfit_fx.compress("builtin:llama", calib, 0.25, method="llm-drop", progress=False).save(tmp_path / "c")
+    assert eval_main(["eval", str(tmp_path / "c"), *args]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert eval_main(["eval", str(tmp_path / "c"), *args, "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert half["perplexity"] != full["perplexity"]  # really ran in bfloat16
+    assert half["perplexity"] == pytest.approx(full["perplexity"], rel=0.05)
+    assert half["perplexity_dense"] == pytest.approx(full["perplexity_dense"], rel=0.05)
+    loaded = subfit_fx.load(tmp_path / "c", dtype="bfloat16")
+    assert next(loaded.base_model.parameters()).dtype == torch.bfloat16
+    assert loaded.dense_model() is not None and next(loaded.dense_model().parameters()).dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert eval_main(["eval", str(tmp_path / "c"), *args, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "cuda" in err and err.count("\n") == 1

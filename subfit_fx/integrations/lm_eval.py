@@ -115,7 +115,8 @@ def _positive_int(value: Any, name: str, default: int) -> int:
     return number
 
 
-def open_model(spec: str | Path) -> tuple[Any, torch.nn.Module, Any]:
+def open_model(spec: str | Path, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None) -> tuple[Any, torch.nn.Module, Any]:
     """(Compressed or None, the Hugging Face model (for a compressed directory: its base architecture,
     see `Compressed.dense_model` for the dense one), its tokenizer) for MODEL_OR_DIR.
 
@@ -134,11 +135,11 @@ def open_model(spec: str | Path) -> tuple[Any, torch.nn.Module, Any]:
 
     path = Path(spec)
     if path.is_dir() and (path / "recipe.json").is_file():
-        compressed = load(path)
+        compressed = load(path, dtype=dtype, device=device)
         base = compressed.base_model
         source = str(path) if any(path.glob("tokenizer*")) else compressed.recipe.base_model
     else:
-        compressed, base, source = None, resolve_model(str(spec)), str(spec)
+        compressed, base, source = None, resolve_model(str(spec), dtype=dtype, device=device), str(spec)
     if not is_causal_lm(base):
         raise InputError(f"'{spec}' is an encoder ({type(base).__name__}); lm-eval tasks score text with a causal "
                          "LM: evaluate encoders with subfit-fx eval MODEL --text FILE")
@@ -458,7 +459,8 @@ def _summary(raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def evaluate_tasks(model: str | Path, tasks: Sequence[str], *, limit: int | None = None,
                    num_fewshot: int | None = None, include_path: Sequence[str | Path] | None = None,
                    dense: bool = True, batch_size: int = 8, max_length: int | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, dtype: str | torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> dict[str, Any]:
     """Run lm-eval `tasks` on MODEL_OR_DIR; a compressed directory runs with its dense base too
     (unless `dense=False`) and gets retention per metric.
 
@@ -478,10 +480,11 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[str], *, limit: int | None
     names = [t for t in tasks if t]
     if not names:
         raise InputError("no lm-eval task given; pass --tasks NAME[,NAME...], e.g. --tasks arc_easy,hellaswag")
-    compressed, base, tokenizer = open_model(model)
+    compressed, base, tokenizer = open_model(model, dtype=dtype, device=device)
     manager = _task_manager(names, include_path)
+    where = next(base.parameters()).device  # the models are captured there; the runs feed it inputs
     common = {"tokenizer": tokenizer, "config": base.config, "batch_size": batch_size, "max_length": max_length,
-              "progress": progress}
+              "progress": progress, "device": str(where)}
     runs = {}
     if compressed is not None:
         runs["compressed"] = SubfitLM(module=compressed.module(), **common)
