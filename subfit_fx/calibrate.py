@@ -514,6 +514,7 @@ class ResumableForward:
         self._saved: list[dict[int, dict[str, Any]]] = []  # per batch: segment index -> the values before it
         self._state: tuple | None = None  # replacements in place at the last forward_all
         self.every = 1  # restart points kept: every k-th branch
+        self.peak_bytes = 0  # most bytes of restart points held at once so far
 
     def _split(self) -> None:
         nodes = self.session._probe_nodes()
@@ -528,22 +529,33 @@ class ResumableForward:
             self._split()
         self._saved = []
         outs, seen, total = [], set(), 0
-        for batch in self.batches:
+        for b, batch in enumerate(self.batches):
             values, saved = initial_values(self.session._module, batch), {}
             self.session._context.set_batch(batch[1])
             for k, segment in enumerate(self._segments[:len(self.order)]):
                 if k % self.every == 0:
                     saved[k] = dict(values)
+                    added = 0
                     for t in values.values():  # bytes each point adds (shared tables count once)
                         if isinstance(t, torch.Tensor) and id(t) not in seen:
                             seen.add(id(t))
-                            total += t.numel() * t.element_size()
+                            added += t.numel() * t.element_size()
+                    total += added
+                    if b == 0 and k == 1 and self.every == 1:
+                        # the second point holds one stream: project the whole run and thin now,
+                        # before the points pile up past the cap
+                        projected = added * len(self.order) * len(self.batches)
+                        if projected > self.max_bytes:
+                            self.every = -(-projected // self.max_bytes)
+                            del saved[k]
+                            total -= added
+                    self.peak_bytes = max(self.peak_bytes, total)
                 run_segment(segment, values)
             run_segment(self._segments[-1], values)
             self._saved.append(saved)
             outs.append(graph_output(self.session._module, values))
-        if total > self.max_bytes and self.every == 1:
-            self.every = -(-total // self.max_bytes)
+        if total > self.max_bytes:  # the projection was short (streams of different sizes)
+            self.every *= -(-total // self.max_bytes)
             self._saved = [{k: v for k, v in saved.items() if k % self.every == 0} for saved in self._saved]
         self._state = self.session.replacements(self.order)
         return outs

@@ -80,9 +80,12 @@ def test_resumable_forward_keeps_fewer_restart_points_under_a_memory_cap():
     session = prepare(ep, progress=False)
     batch = inputs()
     order = session.execution_order()
-    run = ResumableForward(session, [batch], max_bytes=3 * 2 * 9 * 64 * 4)  # about 3 streams of (2, 9, 64)
+    stream = 2 * 9 * 64 * 4  # bytes of one (2, 9, 64) float32 stream
+    run = ResumableForward(session, [batch], max_bytes=3 * stream)
     run.forward_all()
     assert 1 < run.every < len(order)
+    # thinned as the first forward runs, not after: at most the cap plus the tables of the first point
+    assert run.peak_bytes <= 3 * stream + stream
     session.set_replacement(order[-1], REMOVE)
     (tail,) = run.forward_from(order[-1])  # restarts at the nearest kept point before it
     assert torch.equal(tail, session.forward(batch))
