@@ -224,20 +224,28 @@ def _pair(f: _Fields, pair: Any, shapes: dict[str, list[int]], field: str) -> tu
 
 
 def _check_slim(f: _Fields, r: dict, layers: list, shapes: dict[str, list[int]], width: int, where: str) -> None:
-    """A slim replacement: producers [kept, in] (+ [kept] biases), one last map [width, kept]."""
+    """A slim replacement: producers [kept, in] (+ [kept] biases), one last map [width, kept]. An
+    attention slim (info.kind "attention") keeps whole key/value groups: its key/value producers
+    have fewer rows than the query's, each a multiple of info.kept_groups."""
     producers = f.get(r, "producers", "list", where)
     if len(layers) != 1 or not producers:
         f.fail(f"{where}layers", "a slim replacement needs one output map and at least one producer")
+    info = r.get("info") if isinstance(r.get("info"), dict) else {}
+    groups = info.get("kept_groups") if info.get("kind") == "attention" else None
+    if groups is not None and (not isinstance(groups, int) or groups < 1):
+        f.fail(f"{where}info.kept_groups", f"is {groups!r}, expected a positive number of key/value groups")
     kept = None
     for j, pair in enumerate(producers):
         field = f"{where}producers.{j}"
         w_key, b_key = _pair(f, pair, shapes, field)
         shape = shapes[w_key]
         kept = shape[0] if kept is None else kept
-        if len(shape) != 2 or shape[0] != kept:
-            f.fail(f"tensors.{w_key}", f"is {shape}, expected a 2-D weight [{kept}, in] ({field})")
-        if b_key is not None and shapes[b_key] != [kept]:
-            f.fail(f"tensors.{b_key}", f"is {shapes[b_key]}, expected a 1-D bias [{kept}] ({field})")
+        rows = shape[0] if len(shape) == 2 else None
+        if rows is None or (rows != kept if groups is None else rows % groups):
+            want = f"[{kept}, in]" if groups is None else f"[a multiple of {groups} key/value groups, in]"
+            f.fail(f"tensors.{w_key}", f"is {shape}, expected a 2-D weight {want} ({field})")
+        if b_key is not None and shapes[b_key] != [rows]:
+            f.fail(f"tensors.{b_key}", f"is {shapes[b_key]}, expected a 1-D bias [{rows}] ({field})")
     _check_chain(f, layers, shapes, width, where, start=kept)
 
 

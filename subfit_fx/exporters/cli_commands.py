@@ -115,12 +115,17 @@ def finish_folder(src: Any, model_arg: Path, folder: Path, kv_cache: bool) -> No
     _write_folder_files(src, model_arg, folder)
     if not kv_cache:
         return
-    from subfit_fx.exporters.genai import renumber_cache, write_genai_config
+    from subfit_fx.exporters.genai import cache_heads, renumber_cache, write_genai_config
 
     cached = renumber_cache(folder / ONNX_IN_FOLDER)
     model = src.model
     generation = getattr(model, "generation_config", None)
-    if model is not None and write_genai_config(folder, model.config, cached, generation):
+    heads = cache_heads(folder / ONNX_IN_FOLDER)
+    if len(set(heads)) > 1:  # key/value groups pruned unevenly: genai_config.json has one head count
+        _say("  onnxruntime-genai: no genai_config.json (layers have different numbers of key/value heads, "
+             f"{min(heads)}-{max(heads)}; genai takes one); run the model with onnxruntime or optimum")
+    elif model is not None and write_genai_config(folder, model.config, cached, generation,
+                                                  kv_heads=heads[0] if heads else None):
         _say(f"  onnxruntime-genai: genai_config.json ({cached} cached layers)")
 
 

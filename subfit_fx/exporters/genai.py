@@ -57,9 +57,25 @@ def renumber_cache(path: Path) -> int:
     return len(layers)
 
 
-def write_genai_config(folder: Path, config: Any, cached_layers: int, generation: Any = None) -> bool:
+def cache_heads(path: Path) -> list[int]:
+    """Key/value heads of each cached layer of a KV-cache ONNX file (from its `past_key_values.*.key`
+    input shapes), in input order.
+
+    Example:
+        >>> cache_heads(Path("folder/model.onnx"))  # doctest: +SKIP
+        [3, 3, 2]
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    return [i.type.tensor_type.shape.dim[1].dim_value for i in model.graph.input
+            if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+
+
+def write_genai_config(folder: Path, config: Any, cached_layers: int, generation: Any = None,
+                       kv_heads: int | None = None) -> bool:
     """Write genai_config.json for `folder/model.onnx` (renumbered by `renumber_cache`); return
     False (and write nothing) for a model type onnxruntime-genai would not run with our inputs.
+    `kv_heads`: the key/value heads every cached layer has, when width pruning changed them (the
+    query heads follow: the same number per group).
 
     Example:
         >>> write_genai_config(Path("folder"), model.config, 10)  # doctest: +SKIP
@@ -69,13 +85,14 @@ def write_genai_config(folder: Path, config: Any, cached_layers: int, generation
     if model_type not in GENAI_TYPES:
         return False
     heads = config.num_attention_heads
+    groups = getattr(config, "num_key_value_heads", None) or heads
     head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
     context = getattr(config, "max_position_embeddings", None) or 2048
     eos = getattr(generation, "eos_token_id", None) or getattr(config, "eos_token_id", None)
     pad = getattr(config, "pad_token_id", None)
     decoder = {
         "filename": "model.onnx", "head_size": head_size, "hidden_size": config.hidden_size,
-        "num_attention_heads": heads, "num_key_value_heads": getattr(config, "num_key_value_heads", heads),
+        "num_attention_heads": heads // groups * (kv_heads or groups), "num_key_value_heads": kv_heads or groups,
         "num_hidden_layers": cached_layers, "session_options": {"log_id": "subfit_fx", "provider_options": []},
         "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},

@@ -89,3 +89,33 @@ def test_onnxruntime_genai_runs_a_folder_without_layer0_cache(tmp_path):
     while not generator.is_done():
         generator.generate_next_token()
     assert [int(t) for t in generator.get_sequence(0)] == expected
+
+
+def test_folder_of_a_model_with_pruned_key_value_groups_generates(tmp_path, capsys):
+    """saap --heads leaves layers with different numbers of key/value heads: the folder still
+    generates through our runtime, and genai_config.json (one head count for all layers) is left
+    out with a message rather than written wrong."""
+    import json
+
+    from subfit_fx.exporters.genai import cache_heads
+
+    model = tiny_model("llama", layers=4)
+    model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    c = compress(str(tmp_path / "base"), torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(0)),
+                 0.3, method="saap", heads=True, block=16, progress=False)
+    kept = [r.info["kept_groups"] for r in c.recipe.replacements if r.info["kind"] == "attention"]
+    assert kept and min(kept) < 2
+    c.save(tmp_path / "compressed")
+    folder = tmp_path / "onnx"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "compressed"), "--out", str(folder), "--kv-cache"]) == 0
+    heads = cache_heads(folder / "model.onnx")
+    said = capsys.readouterr()
+    if len(set(heads)) > 1:
+        assert not (folder / "genai_config.json").exists()
+        assert "different numbers of key/value heads" in said.out + said.err
+    else:
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        assert decoder["num_key_value_heads"] == heads[0]
+    assert main(["generate", str(folder), "--prompt", "the cat is on the", "--max-new-tokens", "4"]) == 0

@@ -243,6 +243,7 @@ def test_heads_prune_whole_key_value_groups_and_the_kv_cache_shrinks(tmp_path):
     hf = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids).logits, _logits(c.module(), ids), atol=1e-5)
+    assert torch.equal(_logits(subfit_fx.load(out).module(), ids), _logits(c.module(), ids))
     kv = export_onnx_kv(c, tmp_path / "kv.onnx")
     assert kv.parity is not None
     heads = {i.name: i.type.tensor_type.shape.dim[1].dim_value
