@@ -38,6 +38,7 @@ from subfit_fx.gguf import cache_root
 
 METHODS = ["subfit", "subfit:judge=statistics", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner"]
 SPARSITIES = [0.125, 0.1875, 0.25, 0.3125, 0.375]
+BASELINES = ("shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner")  # METHOD.md's, the SubFit targets' rivals
 FAST_METHODS = ["subfit", "shortgpt", "uidl", "replaceme", "llm-drop"]  # the default and the fast baselines
 EARLIER = "(not recorded: rows of earlier runs, same protocol and settings)"
 
@@ -166,7 +167,7 @@ def verdicts(rows: list[dict], dense: dict) -> list[str]:
     """The issue's targets, each met or missed, from the rows (SubFit default = the 'subfit' row)."""
     out = []
     ours = "subfit"
-    baselines = sorted({r["method"] for r in rows if not r["method"].startswith("subfit")})
+    baselines = sorted({r["method"] for r in rows if r["method"] in BASELINES})
     if not baselines or not any(r["method"] == ours for r in rows):
         return out
     ppl_dense, choice_dense, n_items = dense["perplexity"], dense["choice_accuracy"], dense["choice_items"]
@@ -198,6 +199,25 @@ def verdicts(rows: list[dict], dense: dict) -> list[str]:
     out.append(f"- SubFit best perplexity of all methods at every sparsity: **{'met' if best_all else 'missed'}**.")
     out.append(f"- SubFit choice accuracy not below any baseline's by more than one standard error "
                f"(sqrt(p(1-p)/{n_items})) at every sparsity: **{'met' if choice_ok else 'missed'}**.")
+    return out + width_verdicts(at)
+
+
+def width_verdicts(at: dict) -> list[str]:
+    """Issue 18's targets at 25 %: hybrid better than SubFit and saap (perplexity and choice), saap
+    better than flap."""
+    out = []
+    if all((m, 0.25) in at for m in ("hybrid", "subfit", "saap")):
+        h, sub, saap = at["hybrid", 0.25], at["subfit", 0.25], at["saap", 0.25]
+        ok = all(h["perplexity"] < r["perplexity"] and h["choice_accuracy"] > r["choice_accuracy"] for r in (sub, saap))
+        out.append(f"- 25 % (issue 18): hybrid (perplexity {h['perplexity']:.2f}, choice {h['choice_accuracy']:.3f}) "
+                   f"better than both subfit ({sub['perplexity']:.2f}, {sub['choice_accuracy']:.3f}) and saap "
+                   f"({saap['perplexity']:.2f}, {saap['choice_accuracy']:.3f}): **{'met' if ok else 'missed'}**.")
+    if ("saap", 0.25) in at and ("flap", 0.25) in at:
+        a, f = at["saap", 0.25], at["flap", 0.25]
+        ok = a["perplexity"] < f["perplexity"] and a["choice_accuracy"] >= f["choice_accuracy"]
+        out.append(f"- 25 % (issue 18): saap (perplexity {a['perplexity']:.2f}, choice {a['choice_accuracy']:.3f}) "
+                   f"better than flap ({f['perplexity']:.2f}, {f['choice_accuracy']:.3f}): "
+                   f"**{'met' if ok else 'missed'}**.")
     return out
 
 
@@ -220,7 +240,9 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         f"{dense['choice_accuracy']:.3f} (standard error of a choice accuracy near 0.55 over "
         f"{dense['choice_items']} items: {math.sqrt(0.55 * 0.45 / dense['choice_items']):.3f}).", "",
         "Each cell: value (actual sparsity, %). `subfit` is the default method with default options; "
-        "`subfit:judge=statistics` is the one-shot statistics-only option row.", "",
+        "`subfit:judge=statistics` is the one-shot statistics-only option row. The baselines of the SubFit "
+        f"targets are METHOD.md's ({', '.join(BASELINES)}); `saap`, `flap` and `hybrid` are the width-pruning "
+        "policies of docs/width.md, with their own targets (issue 18).", "",
         *verdicts(rows, dense), "",
         "## Perplexity / dense (lower is better; best per column in bold)", "",
         *table(rows, dense, "perplexity", ".2f", "perplexity"), "",
@@ -232,7 +254,9 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         "Speed of every method's 25 % model in ONNX Runtime, next to its quality: "
         "[quality_speed.md](quality_speed.md) (benchmarks/quality_speed.py). What was tried for the missed "
         "targets, and what is next: [quality_findings.md](quality_findings.md).", "",
-        "## Time per run (2 cores)", "", "| method | target | compress s | evaluate s |", "|---|---:|---:|---:|",
+        "## Time per run (2 cores)", "",
+        "Wall time as measured; some rows ran while other jobs shared the two cores (idle timings of the "
+        "default: quality_findings.md).", "", "| method | target | compress s | evaluate s |", "|---|---:|---:|---:|",
         *times, "",
         "## What each method replaced at 25 % (# = replaced)", "", *maps,
         "## Commands that produced the rows (runs resume with --resume)", "",
