@@ -366,8 +366,9 @@ def find_channel_sites(graph: fx.Graph, branches: list[Branch], param_nodes: dic
         >>> from subfit_fx.branches import param_nodes_of_program
         >>> from subfit_fx.zoo import tiny_model
         >>> ep = capture(tiny_model("bert"))
-        >>> sorted(find_channel_sites(ep.graph, find_branches(ep), param_nodes_of_program(ep)))[0]
-        'encoder.layer.0.intermediate+output'
+        >>> sites = find_channel_sites(ep.graph, find_branches(ep), param_nodes_of_program(ep))
+        >>> [(label, site.kind, site.units) for label, site in sites.items()][:2]
+        [('encoder.layer.0.attention', 'attention', 4), ('encoder.layer.0.intermediate+output', 'ffn', 128)]
     """
     nodes = {n.name: n for n in graph.nodes}
     order = {n.name: i for i, n in enumerate(graph.nodes)}

@@ -189,7 +189,7 @@ def insert_inner_probes(gm: fx.GraphModule, sites: dict[str, ChannelSite],
         >>> ep = capture(tiny_model("llama"))
         >>> sites = find_channel_sites(ep.graph, find_branches(ep), param_nodes_of_program(ep))
         >>> sorted(insert_inner_probes(ep.module(), sites, ProbeContext()))
-        ['model.layers.0.mlp', 'model.layers.1.mlp']
+        ['model.layers.0.mlp', 'model.layers.0.self_attn', 'model.layers.1.mlp', 'model.layers.1.self_attn']
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     probes = {}
