@@ -152,15 +152,25 @@ def _last_matmul(node: fx.Node) -> fx.Node:
     return node
 
 
+def _last_and_inner(branch: Branch, nodes: dict[str, fx.Node], param_nodes: dict[str, tuple[str, int]]
+                    ) -> tuple[fx.Node, tuple[str, str | None], fx.Node] | None:
+    """The branch's last matmul, its (weight, bias) keys and its input node, when the branch ends
+    in a parameter matmul of its own body."""
+    last = _last_matmul(nodes[branch.output])
+    parts = _linear_parts(last, param_nodes)
+    if parts is None or last.name not in branch.body or not isinstance(last.args[0], fx.Node):
+        return None
+    return last, parts, last.args[0]
+
+
 def _site(branch: Branch, nodes: dict[str, fx.Node], param_nodes: dict[str, tuple[str, int]],
           order: dict[str, int]) -> ChannelSite | None:
     body = set(branch.body)
-    last = _last_matmul(nodes[branch.output])
-    parts = _linear_parts(last, param_nodes)
-    if parts is None or last.name not in body:
+    found = _last_and_inner(branch, nodes, param_nodes)
+    if found is None:
         return None
-    inner = last.args[0]
-    val = inner.meta.get("val") if isinstance(inner, fx.Node) else None
+    last, parts, inner = found
+    val = inner.meta.get("val")
     if not isinstance(val, torch.Tensor) or inner.name not in body:
         return None
     channels = int(val.shape[-1])
@@ -297,11 +307,10 @@ def _head_axis(node: fx.Node, axes: dict[str, int], groups: int) -> int | None:
 def _attention_site(branch: Branch, nodes: dict[str, fx.Node], param_nodes: dict[str, tuple[str, int]],
                     order: dict[str, int]) -> ChannelSite | None:
     body = set(branch.body)
-    last = _last_matmul(nodes[branch.output])
-    parts = _linear_parts(last, param_nodes)
-    if parts is None or last.name not in body:
+    found = _last_and_inner(branch, nodes, param_nodes)
+    if found is None:
         return None
-    inner = last.args[0]
+    last, parts, inner = found
     out = _shape(inner)
     if out is None or inner.name not in body or inner.target not in _VIEWS:
         return None

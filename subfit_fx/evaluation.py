@@ -221,7 +221,8 @@ def _choices_correct(module: Module, tokenizer: Any, items: list[ChoiceItem], ma
     causal model's logits at real positions)."""
     rows = [_choice_rows(tokenizer, item, max_len) for item in items]
     ids, mask = _pad([whole for item_rows in rows for whole, _ in item_rows])
-    logits = module(ids.to(device_of(module)), mask.to(device_of(module))).cpu()
+    device = device_of(module)
+    logits = module(ids.to(device), mask.to(device)).cpu()
     out, k = [], 0
     for item, item_rows in zip(items, rows):
         scores = []
