@@ -53,7 +53,7 @@ SHAPES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128},
 }
-PHASES = ("forward", "basic", "layerwise", "equal")
+PHASES = ("forward", "basic", "layerwise", "offload", "equal")
 # Published shapes for the memory plan (config.json of each checkpoint): d, layers, FFN, heads, kv heads, vocab
 PLAN = {"Llama-2-7B": (4096, 32, 11008, 32, 32, 32000), "Llama-3.1-8B": (4096, 32, 14336, 32, 8, 128256),
         "Llama-2-13B": (5120, 40, 13824, 40, 40, 32000), "Llama-3.1-70B": (8192, 80, 28672, 64, 8, 128256)}
@@ -84,31 +84,67 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def _setup(shape: str, dtype: torch.dtype, samples: int, seq_len: int) -> tuple[Any, list, Any]:
-    from subfit_fx import capture
-
+def _model(shape: str, dtype: torch.dtype) -> Any:
     config = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5,
                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def _setup(shape: str, dtype: torch.dtype, samples: int, seq_len: int,
+           empty_from: Path | None = None) -> tuple[Any, list, Any]:
+    """The captured model (with `empty_from`: built from that checkpoint's config with no weight
+    in memory, and its `OffloadedWeights`) and the calibration batches."""
+    from subfit_fx import capture
+    from subfit_fx.offload import OffloadedWeights, empty_model
+
+    model = empty_model(empty_from, dtype) if empty_from is not None else _model(shape, dtype)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, config.vocab_size, (samples, seq_len), generator=g)
+    ids = torch.randint(3, model.config.vocab_size, (samples, seq_len), generator=g)
     batches = [(ids[i:i + 4], torch.ones_like(ids[i:i + 4])) for i in range(0, samples, 4)]
     ep = capture(model, (batches[0][0], batches[0][1]))
+    weights = OffloadedWeights(empty_from, model) if empty_from is not None else None
     del model  # the captured program holds the weights
-    return ep, batches, config
+    return ep, batches, weights
 
 
-def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int) -> dict[str, Any]:
-    """One phase in this process; returns its measurements."""
+def _float64_gemm_rate(d: int, repeats: int = 5) -> float:
+    """FLOP/s of the statistics' update GEMM on this machine: (d+1, 256) @ (256, 2d+1) in float64
+    (the Gram of [z, 1] and its cross product with the branch output, one 256-row chunk)."""
+    a, b = torch.randn(d + 1, 256, dtype=torch.float64), torch.randn(256, 2 * d + 1, dtype=torch.float64)
+    c = torch.zeros(d + 1, 2 * d + 1, dtype=torch.float64)
+    c.addmm_(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        c.addmm_(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * (d + 1) * 256 * (2 * d + 1) / sorted(times)[len(times) // 2]
+
+
+def _max_relative_difference(a: dict, b: dict) -> float:
+    worst = 0.0
+    for label, s in a.items():
+        for key, t in s.tensors().items():
+            other = b[label].tensors()[key]
+            worst = max(worst, float((t - other).abs().max() / t.abs().max().clamp_min(1e-300)))
+    return worst
+
+
+def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int, weights: Path) -> dict[str, Any]:
+    """One phase in this process; returns its measurements. `weights`: the model's checkpoint
+    directory (written by the `save` phase), read by weight offload."""
     from subfit_fx import find_branches
     from subfit_fx.calibrate import Session
     from subfit_fx.pipelines import LayerByLayer, stats_nbytes
 
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = getattr(torch, dtype_name)
+    if phase == "save":
+        _model(shape, dtype).save_pretrained(weights)
+        return {"phase": phase}
     out: dict[str, Any] = {"phase": phase, "rss_start": _rss()}  # interpreter and libraries, no model yet
-    ep, batches, _config = _setup(shape, dtype, samples, seq_len)
+    ep, batches, source = _setup(shape, dtype, samples, seq_len, weights if phase == "offload" else None)
     branches = find_branches(ep)
     if phase == "forward":
         module = ep.module()
@@ -120,27 +156,31 @@ def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int) -
                 for ids, mask in batches:
                     module(ids, mask)
             out["seconds"] = time.perf_counter() - start
-    elif phase in ("basic", "layerwise"):
+        out["float64_gemm_flops"] = _float64_gemm_rate(SHAPES[shape]["hidden_size"])
+    elif phase in ("basic", "layerwise", "offload"):
         with tempfile.TemporaryDirectory() as scratch:
-            # layer-wise as meant for big models: each layer's statistics offloaded to disk when done
-            pipeline = LayerByLayer(offload=scratch) if phase == "layerwise" else None
-            session = Session(ep, branches, progress=False, pipeline=pipeline)
+            # layer-wise as meant for big models: each layer's statistics offloaded to disk when done;
+            # "offload": the weights too, each segment's read from the checkpoint while it runs
+            pipeline = LayerByLayer(offload=scratch) if phase != "basic" else None
+            session = Session(ep, branches, progress=False, pipeline=pipeline, weights=source)
             with PeakRSS() as mem:
                 start = time.perf_counter()
                 stats = session.calibrate(batches, desc=None)
                 out["seconds"] = time.perf_counter() - start
             out["stats_bytes"] = stats_nbytes(stats)
+            if source is not None:
+                out["weight_bytes_read"] = source.bytes_read
             del stats, session
-    else:  # equal: layer-wise vs basic statistics on two batches
+    else:  # equal: layer-wise (resident and offloaded weights) vs basic statistics on two batches
         few = batches[:2]
         basic = Session(ep, branches, progress=False).calibrate(few, desc=None)
         layerwise = Session(ep, branches, progress=False, pipeline=LayerByLayer()).calibrate(few, desc=None)
-        worst = 0.0
-        for label, s in basic.items():
-            for key, t in s.tensors().items():
-                other = layerwise[label].tensors()[key]
-                worst = max(worst, float((t - other).abs().max() / t.abs().max().clamp_min(1e-300)))
-        out["max_relative_difference"] = worst
+        out["max_relative_difference"] = _max_relative_difference(basic, layerwise)
+        del layerwise
+        empty, _, source = _setup(shape, dtype, samples, seq_len, weights)
+        offloaded = Session(empty, find_branches(empty), progress=False, pipeline=LayerByLayer(),
+                            weights=source).calibrate(few, desc=None)
+        out["offload_max_relative_difference"] = _max_relative_difference(basic, offloaded)
         return out
     out["rss_before"], out["rss_peak"] = mem.before, mem.peak
     return out
@@ -161,7 +201,7 @@ def bound_parts(shape: str, dtype_name: str, samples: int, seq_len: int) -> dict
     # the stream crossing a cut, plus the shared per-batch mask (float, (b, 1, s, s)) and rotary tables
     activations = tokens * d * item + samples * seq_len * seq_len * item + 2 * tokens * hd * item
     return {"layer_weights": layer, "layer_statistics": stats, "cached_activations": activations,
-            "embedding": c["vocab_size"] * d * item,
+            "embedding": c["vocab_size"] * d * item, "branches": 2 * c["num_hidden_layers"],
             "model_weights": (c["num_hidden_layers"] * layer + c["vocab_size"] * d * item + d * item)}
 
 
@@ -211,8 +251,8 @@ def _gib(n: float) -> str:
 def markdown(result: dict[str, Any]) -> str:
     r = result["phases"]
     parts = result["bound_parts"]
-    lw = r["layerwise"]
-    model_peak = lw["rss_peak"] - lw["rss_start"]
+    lw, off = r["layerwise"], r["offload"]
+    model_peak = off["rss_peak"] - off["rss_start"]
     bound = 1.3 * (parts["layer_weights"] + parts["layer_statistics"] + parts["cached_activations"]) \
         + parts["embedding"]
     fwd = r["forward"]["seconds"]
@@ -226,30 +266,46 @@ def markdown(result: dict[str, Any]) -> str:
         "| phase | wall s | x one forward | RSS before GiB | peak RSS GiB | peak - before GiB | statistics GiB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ("forward", "basic", "layerwise"):
+    names = {"forward": "forward", "basic": "basic", "layerwise": "layerwise",
+             "offload": "layerwise + weight offload"}
+    for name in ("forward", "basic", "layerwise", "offload"):
         p = r[name]
-        lines.append(f"| {name} | {p['seconds']:.1f} | {p['seconds'] / fwd:.2f} | "
+        lines.append(f"| {names[name]} | {p['seconds']:.1f} | {p['seconds'] / fwd:.2f} | "
                      f"{_gib(p['rss_before'] - p['rss_start'])} | {_gib(p['rss_peak'] - p['rss_start'])} | "
                      f"{_gib(p['rss_peak'] - p['rss_before'])} | {_gib(p.get('stats_bytes', 0))} |")
-    met_time = lw["seconds"] <= 2.5 * fwd
+    met_time = off["seconds"] <= 2.5 * fwd
+    d = SHAPES[result["shape"]]["hidden_size"]
+    gram_flops = 2 * result["samples"] * result["seq_len"] * (d + 1) * (2 * d + 1) * parts["branches"]
+    fwd_rate = r["forward"]["float64_gemm_flops"]
+    gram_floor = gram_flops / fwd_rate
     lines += [
         "",
-        f"Layer-wise vs basic statistics: max relative difference {r['equal']['max_relative_difference']:.2e} "
+        f"Layer-wise vs basic statistics: max relative difference {r['equal']['max_relative_difference']:.2e}; "
+        f"layer-wise with weight offload vs basic: {r['equal']['offload_max_relative_difference']:.2e} "
         "(target: rtol 1e-10).",
         "",
         "Issue 16's bound for the layer-wise peak: 1.3 x (one layer's weights "
         f"{_gib(parts['layer_weights'])} + one layer's statistics {_gib(parts['layer_statistics'])} + cached "
         f"activations {_gib(parts['cached_activations'])}) + the embedding {_gib(parts['embedding'])} = "
-        f"**{_gib(bound)} GiB**; measured layer-wise peak **{_gib(model_peak)} GiB** "
-        f"({'met' if model_peak <= bound else 'missed'}). All weights "
-        f"({_gib(parts['model_weights'])} GiB) stay resident in this version (no weight offload yet), which "
-        "the bound does not allow for; what the layer-wise pipeline adds on top of the resident model "
-        f"(peak - before) is {_gib(lw['rss_peak'] - lw['rss_before'])} GiB against "
+        f"**{_gib(bound)} GiB**; measured peak of the layer-wise pipeline with weight offload "
+        f"**{_gib(model_peak)} GiB** ({'met' if model_peak <= bound else 'missed'}). The model is built from "
+        "its config with no weight in memory (`subfit_fx.offload.empty_model`) and captured; each segment's "
+        f"weights are read from the checkpoint while it runs and dropped after it "
+        f"({_gib(off.get('weight_bytes_read', 0))} GiB read in all: every weight once, the unused head "
+        f"never). Without weight offload all weights ({_gib(parts['model_weights'])} GiB) stay resident: "
+        f"layer-wise peak {_gib(lw['rss_peak'] - lw['rss_start'])} GiB, of which the pipeline adds "
+        f"{_gib(lw['rss_peak'] - lw['rss_before'])} GiB against "
         f"{_gib(r['basic']['rss_peak'] - r['basic']['rss_before'])} GiB for the basic pipeline.",
         "",
-        f"Time: layer-wise {lw['seconds']:.1f} s = {lw['seconds'] / fwd:.2f} x one forward "
-        f"(target <= 2.5 x: {'met' if met_time else 'missed'}); the statistics' float64 Gram updates are "
-        "the difference to a plain forward in both pipelines.",
+        f"Time: layer-wise with weight offload {off['seconds']:.1f} s = {off['seconds'] / fwd:.2f} x one forward "
+        f"(target <= 2.5 x: {'met' if met_time else 'missed'}; without offload {lw['seconds'] / fwd:.2f} x); "
+        "the statistics' float64 Gram updates are the difference to a plain forward in every pipeline: "
+        f"{gram_flops / 1e12:.2f} TFLOP for {result['samples'] * result['seq_len']} tokens and "
+        f"{parts['branches']} branches, which at this machine's float64 GEMM rate "
+        f"({fwd_rate / 1e9:.0f} GFLOP/s, measured) take {gram_floor:.1f} s = {gram_floor / fwd:.2f} x one "
+        "forward by themselves. The forward runs in bfloat16 (AMX/AVX-512 on this CPU), the statistics in "
+        "float64 as the issue asks, so on this CPU the 2.5 x target is below what the float64 arithmetic "
+        "alone needs; on a GPU with fast float64 (H100/H200) the ratio is different (not measured: no GPU).",
         "",
         "## Memory plan for 7B-70B (computed from the shapes, GiB)",
         "",
@@ -272,24 +328,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=8, help="calibration sequences (default 8; batches of 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--out", type=Path, default=None, help="results path prefix (default docs/results/scale)")
-    p.add_argument("--child", choices=PHASES, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("save", *PHASES), help=argparse.SUPPRESS)
+    p.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shape = "tiny" if args.tiny else args.shape
     if args.child:
-        print(json.dumps(child(args.child, shape, args.dtype, args.samples, args.seq_len)))
+        print(json.dumps(child(args.child, shape, args.dtype, args.samples, args.seq_len, args.weights)))
         return 0
     if args.tiny and args.out is None:
         p.error("--tiny writes a smoke result: pass --out PATH")
     phases = {}
-    for phase in PHASES:
-        cmd = [sys.executable, __file__, "--child", phase, "--dtype", args.dtype, "--samples", str(args.samples),
-               "--seq-len", str(args.seq_len), *(["--tiny"] if args.tiny else ["--shape", args.shape])]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return 1
-        phases[phase] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(phase, phases[phase], flush=True)
+    with tempfile.TemporaryDirectory(prefix="subfit-scale-") as checkpoint:
+        for phase in ("save", *PHASES):  # save: the random model as a checkpoint, for weight offload
+            cmd = [sys.executable, __file__, "--child", phase, "--dtype", args.dtype, "--samples",
+                   str(args.samples), "--seq-len", str(args.seq_len), "--weights", checkpoint,
+                   *(["--tiny"] if args.tiny else ["--shape", args.shape])]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return 1
+            phases[phase] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(phase, phases[phase], flush=True)
+    del phases["save"]
     result = {"command": command_line(), "machine": machine(), "shape": shape, "dtype": args.dtype,
               "samples": args.samples, "seq_len": args.seq_len, "phases": phases,
               "bound_parts": bound_parts(shape, args.dtype, args.samples, args.seq_len)}

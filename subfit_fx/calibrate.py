@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any, Final, Protocol
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -29,12 +29,15 @@ from tqdm.auto import tqdm
 from subfit_fx.branches import Branch, find_branches, param_nodes_of_program
 from subfit_fx.channels import ChannelSite, find_channel_sites
 from subfit_fx.data import Batch
-from subfit_fx.errors import CalibrationError
+from subfit_fx.errors import CalibrationError, InputError
 from subfit_fx.fit import Fit
 from subfit_fx.passes.probes import BranchProbe, InnerProbe, ProbeContext, insert_inner_probes, insert_probes
 from subfit_fx.passes.segments import Segment, graph_output, initial_values, run_segment, split_graph
 from subfit_fx.rewrite import stream_after
 from subfit_fx.stats import BranchStats, InnerStats
+
+if TYPE_CHECKING:  # importing it at run time pulls in transformers
+    from subfit_fx.offload import OffloadedWeights
 
 __all__ = ["PIPELINES", "REMOVE", "LocalReducer", "OnePass", "Pipeline", "Reducer", "ResumableForward", "Session",
            "prepare", "register_pipeline"]
@@ -134,7 +137,8 @@ class Session:
     """
 
     def __init__(self, ep: torch.export.ExportedProgram, branches: list[Branch], skip_first: bool = False,
-                 progress: bool = True, *, pipeline: Pipeline | None = None, reducer: Reducer | None = None) -> None:
+                 progress: bool = True, *, pipeline: Pipeline | None = None, reducer: Reducer | None = None,
+                 weights: OffloadedWeights | None = None) -> None:
         self.ep = ep
         self.branches = branches
         self.by_label = {b.label: b for b in branches}
@@ -142,6 +146,9 @@ class Session:
         self.reducer = reducer or LocalReducer()
         self._context = ProbeContext(skip_first=skip_first)
         self._module, self._probes = insert_probes(ep, branches, self._context)
+        self.weights: OffloadedWeights | None = None  # None: every weight resident
+        if weights is not None:
+            self.offload_weights(weights)
         self._inner: dict[str, InnerProbe] | None = None  # inserted on the first inner_stats call
         self._closures: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.graph_version = 0  # bumped whenever the probed graph changes
@@ -152,6 +159,7 @@ class Session:
     @torch.no_grad()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Run one batch through the probed graph (probes do what they are set to do)."""
+        self.require_weights("a whole forward of the model")
         ids, mask = batch
         self._context.set_batch(mask)
         return self._module(ids, mask)
@@ -166,6 +174,33 @@ class Session:
             out = self.forward(batch)
             if each is not None:
                 each(batch, out)
+
+    def offload_weights(self, weights: OffloadedWeights) -> None:
+        """From now on keep this session's weights in `weights`' checkpoint: the probed graph and
+        the capture hold meta stand-ins, and the layer-wise pipeline reads each segment's weights
+        while it runs (`subfit_fx.offload`).
+
+        Example:
+            >>> session.offload_weights(OffloadedWeights("runs/reference"))  # doctest: +SKIP
+        """
+        if isinstance(self.pipeline, OnePass):
+            raise InputError("weight offload needs the layer-wise pipeline (the basic one runs whole forwards); "
+                             "pass --pipeline sequential")
+        weights.detach(self._module, self.ep.state_dict)
+        self.weights = weights
+
+    def require_weights(self, what: str) -> None:
+        """Raise an `InputError` naming `what` when this session's weights are offloaded (only
+        the layer-wise pipeline brings them in, one segment at a time).
+
+        Example:
+            >>> session.require_weights("the output judge")  # doctest: +SKIP
+        """
+        if self.weights is not None:
+            raise InputError(f"{what} needs every weight in memory, but this session's weights are offloaded "
+                             f"(read from '{self.weights.directory}' one layer at a time); calibrate with the "
+                             "layer-wise pipeline (--pipeline sequential) and a statistics-only policy "
+                             "(e.g. --judge statistics), or run without weight offload")
 
     def resumable(self, batches: list[Batch]) -> ResumableForward:
         """Forwards of `batches` that can restart at a branch (see `ResumableForward`).
@@ -417,19 +452,22 @@ class Session:
                 probes = {label: self._probes[label] for label in group}
                 for label, probe in probes.items():
                     probe.start_observing(inputs, (targets or {}).get(label))
-                try:
-                    before = sweep(segment, revisable)
-                finally:
-                    stats = {label: probe.stop_observing() for label, probe in probes.items()}
-                bar.update(len(shard))
-                set_before = self.replacements(group)
-                yield self._checked(self.reducer.stats(stats))
-                if self.replacements(group) != set_before:
-                    if not revisable:
-                        raise ValueError("replacements of an observed group changed before the next group; "
-                                         "pass revisable=True")
-                    values[:] = before
-                    sweep(segment, False)
+                # offloaded weights: this segment's come in for the group and go after it
+                onloaded = self.weights.onloaded(segment.module, segment.params) if self.weights else nullcontext()
+                with onloaded:
+                    try:
+                        before = sweep(segment, revisable)
+                    finally:
+                        stats = {label: probe.stop_observing() for label, probe in probes.items()}
+                    bar.update(len(shard))
+                    set_before = self.replacements(group)
+                    yield self._checked(self.reducer.stats(stats))
+                    if self.replacements(group) != set_before:
+                        if not revisable:
+                            raise ValueError("replacements of an observed group changed before the next group; "
+                                             "pass revisable=True")
+                        values[:] = before
+                        sweep(segment, False)
                 del before
         finally:
             bar.close()
@@ -508,6 +546,7 @@ class ResumableForward:
     """
 
     def __init__(self, session: Session, batches: list[Batch], max_bytes: int = 2 << 30) -> None:
+        session.require_weights("restartable forwards (the output judge)")
         self.session, self.batches, self.max_bytes = session, list(batches), max_bytes
         self.order = session.execution_order()
         self._split()

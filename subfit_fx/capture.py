@@ -16,8 +16,8 @@ import transformers as tf
 
 from subfit_fx.errors import CaptureError, InputError, ModelLoadError
 
-__all__ = ["WRAPPED_PREFIX", "HFWrapper", "capture", "check_weight_files", "example_inputs", "is_causal_lm",
-           "load_model"]
+__all__ = ["WRAPPED_PREFIX", "HFWrapper", "capture", "check_remote_code", "check_weight_files", "example_inputs",
+           "is_causal_lm", "load_model"]
 
 WRAPPED_PREFIX = "hf."
 
@@ -76,7 +76,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, *,
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelLoadError(f"'{path}' is not a model directory (no config.json); pass the folder "
                              "written by save_pretrained()")
-    _check_remote_code(path, trust_remote_code)
+    check_remote_code(path, trust_remote_code)
     try:
         config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a bad config
@@ -101,9 +101,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, *,
     return model.eval()
 
 
-def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
+def check_remote_code(path: Path, trust_remote_code: bool) -> None:
     """Refuse, before transformers runs anything, a model that needs its own code without the flag
-    (transformers would ask on a terminal, or fail with a paragraph)."""
+    (transformers would ask on a terminal, or fail with a paragraph).
+
+    Example:
+        >>> check_remote_code(Path("runs/reference"), trust_remote_code=False)  # doctest: +SKIP
+    """
     try:
         data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from subfit_fx.cli_types import fractions, positive_int
-from subfit_fx.errors import SubfitError
+from subfit_fx.errors import InputError, SubfitError
 
 
 def _quiet_libraries() -> None:
@@ -162,7 +162,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from subfit_fx.atomic import check_output, claim
     from subfit_fx.compress import CalibrationConfig
     from subfit_fx.data import check_text_file
-    from subfit_fx.methods import method_options
+    from subfit_fx.methods import check_offloadable, method_options
     from subfit_fx.selection import check_sparsity
 
     # Fail in seconds, before any long work, on what can be checked up front.
@@ -170,9 +170,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     config = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
                                seed=args.seed, skip_first=args.skip_first, holdout=args.holdout)
     options = method_options_from_args(args)
-    method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
+    typed = method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
     loading = model_loading(args)
     check_text_file(args.calib)
+    if args.offload_weights:
+        check_offloadable(args.method, typed)
+        if args.pipeline != "sequential":
+            raise InputError("--offload-weights needs the layer-wise pipeline (the basic one runs whole forwards); "
+                             "add --pipeline sequential")
     check_output(Path(args.out), args.force, inputs=[p for p in (args.model, args.calib) if Path(p).exists()])
     # claimed now, not at save: a second run on this --out fails in seconds, not after all the work
     # (under torchrun every rank runs this; rank 0 claims when it saves)
@@ -212,7 +217,8 @@ def _compress_on_pipeline(args: argparse.Namespace, target: float, config: Any, 
             print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity: {args.pipeline} "
                   f"pipeline, {world} process{'es' if world > 1 else ''}", file=sys.stderr)
         compressed = compress_distributed(
-            args.model, args.calib, target, args.method, factory=factory, calibration=config, **options)
+            args.model, args.calib, target, args.method, factory=factory, calibration=config,
+            offload_weights=args.offload_weights, **options)
         if rank == 0:
             out = compressed.save(args.out, force=args.force)
             print_summary(compressed.report)
@@ -315,6 +321,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", help="sequential pipeline: scratch directory for statistics (default: CPU memory)")
     p.add_argument("--layers-per-pass", type=positive_int, default=1,
                    help="sequential pipeline: layers per pass (default 1)")
+    p.add_argument("--offload-weights", action="store_true",
+                   help="sequential pipeline: keep the weights on disk and read each layer's only while it runs "
+                        "(models bigger than memory; statistics-only policies, e.g. --judge statistics)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel calibration; launch with torchrun (see docs/distributed.md)")
     p.add_argument("--backend", choices=("gloo", "nccl"),

@@ -27,7 +27,7 @@ from subfit_fx.devices import dtype_name, model_dtype, module_device, to_device
 from subfit_fx.errors import InputError
 from subfit_fx.gguf import gguf_directory, is_gguf
 from subfit_fx.html_report import write_html_report
-from subfit_fx.methods import PolicyContext, check_method, method_options
+from subfit_fx.methods import PolicyContext, check_method, check_offloadable, method_options
 from subfit_fx.models import local_spec, resolve_model
 from subfit_fx.recipe import Recipe
 from subfit_fx.report import Report, build_report
@@ -208,11 +208,31 @@ def _resolve(model: Any, load: dict[str, Any]) -> tuple[torch.nn.Module, str | N
                      f"{type(model).__name__}")
 
 
+def _resolve_offloaded(model: Any, load: dict[str, Any]) -> tuple[torch.nn.Module, str, Any]:
+    """(a model with no weight in memory, the spec a recipe records, its `OffloadedWeights`)."""
+    from subfit_fx.devices import resolve_device
+    from subfit_fx.offload import OffloadedWeights, empty_model
+
+    if not isinstance(model, str | Path):
+        raise InputError("weight offload reads the checkpoint from disk: pass the model as a directory, Hub id "
+                         "or .gguf file, not an in-memory module")
+    if load.get("device") not in (None, "auto") and resolve_device(load["device"]).type != "cpu":
+        raise InputError("weight offload runs on the CPU in this version: pass --device cpu or leave "
+                         "--offload-weights out")
+    spec = local_spec(str(model), load.get("revision"), trust_remote_code=load.get("trust_remote_code", False))
+    if spec.startswith("builtin:"):
+        raise InputError("weight offload reads a checkpoint, and built-in models have none: save the model "
+                         "with save_pretrained() and pass its directory")
+    directory = gguf_directory(spec) if is_gguf(spec) else Path(spec)
+    module = empty_model(directory, load.get("dtype"), trust_remote_code=load.get("trust_remote_code", False))
+    return module, str(Path(spec).resolve()), OffloadedWeights(directory, module)
+
+
 def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *,
              calibration: CalibrationConfig | None = None, tokenizer: Any = None, progress: bool = True,
              session_factory: Callable[..., Session] | None = None, dtype: str | torch.dtype | None = None,
              device: str | torch.device | None = None, revision: str | None = None, trust_remote_code: bool = False,
-             **options: Any) -> Compressed:
+             offload_weights: bool = False, **options: Any) -> Compressed:
     """Compress `model` to `sparsity` (net fraction of transformer-block parameters) with `method`.
 
     `calib`: a text file (tokenized with the model's tokenizer, chunked into `samples`
@@ -227,6 +247,12 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     when `dtype` / `device` are given. Statistics and fits are float64 whatever the dtype; the
     recipe records the dtype and stores its bypass weights in it.
 
+    `offload_weights` (a model given by name, the sequential pipeline, CPU): the model is captured
+    with no weight in memory and each layer's weights are read from the checkpoint only while the
+    layer-wise pipeline runs it (`subfit_fx.offload`), so calibration needs one layer's weights;
+    policies that run the whole model (the output judge) refuse it with the fix. The weights the
+    compressed model keeps are read at the end.
+
     Example:
         >>> from subfit_fx.zoo import tiny_model
         >>> c = compress(tiny_model("gpt2", layers=4), torch.randint(0, 128, (4, 16)), 0.3, progress=False)
@@ -239,8 +265,10 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     # strict (a misspelt key fails here, before any long work); the calibration's holdout reaches
     # options classes that declare one (SubFit's held-out scoring checks it)
     typed = method_options(method, options, **({"holdout": config.holdout} if config.holdout else {}))
-    module, spec = _resolve(model, {"dtype": dtype, "device": device, "revision": revision,
-                                    "trust_remote_code": trust_remote_code})
+    if offload_weights:
+        check_offloadable(method, typed)
+    loading = {"dtype": dtype, "device": device, "revision": revision, "trust_remote_code": trust_remote_code}
+    module, spec, weights = _resolve_offloaded(model, loading) if offload_weights else (*_resolve(model, loading), None)
     batches = calibration_batches(calib, module, config, model_path=spec, tokenizer=tokenizer)
     batches = to_device(batches, module_device(module))
     fit_batches, held = split_batches(batches, config.holdout)
@@ -251,18 +279,23 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     branches = find_branches(ep)
     block = count_block_params(ep, branches)
     session = (session_factory or prepare)(ep, branches, skip_first=config.skip_first, progress=progress)
+    if weights is not None:
+        session.offload_weights(weights)
     ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), typed)
     recipe = policy(ctx)
     recipe.base_model = spec
     recipe.options = {**recipe.options, **config.recorded(), "method": method, "dtype": dtype_name(model_dtype(module))}
     program = apply_recipe(ep, recipe, check=False, branches=branches)
+    if weights is not None:  # provenance and the kept weights, one tensor at a time
+        recipe.base_sha256 = weights.sha256(module)
+        weights.fill(program, module)
     report = build_report(method, target, recipe, branches, block, count_params(ep), count_params(program),
                           ctx.scores, recipe.options, ctx.notes)
     if abs(report.sparsity_actual - target) > BUDGET_TOLERANCE:
         report.notes.append(f"budget: landed at {report.sparsity_actual:.2%} for a {target:.2%} target, more than "
                             f"{BUDGET_TOLERANCE:.1%} away: the nearest this method's units (whole layers or "
                             "branches) reach; compare it with others at this actual sparsity")
-    return Compressed(program, recipe, report, module, dense=module)
+    return Compressed(program, recipe, report, module, dense=module if weights is None else None)
 
 
 def load(directory: str | Path, model: torch.nn.Module | None = None, *, dtype: str | torch.dtype | None = None,

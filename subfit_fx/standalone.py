@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,9 +87,11 @@ def copy_model_files(source: Path, directory: Path) -> None:
                 shutil.copy2(path, Path(directory) / path.name)
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
+def weights_sha256(model: torch.nn.Module,
+                   value: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> str:
     """A hash of a model's weights (names, dtypes, shapes and bytes, tied weights once): the
-    provenance a compressed directory records of its base.
+    provenance a compressed directory records of its base. `value(name, tensor)` gives the
+    values to hash in place of the model's own (weight offload reads them from the checkpoint).
 
     Example:
         >>> weights_sha256(torch.nn.Linear(2, 2, bias=False).requires_grad_(False).zero_())[:8]  # doctest: +SKIP
@@ -99,7 +102,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
-        t = tensor.detach().contiguous().cpu()
+        t = (value(name, tensor) if value is not None else tensor).detach().contiguous().cpu()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

@@ -31,20 +31,27 @@ from subfit_fx.methods.subfit import GuardedOptions, SubfitOptions, subfit, subf
 from subfit_fx.methods.uidl import uidl
 from subfit_fx.recipe import Recipe
 
-__all__ = ["METHODS", "Method", "NoOptions", "PolicyContext", "SubfitOptions", "check_method", "method_options",
-           "option_names", "register_method"]
+__all__ = ["METHODS", "Method", "NoOptions", "PolicyContext", "SubfitOptions", "check_method", "check_offloadable",
+           "method_options", "option_names", "register_method"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered policy and the class of its options."""
+    """A registered policy and the class of its options. `offloadable(options)`: whether the
+    policy with these options needs only per-branch statistics (so runs with weight offload,
+    `subfit_fx.offload`) rather than whole forwards of the model."""
 
     policy: Callable[[PolicyContext], Recipe]
     options: type = NoOptions
+    offloadable: Callable[[Any], bool] = lambda _options: False
+
+
+def _statistics_judge(options: SubfitOptions) -> bool:
+    return options.judge == "statistics"
 
 
 METHODS: dict[str, Method] = {
-    "subfit": Method(subfit, SubfitOptions),
+    "subfit": Method(subfit, SubfitOptions, _statistics_judge),
     "subfit-guarded": Method(subfit_guarded, GuardedOptions),
     "saap": Method(saap, SaapOptions),  # width pruning of FFN channels (issue 18)
     "hybrid": Method(hybrid, HybridOptions),  # SubFit + width pruning under one budget
@@ -53,7 +60,7 @@ METHODS: dict[str, Method] = {
     "shortgpt": Method(shortgpt, BaselineOptions),
     "uidl": Method(uidl, BaselineOptions),
     "replaceme": Method(replaceme, BaselineOptions),
-    "llm-drop": Method(llm_drop, BaselineOptions),
+    "llm-drop": Method(llm_drop, BaselineOptions, lambda _options: True),
     "blockpruner": Method(blockpruner, BaselineOptions),
 }
 
@@ -67,6 +74,22 @@ def register_method(name: str, policy: Callable[[PolicyContext], Recipe], option
         True
     """
     METHODS[name] = Method(policy, options)
+
+
+def check_offloadable(method: str, options: Any) -> None:
+    """Raise an `InputError` unless `method` with `options` needs only per-branch statistics
+    (weight offload keeps the model on disk; whole forwards would need all of it).
+
+    Example:
+        >>> check_offloadable("subfit", method_options("subfit", {}))
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.InputError: method 'subfit' with these options runs the whole model, ...
+    """
+    if not check_method(method).offloadable(options):
+        raise InputError(f"method {method!r} with these options runs the whole model, which weight offload keeps on "
+                         "disk; use one that needs only statistics (subfit --judge statistics, llm-drop) or leave "
+                         "--offload-weights out")
 
 
 def check_method(name: str) -> Method:
