@@ -304,9 +304,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                    help="SubFit: judge candidates at the model's output on held-out sequences (output, default) "
                         "or rank them by a statistics-only score in one shot (statistics, fast)")
     p.add_argument("--judge-sequences", type=positive_int,
-                   help="SubFit: held-out sequences the output judge runs (default 4)")
+                   help="SubFit, hybrid: held-out sequences the output judge runs (default 4)")
     p.add_argument("--rounds", type=positive_int,
-                   help="SubFit: rounds of re-judging on the way to the budget (default 4)")
+                   help="SubFit, hybrid: rounds of re-judging on the way to the budget (default 4)")
     p.add_argument("--shortlist", type=float,
                    help="SubFit: rounds after the first re-judge this multiple of the branches they need (default 3)")
     p.add_argument("--score", help="SubFit --judge statistics: fit_residual (default), rotation, magnitude, holdout")

@@ -42,7 +42,7 @@ def test_inspect_saved_model_dir(tmp_path, capsys):
     (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--method", "shortgtp"],
      "did you mean 'shortgpt'?"),
     (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--method", "shortgpt", "--rounds", "2"],
-     "option 'rounds' is not one of shortgpt's; it belongs to subfit"),
+     "option 'rounds' is not one of shortgpt's; it belongs to hybrid, subfit"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2

@@ -76,10 +76,13 @@ class HybridOptions:
     standardize: bool = True
     heads: bool = False
     judge_sequences: int = 4  # strategy "joint": held-out sequences the output judge runs for every option
+    rounds: int = 4  # strategy "joint": the budget is reached in this many rounds, re-judging in each
 
     def __post_init__(self) -> None:
-        if not isinstance(self.judge_sequences, int) or self.judge_sequences < 1:
-            raise InputError(f"judge_sequences={self.judge_sequences!r} must be a positive integer")
+        for name in ("judge_sequences", "rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{name}={value!r} must be a positive integer")
         if self.strategy not in ("joint", "share"):
             raise InputError(f"strategy={self.strategy!r} is invalid; use 'joint' (every option judged, one "
                              "knapsack) or 'share' (SubFit first, width pruning for the rest)")
@@ -265,7 +268,7 @@ class _Options:
 def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     """Every option of every branch judged at the output, chosen by an exact knapsack per round."""
     session = ctx.session
-    sub = SubfitOptions(judge_sequences=opts.judge_sequences)
+    sub = SubfitOptions(judge_sequences=opts.judge_sequences, rounds=opts.rounds)
     batches, held = judge_split(ctx, sub.judge_sequences)
     space = _Options(ctx, opts, sub, batches)
     judge = OutputJudge(session, held, ctx.causal)

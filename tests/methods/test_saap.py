@@ -95,6 +95,11 @@ def test_options_are_validated():
         SaapOptions(importance="magic")
     with pytest.raises(subfit_fx.SubfitError, match="max_layer_ratio"):
         SaapOptions(max_layer_ratio=1.5)
+    from subfit_fx.methods.hybrid import HybridOptions
+
+    for bad in ({"rounds": 0}, {"judge_sequences": 2.5}, {"rounds": True}):
+        with pytest.raises(subfit_fx.SubfitError, match="must be a positive integer"):
+            HybridOptions(**bad)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
