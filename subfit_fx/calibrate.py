@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -100,6 +101,9 @@ class Pipeline(Protocol):
                   desc: str | None, targets: dict[str, Target] | None) -> dict[str, BranchStats]:
         """Statistics of `labels`."""
 
+    # optional: `inner(session, batches, labels, gram, desc) -> dict[str, InnerStats]`, the inner
+    # statistics of width pruning (`Session.inner_stats`; one pass when a pipeline lacks it)
+
 
 class OnePass:
     """Every requested branch observed in one pass over the batches (the basic pipeline).
@@ -113,6 +117,11 @@ class OnePass:
                   desc: str | None, targets: dict[str, Target] | None) -> dict[str, BranchStats]:
         """One observation of all `labels`."""
         return session.observe(batches, labels, inputs, desc, targets)
+
+    def inner(self, session: Session, batches: list[Batch], labels: list[str], gram: bool,
+              desc: str | None) -> dict[str, InnerStats]:
+        """Inner statistics of all `labels` in one pass."""
+        return session.observe_inner(batches, labels, gram, desc)
 
 
 # name -> Pipeline factory (keyword options); subfit_fx.pipelines registers "sequential"
@@ -426,6 +435,23 @@ class Session:
             ...     print(sorted(stats))
             ['model.layers.0.self_attn']
         """
+        def start(group: list[str]) -> None:
+            for label in group:
+                self._probes[label].start_observing(inputs, (targets or {}).get(label))
+
+        def stop(group: list[str]) -> dict[str, BranchStats]:
+            return {label: self._probes[label].stop_observing() for label in group}
+
+        with contextlib.closing(self._layer_sweeps(batches, groups, desc, start, stop, revisable)) as sweeps:
+            for stats in sweeps:
+                yield self._checked(self.reducer.stats(stats))
+
+    def _layer_sweeps(self, batches: list[Batch], groups: list[list[str]], desc: str | None,
+                      start: Callable[[list[str]], None], stop: Callable[[list[str]], dict[str, Any]],
+                      revisable: bool = False) -> Iterator[dict[str, Any]]:
+        """The layer-wise sweep under `observe_layerwise` and `observe_inner_layerwise`: for each
+        group, `start(group)` sets its observers, its segment runs over every batch (its weights
+        brought in first when they are offloaded), and `stop(group)` hands back what they saw."""
         order = self.execution_order()
         ends = [max(order.index(label) for label in group) for group in groups]
         starts = [min(order.index(label) for label in group) for group in groups]
@@ -449,19 +475,17 @@ class Session:
 
         try:
             for group, segment in zip(groups, segments, strict=True):
-                probes = {label: self._probes[label] for label in group}
-                for label, probe in probes.items():
-                    probe.start_observing(inputs, (targets or {}).get(label))
+                start(group)
                 # offloaded weights: this segment's come in for the group and go after it
                 onloaded = self.weights.onloaded(segment.module, segment.params) if self.weights else nullcontext()
                 with onloaded:
                     try:
                         before = sweep(segment, revisable)
                     finally:
-                        stats = {label: probe.stop_observing() for label, probe in probes.items()}
+                        stats = stop(group)
                     bar.update(len(shard))
                     set_before = self.replacements(group)
-                    yield self._checked(self.reducer.stats(stats))
+                    yield stats
                     if self.replacements(group) != set_before:
                         if not revisable:
                             raise ValueError("replacements of an observed group changed before the next group; "
@@ -496,28 +520,20 @@ class Session:
     def inner_stats(self, batches: Iterable[Batch], labels: Iterable[str] | None = None, *, gram: bool = True,
                     desc: str | None = "inner statistics") -> dict[str, InnerStats]:
         """Statistics of the inner input h of each branch in `labels` that has a channel site
-        (default: all of them), in one pass over `batches`, summed over processes; `gram` adds
-        the Gram of [h, 1] (channels^2 floats per branch).
+        (default: all of them), summed over processes; `gram` adds the Gram of [h, 1]
+        (channels^2 floats per branch). The pipeline decides how (`Pipeline.inner`: one pass, or
+        one layer at a time); a pipeline without `inner` gets one pass.
 
         Example:
             >>> s = prepare(capture(tiny_model("llama")), progress=False)  # doctest: +SKIP
             >>> s.inner_stats(batches)["model.layers.0.mlp"].variance().shape  # doctest: +SKIP
             torch.Size([128])
         """
-        inner = self._inner_probes()
-        labels = [label for label in (labels if labels is not None else self.channel_sites) if label in inner]
-        for label in labels:
-            inner[label].stats = InnerStats.empty(self.channel_sites[label].channels, gram)
-        try:
-            self.run(batches, desc)
-        finally:
-            # handed back on the CPU, where the policies' solves expect them
-            stats = {label: inner[label].stats.to("cpu") for label in labels}
-            for label in labels:
-                inner[label].stats = None
-        flat = self.reducer.sums({(label, key): t for label, s in stats.items() for key, t in s.tensors().items()})
-        for (label, key), t in flat.items():
-            setattr(stats[label], key, t)
+        sites = self.channel_sites
+        labels = [label for label in (labels if labels is not None else sites) if label in sites]
+        strategy = getattr(self.pipeline, "inner", None)
+        stats = (strategy(self, list(batches), labels, gram, desc) if strategy is not None
+                 else self.observe_inner(list(batches), labels, gram, desc))
         for label, s in stats.items():
             if int(s.tokens) == 0:
                 raise CalibrationError("calibration saw no tokens (all padding?); pass non-empty sequences")
@@ -525,6 +541,62 @@ class Session:
                 raise CalibrationError(f"inner statistics of '{label}' hold NaN or Inf (non-finite activations); "
                                        "check the model in float32 and the calibration text")
         return stats
+
+    def _inner_observers(self, gram: bool) -> tuple[Callable[[list[str]], None],
+                                                    Callable[[list[str]], dict[str, InnerStats]]]:
+        """(start, stop) of the inner probes of a list of labels (those without a site are skipped)."""
+        inner = self._inner_probes()
+
+        def start(labels: list[str]) -> None:
+            for label in labels:
+                if label in inner:
+                    inner[label].stats = InnerStats.empty(self.channel_sites[label].channels, gram)
+
+        def stop(labels: list[str]) -> dict[str, InnerStats]:
+            # handed back on the CPU, where the policies' solves expect them
+            out = {label: inner[label].stats.to("cpu") for label in labels
+                   if label in inner and inner[label].stats is not None}
+            for label in labels:
+                if label in inner:
+                    inner[label].stats = None
+            return self._reduce_inner(out)
+
+        return start, stop
+
+    def _reduce_inner(self, stats: dict[str, InnerStats]) -> dict[str, InnerStats]:
+        flat = self.reducer.sums({(label, key): t for label, s in stats.items() for key, t in s.tensors().items()})
+        for (label, key), t in flat.items():
+            setattr(stats[label], key, t)
+        return stats
+
+    def observe_inner(self, batches: list[Batch], labels: list[str], gram: bool = True,
+                      desc: str | None = None) -> dict[str, InnerStats]:
+        """Inner statistics of `labels` in one pass over `batches` (the basic pipeline's way).
+
+        Example:
+            >>> session.observe_inner(batches, ["model.layers.0.mlp"])  # doctest: +SKIP
+        """
+        start, stop = self._inner_observers(gram)
+        start(labels)
+        try:
+            self.run(batches, desc)
+        finally:
+            stats = stop(labels)
+        return stats
+
+    def observe_inner_layerwise(self, batches: list[Batch], groups: list[list[str]], gram: bool = True,
+                                desc: str | None = None) -> Iterator[dict[str, InnerStats]]:
+        """Inner statistics of each group of labels in turn, one layer-wise sweep (each layer run
+        once, as `observe_layerwise`): only one group's accumulators (with `gram`, channels^2
+        floats per branch) exist at a time.
+
+        Example:
+            >>> for stats in session.observe_inner_layerwise(batches, [["model.layers.0.mlp"]]):  # doctest: +SKIP
+            ...     print(sorted(stats))
+            ['model.layers.0.mlp']
+        """
+        start, stop = self._inner_observers(gram)  # inserts the inner probes before the graph is split
+        yield from self._layer_sweeps(batches, groups, desc, start, stop)
 
 
 class ResumableForward:

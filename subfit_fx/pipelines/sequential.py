@@ -45,12 +45,13 @@ from subfit_fx.branches import Branch
 from subfit_fx.calibrate import Session, Target, register_pipeline
 from subfit_fx.data import Batch
 from subfit_fx.errors import InputError
-from subfit_fx.stats import SCALARS, BranchStats
+from subfit_fx.stats import SCALARS, BranchStats, InnerStats
 
 __all__ = [
     "LayerByLayer",
     "SequentialResult",
     "layer_groups",
+    "offload_inner",
     "offload_stats",
     "sequential_calibrate",
     "stats_from_tensors",
@@ -93,6 +94,37 @@ def stats_from_tensors(tensors: Mapping[str, torch.Tensor], width_in: int, width
     return out
 
 
+def _mapped(tensors: Mapping[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    """`tensors` written to a file under `directory` and memory-mapped back (the file unlinked)."""
+    fd, name = tempfile.mkstemp(dir=directory, suffix=".pt")
+    os.close(fd)
+    path = Path(name)
+    try:
+        torch.save({k: t.detach().cpu() for k, t in tensors.items()}, path)
+        return torch.load(path, mmap=True, weights_only=True)
+    finally:
+        # A platform that cannot unlink a mapped file leaves it to the scratch directory's removal.
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def offload_inner(stats: InnerStats, directory: str | Path) -> InnerStats:
+    """`offload_stats` for the inner statistics of width pruning: written under `directory`,
+    returned memory-mapped (the Gram of a wide FFN is channels^2 float64).
+
+    Example:
+        >>> s = InnerStats.empty(3, gram=True)
+        >>> with tempfile.TemporaryDirectory() as scratch:
+        ...     tuple(offload_inner(s, scratch).gram.shape)
+        (4, 4)
+    """
+    mapped = _mapped(stats.tensors(), Path(directory))
+    out = InnerStats.empty(stats.channels)
+    for key, t in mapped.items():
+        setattr(out, key, t)
+    return out
+
+
 def offload_stats(stats: BranchStats, directory: str | Path) -> BranchStats:
     """Write `stats` under `directory` and return them memory-mapped from that file.
 
@@ -107,18 +139,7 @@ def offload_stats(stats: BranchStats, directory: str | Path) -> BranchStats:
         ...     int(offload_stats(s, scratch).tokens)
         3
     """
-    directory = Path(directory)
-    fd, name = tempfile.mkstemp(dir=directory, suffix=".pt")
-    os.close(fd)
-    path = Path(name)
-    try:
-        torch.save({k: t.detach().cpu() for k, t in stats.tensors().items()}, path)
-        tensors = torch.load(path, mmap=True, weights_only=True)
-    finally:
-        # A platform that cannot unlink a mapped file leaves it to the scratch directory's removal.
-        with contextlib.suppress(OSError):
-            path.unlink()
-    return stats_from_tensors(tensors, stats.width_in, stats.width_out)
+    return stats_from_tensors(_mapped(stats.tensors(), Path(directory)), stats.width_in, stats.width_out)
 
 
 @dataclass
@@ -277,6 +298,21 @@ class LayerByLayer:
                                       offload=self.offload, layers_per_pass=self.layers_per_pass, desc=desc)
         self.history.append(result.summary())
         return result.stats
+
+    def inner(self, session: Session, batches: list[Batch], labels: list[str], gram: bool,
+              desc: str | None) -> dict[str, InnerStats]:
+        """Inner statistics of `labels`, one layer (group) at a time in one sweep: one group's
+        accumulators alive at once, each finished group's offloaded to `offload` when set."""
+        groups = layer_groups(session.branches, labels, self.layers_per_pass)
+        scratch = Path(tempfile.mkdtemp(dir=self.offload, prefix="subfit-inner-")) if self.offload else None
+        out: dict[str, InnerStats] = {}
+        try:
+            for stats in session.observe_inner_layerwise(batches, groups, gram, desc):
+                out.update({label: offload_inner(s, scratch) if scratch else s for label, s in stats.items()})
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)  # files were unlinked when mapped
+        return out
 
 
 register_pipeline("sequential", LayerByLayer)

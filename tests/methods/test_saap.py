@@ -265,3 +265,18 @@ def test_joint_hybrid_with_heads_judges_attention_slimming():
     assert abs(c.report.sparsity_actual - 0.3) <= 0.015, c.report.notes
     judged = next(b["scores"] for b in c.report.branches if b["label"] == "model.layers.1.self_attn")
     assert "judged_slim:1/2" in judged and {"judged_fit", "judged_remove"} <= set(judged)
+
+
+@pytest.mark.parametrize("method", ["saap", "hybrid"])
+def test_width_pruning_on_the_layer_wise_pipeline_gives_the_same_recipe(method, tmp_path):
+    from subfit_fx.pipelines import SessionFactory
+
+    model = tiny_model("llama", layers=4)
+    basic = subfit_fx.compress(model, _calib(), 0.25, method, block=16, progress=False)
+    # inner statistics one layer at a time, each finished layer's written to disk and mapped back
+    layerwise = subfit_fx.compress(model, _calib(), 0.25, method, block=16, progress=False,
+                                   session_factory=SessionFactory("sequential", offload=tmp_path))
+    assert [r.labels for r in layerwise.recipe.replacements] == [r.labels for r in basic.recipe.replacements]
+    assert any(r.action == "slim" for r in basic.recipe.replacements)
+    for name, tensor in basic.recipe.tensors.items():
+        assert torch.equal(layerwise.recipe.tensors[name], tensor), name

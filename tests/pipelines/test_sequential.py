@@ -201,3 +201,37 @@ def test_cli_compresses_on_the_sequential_pipeline_in_one_process(tmp_path, caps
     assert importlib.import_module("subfit_fx.compress").prepare is subfit_fx.calibrate.prepare
     assert main(["compress", "builtin:llama", "--calib", str(text), "--out", str(tmp_path / "o2"),
                  "--offload", str(scratch)]) == 2  # offload without the sequential pipeline
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_inner_statistics_layer_by_layer_equal_one_pass_and_offload_to_disk(arch, tmp_path, monkeypatch):
+    from subfit_fx.calibrate import Session
+    from subfit_fx.pipelines import LayerByLayer
+    from subfit_fx.stats import InnerStats
+
+    _, ep = captured(arch, layers=3)
+    data = batches(3)
+    one_pass = prepare(ep, progress=False).inner_stats(data)
+    session = Session(ep, prepare(ep, progress=False).branches, progress=False,
+                      pipeline=LayerByLayer(offload=tmp_path))
+    live: list[weakref.ref] = []
+    empty = InnerStats.empty.__func__
+
+    def tracked(cls, *args, **kwargs):
+        made = empty(cls, *args, **kwargs)
+        live.append(weakref.ref(made))
+        return made
+
+    with monkeypatch.context() as patch:
+        patch.setattr(InnerStats, "empty", classmethod(tracked))
+        alive = []
+        for stats in session.observe_inner_layerwise(data, layer_groups(session.branches, list(one_pass))):
+            alive.append(sum(ref() is not None for ref in live))
+            del stats
+    assert len(alive) == 3 and max(alive) <= 2  # one layer's accumulators at a time, never all six
+    layerwise = session.inner_stats(data)
+    assert sorted(layerwise) == sorted(one_pass)
+    for label, stats in one_pass.items():
+        for key, tensor in stats.tensors().items():
+            assert torch.equal(tensor, layerwise[label].tensors()[key]), (label, key)
+    assert list(tmp_path.iterdir()) == []  # offloaded files were unlinked once mapped, the scratch removed
