@@ -299,13 +299,16 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Time: layer-wise with weight offload {off['seconds']:.1f} s = {off['seconds'] / fwd:.2f} x one forward "
         f"(target <= 2.5 x: {'met' if met_time else 'missed'}; without offload {lw['seconds'] / fwd:.2f} x); "
-        "the statistics' float64 Gram updates are the difference to a plain forward in every pipeline: "
+        "the statistics' float64 GEMMs (the Gram of [z, 1] and its cross product with the branch output) are "
         f"{gram_flops / 1e12:.2f} TFLOP for {result['samples'] * result['seq_len']} tokens and "
-        f"{parts['branches']} branches, which at this machine's float64 GEMM rate "
-        f"({fwd_rate / 1e9:.0f} GFLOP/s, measured) take {gram_floor:.1f} s = {gram_floor / fwd:.2f} x one "
-        "forward by themselves. The forward runs in bfloat16 (AMX/AVX-512 on this CPU), the statistics in "
-        "float64 as the issue asks, so on this CPU the 2.5 x target is below what the float64 arithmetic "
-        "alone needs; on a GPU with fast float64 (H100/H200) the ratio is different (not measured: no GPU).",
+        f"{parts['branches']} branches, which at this machine's float64 GEMM rate ({fwd_rate / 1e9:.0f} GFLOP/s, "
+        f"measured) take {gram_floor:.1f} s = {gram_floor / fwd:.2f} x one forward by themselves: one bfloat16 "
+        f"forward plus those GEMMs is {1 + gram_floor / fwd:.2f} x, so the target leaves next to no room on "
+        f"this CPU. The basic pipeline is at {r['basic']['seconds'] / fwd:.2f} x (the per-token float64 "
+        "scalars and copies besides the GEMMs); the layer-wise one adds writing the statistics to the scratch "
+        f"directory and one segment per layer ({lw['seconds'] / fwd:.2f} x); weight offload adds reading "
+        f"{_gib(off.get('weight_bytes_read', 0))} GiB of weights ({off['seconds'] / fwd:.2f} x). On a GPU "
+        "with fast float64 (H100/H200) the ratios differ (not measured: no GPU was lent).",
         "",
         "## Memory plan for 7B-70B (computed from the shapes, GiB)",
         "",

@@ -219,6 +219,9 @@ class Session:
         """
         return ResumableForward(self, batches)
 
+    def _graph_nodes(self) -> dict[str, torch.fx.Node]:
+        return {n.name: n for n in self._module.graph.nodes}
+
     def _probe_nodes(self) -> dict[str, str]:
         """Branch label -> name of its probe's node in the probed graph."""
         owner = {id(probe): label for label, probe in self._probes.items()}
@@ -459,7 +462,14 @@ class Session:
             raise ValueError("layer-wise groups must follow the graph's order, each after the previous "
                              "group's last branch")
         node_of = self._probe_nodes()
-        segments = split_graph(self._module, [node_of[order[e]] for e in ends])
+        cuts = [node_of[order[e]] for e in ends]
+        # With offloaded weights the stream entering the first group is computed by a segment of
+        # its own (observers off): the embedding table, often the largest tensor, is then never
+        # resident together with the first layer's weights and statistics.
+        head = self.by_label[order[starts[0]]].skip if self.weights is not None and groups else None
+        if head is not None and self._graph_nodes()[head].op != "call_function":
+            head = None
+        segments = split_graph(self._module, [head, *cuts] if head is not None else cuts)
         shard = self.reducer.shard(list(batches))
         values = [initial_values(self._module, batch) for batch in shard]
         bar = tqdm(total=len(groups) * len(shard), desc=desc, leave=False, unit="batch",
@@ -473,6 +483,10 @@ class Session:
                     run_segment(segment, v)
             return before
 
+        if head is not None:
+            lead, segments = segments[0], segments[1:]
+            with self.weights.onloaded(lead.module, lead.params):
+                sweep(lead, False)
         try:
             for group, segment in zip(groups, segments, strict=True):
                 start(group)

@@ -169,3 +169,27 @@ def test_cli_weight_offload(checkpoint, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main([*base, "--out", str(out), "--pipeline", "sequential", "--judge", "statistics"]) == 0
     assert (out / "model.safetensors").is_file() and (out / "recipe.json").is_file()
+
+
+def test_each_segment_reads_only_its_own_weights_and_the_embedding_comes_alone(checkpoint, monkeypatch) -> None:
+    _, path = checkpoint
+    batches = _batches()
+    session, weights = _offloaded_session(path, batches)
+    reads: list[list[str]] = []
+    original = OffloadedWeights.onloaded
+    stored = set(weights.names())
+
+    def recording(self, module, targets):
+        targets = list(targets)  # rotary tables and other computed buffers are not read
+        reads.append(sorted(self.key(t) for t in targets if self.key(t) in stored))
+        return original(self, module, targets)
+
+    monkeypatch.setattr(OffloadedWeights, "onloaded", recording)
+    session.calibrate(batches)
+    # the embedding table is never resident with a layer's weights (and its statistics)
+    assert reads[0] == ["model.embed_tokens.weight"]
+    assert len(reads) == 1 + 3  # then one read per layer
+    for layer, names in enumerate(reads[1:]):
+        assert names and all(n.startswith(f"model.layers.{layer}.") for n in names), names
+    flat = [n for names in reads for n in names]
+    assert len(flat) == len(set(flat))  # each weight read once
