@@ -306,7 +306,8 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge-sequences", type=positive_int,
                    help="SubFit, hybrid: held-out sequences the output judge runs (default 4)")
     p.add_argument("--rounds", type=positive_int,
-                   help="SubFit, hybrid: rounds of re-judging on the way to the budget (default 4)")
+                   help="SubFit, hybrid: rounds of re-judging on the way to the budget "
+                        "(default 4; hybrid: 8 from 12 layers on)")
     p.add_argument("--shortlist", type=float,
                    help="SubFit: rounds after the first re-judge this multiple of the branches they need (default 3)")
     p.add_argument("--score", help="SubFit --judge statistics: fit_residual (default), rotation, magnitude, holdout")

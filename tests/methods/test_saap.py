@@ -97,9 +97,10 @@ def test_options_are_validated():
         SaapOptions(max_layer_ratio=1.5)
     from subfit_fx.methods.hybrid import HybridOptions
 
-    for bad in ({"rounds": 0}, {"judge_sequences": 2.5}, {"rounds": True}):
+    for bad in ({"rounds": 0}, {"judge_sequences": 2.5}, {"rounds": True}, {"judge_sequences": None}):
         with pytest.raises(subfit_fx.SubfitError, match="must be a positive integer"):
             HybridOptions(**bad)
+    assert HybridOptions().rounds is None  # 8 rounds from 12 layers on, else 4
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
