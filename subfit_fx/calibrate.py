@@ -17,11 +17,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import torch
@@ -218,9 +217,6 @@ class Session:
             >>> run = session.resumable(held); outs = run.forward_all()  # doctest: +SKIP
         """
         return ResumableForward(self, batches)
-
-    def _graph_nodes(self) -> dict[str, torch.fx.Node]:
-        return {n.name: n for n in self._module.graph.nodes}
 
     def _probe_nodes(self) -> dict[str, str]:
         """Branch label -> name of its probe's node in the probed graph."""
@@ -445,7 +441,7 @@ class Session:
         def stop(group: list[str]) -> dict[str, BranchStats]:
             return {label: self._probes[label].stop_observing() for label in group}
 
-        with contextlib.closing(self._layer_sweeps(batches, groups, desc, start, stop, revisable)) as sweeps:
+        with closing(self._layer_sweeps(batches, groups, desc, start, stop, revisable)) as sweeps:
             for stats in sweeps:
                 yield self._checked(self.reducer.stats(stats))
 
@@ -467,7 +463,7 @@ class Session:
         # its own (observers off): the embedding table, often the largest tensor, is then never
         # resident together with the first layer's weights and statistics.
         head = self.by_label[order[starts[0]]].skip if self.weights is not None and groups else None
-        if head is not None and self._graph_nodes()[head].op != "call_function":
+        if head is not None and next(n for n in self._module.graph.nodes if n.name == head).op != "call_function":
             head = None
         segments = split_graph(self._module, [head, *cuts] if head is not None else cuts)
         shard = self.reducer.shard(list(batches))

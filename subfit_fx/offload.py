@@ -201,28 +201,21 @@ class OffloadedWeights:
         return targets
 
     def _load(self, targets: Iterable[str], module: fx.GraphModule) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
+        out = {}
         for target in targets:
             key = self.key(target)
             if key not in self._file:
                 raise ModelLoadError(f"weight '{key}' is not in the checkpoint '{self.directory}'; weight offload "
                                      "reads each tensor under its own name (tied weights included)")
-            by_file.setdefault(self._file[key], []).append(target)
-        out = {}
-        for file, names in by_file.items():
-            with safe_open(file, "pt") as f:
-                for target in names:
-                    stand_in = getattr(*_owner(module, target))
-                    tensor = f.get_tensor(self.key(target))
-                    if tuple(tensor.shape) != tuple(stand_in.shape):
-                        raise ModelLoadError(f"weight '{self.key(target)}' in '{file}' has shape "
-                                             f"{tuple(tensor.shape)}, the model's is {tuple(stand_in.shape)}; "
-                                             "the checkpoint does not belong to this config")
-                    dtype, device = self._meta.get(target, (stand_in.dtype, torch.device("cpu")))
-                    out[target] = tensor.to(dtype=dtype, device=device)
-                    self.bytes_read += out[target].numel() * out[target].element_size()
+            stand_in = getattr(*_owner(module, target))
+            dtype, device = self._meta.get(target, (stand_in.dtype, torch.device("cpu")))
+            tensor = self.read(key, dtype)
+            if tuple(tensor.shape) != tuple(stand_in.shape):
+                raise ModelLoadError(f"weight '{key}' in '{self._file[key]}' has shape {tuple(tensor.shape)}, "
+                                     f"the model's is {tuple(stand_in.shape)}; the checkpoint does not belong to "
+                                     "this config")
+            out[target] = tensor.to(device)
+            self.bytes_read += tensor.numel() * tensor.element_size()
         return out
 
     def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -266,8 +259,7 @@ class OffloadedWeights:
         for name, param in itertools.chain(model.named_parameters(), model.named_buffers()):
             key = self.key(name)
             if key in used:
-                missing = key not in self._file
-                if missing:
+                if key not in self._file:
                     raise ModelLoadError(f"weight '{key}' is not in the checkpoint '{self.directory}'; weight "
                                          "offload reads each tensor under its own name")
                 param.data = self.read(key, param.dtype)
