@@ -231,15 +231,15 @@ class Session:
     # -- replacements ---------------------------------------------------------------------
 
     def set_replacement(self, label: str, fit: Fit | str | None, input_kind: str = "normalized") -> None:
-        """Make branch `label` return fit(z) (or fit(x) for input_kind "stream"), 0 for `REMOVE`,
-        or its own output again for None."""
+        """Make branch `label` return fit(z) (or fit(x) for input_kind "stream"; a fit that names
+        its own `input` reads that), 0 for `REMOVE`, or its own output again for None."""
         probe = self._probes[label]
         if fit is None or isinstance(fit, str):
             if fit not in (None, REMOVE):
                 raise ValueError(f"replacement {fit!r} is not a Fit, REMOVE or None")
             probe.replacement = None if fit is None else _zeros
             return
-        stream = input_kind == "stream" or self.by_label[label].normalized is None
+        stream = (fit.input or input_kind) == "stream" or self.by_label[label].normalized is None
         # one closure per live (fit, input): setting the same fit again is the same replacement, so
         # `replacements()` compares by identity (restart points of ResumableForward stay valid); an
         # entry lives while its closure (which holds the fit, so the id stays unique) is referenced
@@ -339,6 +339,19 @@ class Session:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def post_norm(self, label: str) -> bool:
+        """True when the stream after branch `label` is a LayerNorm of the residual sum (post-LN,
+        BERT), False when it is the sum itself (pre-LN).
+
+        Example:
+            >>> from subfit_fx import capture
+            >>> from subfit_fx.zoo import tiny_model
+            >>> prepare(capture(tiny_model("bert")), progress=False).post_norm("encoder.layer.0.attention")
+            True
+        """
+        nodes = {n.name: n for n in self._module.graph.nodes}
+        return stream_after(self.by_label[label], nodes).target is torch.ops.aten.layer_norm.default
 
     def stream_map(self, label: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """Map the residual sum `x + y` of branch `label` to the stream after it: identity for

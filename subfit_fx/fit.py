@@ -35,6 +35,8 @@ class Fit:
     shared: tuple[int, ...] = ()  # indexes into `layers` of weights shared across branches
     ridge: float = 0.0
     width_out: int = 0  # only needed by "remove" (no layers to infer it from)
+    input: str | None = None  # the input it was fitted on when it must not follow the caller's choice
+    # ("stream": a span map reads the stream entering its first branch, whatever the policy's default)
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
         """Run the bypass on z (any leading shape) in z's dtype, on z's device.

@@ -317,5 +317,6 @@ def recipe_from_fits(method: str, branches: list[Branch], fits: dict[str, Fit], 
         info = {"fit_error": fit.error, "ridge": fit.ridge, "params": fit.params}
         if fit.form in ("lowrank", "shared"):
             info["rank"] = int(fit.layers[0][0].shape[0])
-        replacements.append(Replacement((label,), action, fit.form, inputs.get(label, "normalized"), layers, info))
+        replacements.append(Replacement((label,), action, fit.form, fit.input or inputs.get(label, "normalized"),
+                                        layers, info))
     return Recipe(method, branch_records(branches), replacements, tensors, options=options or {})

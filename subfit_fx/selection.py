@@ -32,11 +32,17 @@ class Candidate:
     bypass_params: int
     group: str | None = None
     branch: str | None = None  # candidates of one branch (alternative forms) exclude each other
+    covers: tuple[str, ...] = ()  # every branch it replaces, when more than `key` (a span of layers)
 
     @property
     def key(self) -> str:
-        """The branch this candidate replaces."""
+        """The branch this candidate replaces (the first one, for a span)."""
         return self.branch or self.label
+
+    @property
+    def keys(self) -> frozenset:
+        """Every branch this candidate replaces: candidates that share one exclude each other."""
+        return frozenset(self.covers or (self.key,))
 
     @property
     def saved(self) -> int:
@@ -96,8 +102,8 @@ def select(candidates: list[Candidate], block_params: int, target: float,
     group_costs = group_costs or {}
     chosen = list(already or [])
     picked: list[str] = []
-    taken = {a.key for a in chosen}
-    pool = [c for c in candidates if c.saved > 0 and c.key not in taken]
+    taken = frozenset().union(*(a.keys for a in chosen))
+    pool = [c for c in candidates if c.saved > 0 and not c.keys & taken]
 
     def cost_rate(c: Candidate) -> float:
         used = {a.group for a in chosen}
@@ -117,7 +123,7 @@ def select(candidates: list[Candidate], block_params: int, target: float,
             best = min(closing, key=lambda c: (c.score, cost_rate(c), c.label))
         chosen.append(best)
         picked.append(best.label)
-        pool = [c for c in pool if c.key != best.key]
+        pool = [c for c in pool if not c.keys & best.keys]
     if limit is None:
         picked = repair_overshoot(chosen, picked, pool, block_params, target, group_costs, tolerance)
     return picked
@@ -145,9 +151,10 @@ def repair_overshoot(chosen: list[Candidate], picked: list[str], pool: list[Cand
     best: tuple[tuple[bool, float], list[Candidate]] | None = None
     for out in mine:
         rest = [c for c in chosen if c is not out]
-        options = [c for c in pool if c.key != out.key and c.saved > 0]
+        taken = frozenset().union(*(c.keys for c in rest))
+        options = [c for c in pool if c.key != out.key and c.saved > 0 and not c.keys & taken]
         combos: list[list[Candidate]] = [[]] + [[c] for c in options]
-        combos += [[a, b] for i, a in enumerate(options) for b in options[i + 1:] if a.key != b.key]
+        combos += [[a, b] for i, a in enumerate(options) for b in options[i + 1:] if not a.keys & b.keys]
         for add in combos:
             s = sparsity_of(rest + add, block_params, group_costs)
             if max(target - tolerance, 0.9 * target) <= s <= target + tolerance:
@@ -186,6 +193,8 @@ def select_jointly(candidates: list[Candidate], block_params: int, target: float
     """
     import numpy as np
 
+    if any(c.covers for c in candidates):
+        raise ValueError("select_jointly takes one branch per candidate; spans (covers) need select")
     group_costs = group_costs or {}
     budget = target * block_params
     best: tuple[tuple[int, float], list[Hashable]] | None = None

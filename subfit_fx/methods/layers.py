@@ -40,6 +40,7 @@ __all__ = [
     "record_stream_after",
     "require_sequential",
     "smallest_span",
+    "span_map_statistics",
     "span_replacement",
     "stream_statistics",
 ]
@@ -223,6 +224,73 @@ def stream_statistics(session: Session, batches: Iterable[Batch], span_lengths: 
     session.watch(batches, each, desc=desc)
     stats.sums = session.reduce_sums(stats.sums)  # data-parallel: each rank saw its shard
     return stats
+
+
+@torch.no_grad()
+def span_map_statistics(session: Session, batches: Iterable[Batch], lengths: Iterable[int],
+                        desc: str | None = "span statistics",
+                        ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Sufficient statistics of a least-squares map over every span of `n` whole layers (n in
+    `lengths`), from one pass: for the span of layers i .. i + n - 1, with x the stream entering
+    layer i (a column of ones appended) and t = (stream after the span) - x, the Gram x^T x, the
+    cross x^T t and the target energy ||t||^2, in float64 over the session's counted tokens
+    (ReplaceMe's map, for every start at once). Returns {(i, n): (gram, cross, y_sq)}; grams of
+    one start are one tensor.
+
+    Memory: one (width+1)^2 Gram per start and one (width+1) x width cross per span.
+
+    Example:
+        >>> from subfit_fx import capture, prepare
+        >>> from subfit_fx.zoo import tiny_model
+        >>> s = prepare(capture(tiny_model("llama", layers=3)), progress=False)
+        >>> ids = torch.randint(3, 128, (2, 8))
+        >>> st = span_map_statistics(s, [(ids, torch.ones_like(ids))], (2,), desc=None)
+        >>> sorted(st), tuple(st[0, 2][1].shape)
+        ([(0, 2), (1, 2)], (65, 64))
+    """
+    layers = group_layers(session.branches)
+    lengths = sorted({int(n) for n in lengths if 0 < int(n) <= len(layers)})
+    if not lengths:
+        return {}
+    require_sequential(session, layers)
+    starts = len(layers) - lengths[0] + 1  # layers a span may start at
+    first_label = layers[0].labels[0]
+    ends = {layer.labels[-1]: k for k, layer in enumerate(layers)}
+    to_stream = {label: session.stream_map(label) for label in ends}
+    sums: dict[tuple, torch.Tensor] = {}
+    bounds: dict[int, torch.Tensor] = {}  # layer index -> [x, 1] of the stream entering it (this batch)
+
+    def add(key: tuple, value: torch.Tensor) -> None:
+        sums[key] = sums[key] + value if key in sums else value
+
+    def enter(i: int, rows: torch.Tensor) -> None:
+        if i < starts:
+            bounds[i] = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
+            add(("gram", i), bounds[i].T @ bounds[i])
+
+    def each(label: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        if label == first_label:
+            bounds.clear()
+            enter(0, session.real_tokens(x).double())
+        if label not in ends:
+            return
+        end = ends[label] + 1
+        after = session.real_tokens(to_stream[label](x + out)).double()
+        for n in lengths:
+            if end - n in bounds:
+                xa = bounds[end - n]
+                target = after - xa[:, :-1]
+                add(("cross", end - n, n), xa.T @ target)
+                add(("y_sq", end - n, n), (target * target).sum())
+        for old in [k for k in bounds if k <= end - lengths[-1]]:
+            del bounds[old]
+        if end < len(layers):
+            enter(end, after)
+
+    session.watch(batches, each, desc=desc)
+    sums = session.reduce_sums(sums)  # data-parallel: each rank saw its shard
+    return {(i, n): (sums["gram", i], sums["cross", i, n], sums["y_sq", i, n])
+            for (kind, *key) in sums if kind == "cross" for i, n in [key]}
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from subfit_fx.calibrate import REMOVE
 from subfit_fx.errors import InputError
 from subfit_fx.fit import Fit
 from subfit_fx.methods.base import (
@@ -31,7 +32,8 @@ from subfit_fx.scores import SCORES
 from subfit_fx.selection import Candidate, repair_overshoot, select, sparsity_of
 from subfit_fx.stats import BranchStats
 
-__all__ = ["BypassFitter", "SubfitOptions", "candidate_forms", "judge_split", "shortlist_branches", "subfit"]
+__all__ = ["BypassFitter", "SubfitOptions", "candidate_forms", "judge_split", "shortlist_branches", "span_fits",
+           "subfit"]
 
 SCORE_CHOICES = (*SCORES, "holdout")
 # Forms that compete with the default bypass (low-rank attention / shared-basis FFN) per branch.
@@ -57,6 +59,8 @@ class SubfitOptions:
     judge_sequences: int = 4  # held-out calibration sequences the output judge runs (judge="output")
     rounds: int = 4  # judge="output": the budget is reached in this many rounds, re-judging in each
     shortlist: float = 3.0  # judge="output": rounds after the first re-judge this multiple of what they need
+    spans: int = 0  # judge="output": also judge one linear map over every run of 2..spans whole layers
+    # (ReplaceMe's form, fitted in closed form) as a candidate next to the per-branch ones; 0: off
 
     def __post_init__(self) -> None:
         if self.judge not in JUDGES:
@@ -66,6 +70,11 @@ class SubfitOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.spans, int) or self.spans < 0 or self.spans == 1:
+            raise InputError(f"spans={self.spans!r} must be 0 (off) or the longest run of layers (>= 2) a "
+                             "linear span map may replace")
+        if self.spans and self.judge != "output":
+            raise InputError("spans are judged at the output: use judge='output' (the default) or spans=0")
         if not self.shortlist >= 1:
             raise InputError(f"shortlist={self.shortlist!r} must be >= 1 (a multiple of what a round needs)")
         if self.judge == "output" and (self.score == "holdout" or self.rescore_every is not None):
@@ -138,7 +147,8 @@ def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: BypassFit
     dense = session.record_streams(ctx.batches, order, "sequential: dense targets", after_norm=False)
     refit: dict[str, Fit] = {}
     for label in order:
-        if fits[label].form == "remove":  # nothing to fit; later bypasses see it removed
+        if fits[label].form == "remove" or fits[label].input is not None:  # nothing to refit (removal; a
+            # span map, fitted over whole layers); later bypasses see it in place
             refit[label] = fits[label]
             session.set_replacement(label, fits[label], opts.bypass_input)
             continue
@@ -287,15 +297,80 @@ def _subfit_statistics(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
                             options={"sparsity": ctx.target, **asdict(opts)})
 
 
+SPANNED = "spanned"  # the form of a branch inside a chosen span (removed; the span's first branch maps it)
+
+
 def _judged_candidates(ctx: PolicyContext, opts: SubfitOptions, alts: dict[str, dict[str, Fit]],
-                       damage: dict[tuple[str, str], float]) -> list[Candidate]:
+                       damage: dict[tuple[str, str], float],
+                       spans: dict[tuple[str, str], tuple[str, ...]] | None = None) -> list[Candidate]:
+    """Candidates of judged (branch, form) choices; a span form stands for all its branches."""
     out = []
+    by_label = ctx.session.by_label
     for (label, form), value in damage.items():
+        if form == SPANNED:
+            continue
         fit = alts[label][form]
-        cost = fit.params + (kept_norm_params(ctx.session.by_label[label], opts.bypass_input) if fit.layers else 0)
-        out.append(Candidate(Choice(label, form), value, ctx.session.by_label[label].params, cost,
+        covers = (spans or {}).get((label, form), ())
+        if covers:
+            out.append(Candidate(Choice(label, form), value, sum(by_label[lb].params for lb in covers), fit.params,
+                                 branch=label, covers=covers))
+            continue
+        cost = fit.params + (kept_norm_params(by_label[label], opts.bypass_input) if fit.layers else 0)
+        out.append(Candidate(Choice(label, form), value, by_label[label].params, cost,
                              "ffn_basis" if fit.form == "shared" else None, branch=label))
     return out
+
+
+def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
+              ) -> dict[tuple[str, str], tuple[Fit, tuple[str, ...]]]:
+    """One linear map (ridge, in closed form, on the stream) for every run of 2..`opts.spans` whole
+    layers: {(first branch, "spanN"): (fit, every branch of the span)}. Empty where the model's
+    layers are not sequential pre-LN blocks (a span map replaces the stream between two layers).
+
+    Example:
+        >>> fits = span_fits(ctx, SubfitOptions(spans=4), ctx.batches)  # doctest: +SKIP
+        >>> sorted(fits)[0]  # doctest: +SKIP
+        ('model.layers.0.self_attn', 'span2')
+    """
+    from subfit_fx.fit import ridge
+    from subfit_fx.methods.layers import group_layers, span_map_statistics
+
+    session = ctx.session
+    layers = group_layers(ctx.branches)
+    skips = [[session.by_label[label].skip for label in layer.labels] for layer in layers]
+    if (opts.spans < 2 or any(len(set(s)) != len(s) for s in skips)
+            or any(session.post_norm(b.label) for b in ctx.branches)):
+        if opts.spans >= 2:
+            ctx.notes.append("span maps skipped: they need sequential pre-LN layers")
+        return {}
+    stats = span_map_statistics(session, batches, range(2, opts.spans + 1), desc="span statistics")
+    out = {}
+    for (i, n), (gram, cross, y_sq) in sorted(stats.items()):
+        fit = ridge(gram, cross, y_sq, opts.ridge)
+        fit.input = "stream"
+        covers = tuple(label for layer in layers[i:i + n] for label in layer.labels)
+        out[covers[0], f"span{n}"] = (fit, covers)
+    return out
+
+
+def _merge_spans(recipe: Recipe, spans: dict[str, tuple[str, ...]], layer_of: dict[str, int]) -> Recipe:
+    """Each chosen span as one Replacement over its branches (stream in, stream out), in place of
+    its first branch's map and its other branches' removals. A span whose map was turned into
+    removal stays as per-branch removals."""
+    from subfit_fx.recipe import Replacement
+
+    reps = list(recipe.replacements)
+    for head, covers in spans.items():
+        first = next(r for r in reps if r.labels == (head,))
+        if first.action != "bypass":
+            continue
+        merged = Replacement(covers, "bypass", first.form, "stream", first.layers,
+                             {**first.info, "layers": sorted({layer_of[label] for label in covers})})
+        at = reps.index(first)
+        reps[at] = merged
+        reps = [r for r in reps if r is merged or not set(r.labels) & set(covers)]
+    recipe.replacements = reps
+    return recipe
 
 
 def shortlist_branches(pool: list[Candidate], need: float, multiple: float, minimum: int = 4) -> set[str]:
@@ -413,6 +488,26 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     for label, fit in fits.items():
         for name, fn in SCORES.items():
             ctx.record_score(label, name, fn(stats[label], fit))
+    spans = span_fits(ctx, opts, batches)
+    span_of = {key: covers for key, (_fit, covers) in spans.items()}
+    for (head, form), (fit, _covers) in spans.items():
+        alts[head][form] = fit
+
+    def fit_of(label: str, form: str) -> Fit:
+        return alts[label]["remove" if form == SPANNED else form]
+
+    def choose(picks: list[Choice]) -> None:
+        for label, form in picks:
+            chosen[label] = form
+            for member in span_of.get((label, form), (label,))[1:]:
+                chosen[member] = SPANNED
+
+    def candidates(values: dict[tuple[str, str], float]) -> list[Candidate]:
+        return _judged_candidates(ctx, opts, alts, values, span_of)
+
+    def unchosen(pool: list[Candidate]) -> list[Candidate]:
+        return [c for c in pool if not c.keys & chosen.keys()]
+
     judge = OutputJudge(session, held, ctx.causal)
     group_costs = {"ffn_basis": fitter.basis_params}
     chosen: dict[str, str] = {}  # label -> form
@@ -423,25 +518,32 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     for r in range(n_rounds):
         session.clear_replacements()
         for label, form in chosen.items():
-            session.set_replacement(label, alts[label][form], opts.bypass_input)
-        already = _judged_candidates(ctx, opts, alts, {(lb, f): 0.0 for lb, f in chosen.items()})
+            session.set_replacement(label, fit_of(label, form), opts.bypass_input)
+        already = candidates({(lb, f): 0.0 for lb, f in chosen.items()})
         reached = sparsity_of(already, ctx.block_params, group_costs)
         step_target = ctx.target * (r + 1) / n_rounds
         labels = [b.label for b in ctx.branches if b.label not in chosen]
         if r > 0:
             need = (step_target - reached) * ctx.block_params
-            keep = shortlist_branches([c for c in stale if c.key not in chosen], need, opts.shortlist)
+            keep = shortlist_branches(unchosen(stale), need, opts.shortlist)
             labels = [label for label in labels if label in keep]
         base = judge()
         fresh: dict[tuple[str, str], float] = {}
         for label in tqdm(labels, desc=f"judge round {r + 1}/{n_rounds}", leave=False, unit="branch",
                           disable=not session.progress):
             for form, fit in alts[label].items():
+                members = span_of.get((label, form), (label,))[1:]
+                if any(member in chosen for member in members):
+                    continue
+                for member in members:
+                    session.set_replacement(member, REMOVE)
                 session.set_replacement(label, fit, opts.bypass_input)
                 fresh[label, form] = max(judge(start=label) - base, 0.0)  # only the graph after it reruns
+                for member in members:
+                    session.set_replacement(member, None)
             session.set_replacement(label, None)
-            # removal saves at least as much as any fit: a fit that damages more is dominated
-            for form in [f for f in alts[label] if f != "remove"]:
+            # removal saves at least as much as any fit of the branch: a fit that damages more is dominated
+            for form in [f for f in alts[label] if f != "remove" and (label, f) not in span_of]:
                 if fresh[label, form] >= fresh[label, "remove"]:
                     del fresh[label, form]
         # a re-judged branch's older judgements go: a fit dominated now must not come back
@@ -449,23 +551,23 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
         damage = {key: value for key, value in damage.items() if key[0] not in labels} | fresh
         for (label, form), value in fresh.items():
             ctx.record_score(label, "judged" if form == "fit" else f"judged_{form}", value)
-        pool = _judged_candidates(ctx, opts, alts, fresh)
-        picks = select(pool, ctx.block_params, step_target, group_costs, already=already, tolerance=1.0)
-        chosen.update(picks)
-        stale = [c for c in _judged_candidates(ctx, opts, alts, damage) if c.key not in chosen]
+        pool = unchosen(candidates(fresh))
+        choose(select(pool, ctx.block_params, step_target, group_costs, already=already, tolerance=1.0))
+        stale = unchosen(candidates(damage))
         bar.update(1)
-        if sparsity_of(_judged_candidates(ctx, opts, alts, {(lb, f): 0.0 for lb, f in chosen.items()}),
+        if sparsity_of(candidates({(lb, f): 0.0 for lb, f in chosen.items()}),
                        ctx.block_params, group_costs) >= ctx.target:
             break
     bar.close()
     # honest budget: an overshoot beyond 1.5 points is repaired by one swap (latest judged damages)
-    mine = _judged_candidates(ctx, opts, alts, {(lb, f): damage[lb, f] for lb, f in chosen.items()})
+    mine = candidates({(lb, f): damage[lb, f] for lb, f in chosen.items() if f != SPANNED})
     keys = repair_overshoot(mine, [c.label for c in mine], stale, ctx.block_params, ctx.target, group_costs)
     if sorted(keys) != sorted(c.label for c in mine):
         out, into = sorted(set(c.label for c in mine) - set(keys)), sorted(set(keys) - set(c.label for c in mine))
         ctx.notes.append(f"budget repair: {', '.join(f'{k.label} ({k.form})' for k in out)} swapped for "
                          f"{', '.join(f'{k.label} ({k.form})' for k in into)}")
-        chosen = dict(keys)
+        chosen = {}
+        choose(keys)
     session.clear_replacements()
     # Final fits from the dense statistics; the FFN basis is fitted on the chosen FFNs only.
     fit_labels = [label for label, form in chosen.items() if form == "fit"]
@@ -473,18 +575,26 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     final = fitter.fits({label: stats[label] for label in fit_labels}, chosen_ffn)
     for label, form in chosen.items():
         if form != "fit":
-            final[label] = alts[label][form]
-    final = _keep_better(ctx, opts, judge, {label: alts[label][form] for label, form in chosen.items()}, final,
+            final[label] = fit_of(label, form)
+    final = _keep_better(ctx, opts, judge, {label: fit_of(label, form) for label, form in chosen.items()}, final,
                          "chosen FFNs' own basis")
     if opts.sequential and final:
         final = _sequential_refit(ctx, opts, fitter, list(final), final)
     final = _never_worse_than_removal(ctx, opts, judge, final, {label: alts[label]["remove"] for label in final})
     ctx.notes.append(f"output judge: {judge.calls} forwards of {int(held_ids.shape[0])} held-out sequences")
+    chosen_spans = {label: span_of[label, form] for label, form in chosen.items() if (label, form) in span_of}
+    layer_of = {b.label: b.layer for b in ctx.branches}
+    for head, covers in chosen_spans.items():
+        ctx.notes.append(f"span map: layers {layer_of[covers[0]]}-{layer_of[covers[-1]]} replaced by one linear map "
+                         f"({final[head].params:,} parameters)")
     for label, fit in final.items():
+        if chosen.get(label) == SPANNED or label in chosen_spans:
+            continue  # a span's fit error is over the span, not the branch
         ctx.record_score(label, "fit_error_relative",
                          fit.error / max(float(stats[label].scalars["y_sq"]), 1e-30))
-    return recipe_from_fits("subfit", ctx.branches, final, {label: opts.bypass_input for label in final},
-                            options={"sparsity": ctx.target, **asdict(opts)})
+    recipe = recipe_from_fits("subfit", ctx.branches, final, {label: opts.bypass_input for label in final},
+                              options={"sparsity": ctx.target, **asdict(opts)})
+    return _merge_spans(recipe, chosen_spans, layer_of)
 
 
 @dataclass(frozen=True)
