@@ -77,6 +77,8 @@ class ChannelSite:
     unit: int = 1  # inner channels per pruning unit: 1, or the query heads of one group x head_dim
     producer_unit: tuple[int, ...] = ()  # rows of each producer per unit (empty: 1 each)
     heads: tuple[int, ...] = ()  # attention: the head axis of each node of `chain`
+    producer_chunks: tuple[int, ...] = ()  # fused producers (Phi-3 gate_up): equal chunks of the last axis
+    # each producer's output is split into, the channels being one chunk (empty: 1 each)
 
     @property
     def units(self) -> int:
@@ -96,7 +98,8 @@ class ChannelSite:
             9
         """
         rows = self.producer_unit or (1,) * len(self.producers)
-        return sum(r * (width_in + (1 if b else 0)) for r, (_, b) in zip(rows, self.producers)) \
+        chunks = self.producer_chunks or (1,) * len(self.producers)
+        return sum(r * k * (width_in + (1 if b else 0)) for r, k, (_, b) in zip(rows, chunks, self.producers)) \
             + self.unit * width_out
 
     def params_per_channel(self, width_in: int, width_out: int) -> float:
@@ -116,9 +119,13 @@ class ChannelSite:
             ...                    "attention", 4, (4, 2))
             >>> [r.tolist() for r in site.producer_rows(torch.arange(4, 8))]
             [[4, 5, 6, 7], [2, 3]]
+            >>> fused = ChannelSite("f", "h", "l", "w", None, ("gu",), (("gu.w", None),), (), 4, producer_chunks=(2,))
+            >>> fused.producer_rows(torch.tensor([1, 3]))[0].tolist()  # gate rows, then up rows
+            [1, 3, 5, 7]
         """
         if self.unit == 1:
-            return [kept] * len(self.producers)
+            chunks = self.producer_chunks or (1,) * len(self.producers)
+            return [torch.cat([kept + c * self.channels for c in range(k)]) for k in chunks]
         groups = kept.reshape(-1, self.unit)
         if len(kept) % self.unit or not torch.equal(groups, groups[:, :1] + torch.arange(self.unit)) \
                 or bool((groups[:, 0] % self.unit).any()):
@@ -176,6 +183,7 @@ def _site(branch: Branch, nodes: dict[str, fx.Node], param_nodes: dict[str, tupl
     channels = int(val.shape[-1])
     producers: list[fx.Node] = []
     chain: list[fx.Node] = []
+    chunks: dict[str, int] = {}  # fused producer -> number of chunks its output is split into
     todo, seen = [inner], set()
     while todo:
         node = todo.pop()
@@ -184,6 +192,14 @@ def _site(branch: Branch, nodes: dict[str, fx.Node], param_nodes: dict[str, tupl
         seen.add(node.name)
         if _linear_parts(node, param_nodes) is not None:
             producers.append(node)
+            continue
+        fused = _chunk_of_linear(node, param_nodes, channels)
+        if fused is not None and node.name in body:  # one chunk of a fused producer (Phi-3 gate_up)
+            split, producer, count = fused
+            chunks[producer.name] = count
+            chain += [node] + ([] if split.name in seen else [split])
+            seen.add(split.name)
+            todo.append(producer)
             continue
         if node.op != "call_function" or node.target not in _ELEMENTWISE or node.name not in body:
             return None
@@ -207,7 +223,32 @@ def _site(branch: Branch, nodes: dict[str, fx.Node], param_nodes: dict[str, tupl
         label=branch.label, inner=inner.name, last=last.name, last_weight=parts[0], last_bias=parts[1],
         producer_nodes=tuple(p.name for p in producers),
         producers=tuple(_linear_parts(p, param_nodes) for p in producers),  # type: ignore[misc]
-        chain=tuple(n.name for n in chain), channels=channels)
+        chain=tuple(n.name for n in chain), channels=channels,
+        producer_chunks=tuple(chunks.get(p.name, 1) for p in producers) if chunks else ())
+
+
+def _chunk_of_linear(node: fx.Node, param_nodes: dict[str, tuple[str, int]], channels: int
+                     ) -> tuple[fx.Node, fx.Node, int] | None:
+    """(chunk node, linear, chunk count) when `node` takes one of k equal chunks of a parameter
+    linear's last axis (`chunk(linear(x), k, -1)[i]`, each `channels` wide), else None. Slicing the
+    same rows of every chunk keeps the chunks equal, so the chunk op needs no change."""
+    import operator
+
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    split = node.args[0]
+    if not isinstance(split, fx.Node) or split.target is not aten.chunk.default:
+        return None
+    source = split.args[0]
+    count = int(split.args[1])
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    val = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if (not isinstance(val, torch.Tensor) or _linear_parts(source, param_nodes) is None
+            or _dim(int(dim), val.dim()) != val.dim() - 1 or optimization_hint(val.shape[-1]) != count * channels):
+        return None
+    if any(u.target is not operator.getitem for u in split.users):
+        return None
+    return split, source, count
 
 
 

@@ -224,7 +224,8 @@ def _pair(f: _Fields, pair: Any, shapes: dict[str, list[int]], field: str) -> tu
 
 
 def _check_slim(f: _Fields, r: dict, layers: list, shapes: dict[str, list[int]], width: int, where: str) -> None:
-    """A slim replacement: producers [kept, in] (+ [kept] biases), one last map [width, kept]. An
+    """A slim replacement: producers [kept, in] (+ [kept] biases; [k * kept, in] for a fused producer
+    split into info.chunks[j] = k equal chunks), one last map [width, kept]. An
     attention slim (info.kind "attention") keeps whole key/value groups: its key/value producers
     have fewer rows than the query's, each a multiple of info.kept_groups."""
     producers = f.get(r, "producers", "list", where)
@@ -234,15 +235,20 @@ def _check_slim(f: _Fields, r: dict, layers: list, shapes: dict[str, list[int]],
     groups = info.get("kept_groups") if info.get("kind") == "attention" else None
     if groups is not None and (not isinstance(groups, int) or groups < 1):
         f.fail(f"{where}info.kept_groups", f"is {groups!r}, expected a positive number of key/value groups")
+    chunks = info.get("chunks", [1] * len(producers))
+    if (not isinstance(chunks, list) or len(chunks) != len(producers)
+            or not all(isinstance(k, int) and k >= 1 for k in chunks)):
+        f.fail(f"{where}info.chunks", f"is {chunks!r}, expected one positive chunk count per producer")
     kept = None
     for j, pair in enumerate(producers):
         field = f"{where}producers.{j}"
         w_key, b_key = _pair(f, pair, shapes, field)
         shape = shapes[w_key]
-        kept = shape[0] if kept is None else kept
+        kept = shape[0] // chunks[j] if kept is None else kept
         rows = shape[0] if len(shape) == 2 else None
-        if rows is None or (rows != kept if groups is None else rows % groups):
-            want = f"[{kept}, in]" if groups is None else f"[a multiple of {groups} key/value groups, in]"
+        if rows is None or (rows != kept * chunks[j] if groups is None else rows % groups):
+            want = (f"[{kept * chunks[j]}, in]" if groups is None
+                    else f"[a multiple of {groups} key/value groups, in]")
             f.fail(f"tensors.{w_key}", f"is {shape}, expected a 2-D weight {want} ({field})")
         if b_key is not None and shapes[b_key] != [rows]:
             f.fail(f"tensors.{b_key}", f"is {shapes[b_key]}, expected a 1-D bias [{rows}] ({field})")

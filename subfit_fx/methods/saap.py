@@ -368,6 +368,8 @@ def slim_replacements(ctx: PolicyContext, slimmings: list[Slimming],
         modules = [key.removeprefix("hf.").rsplit(".", 1)[0] for key, _ in (*site.producers, (site.last_weight, None))]
         info = {"kept": [int(k) for k in s.kept], "channels": site.channels, "damage": s.damage, "modules": modules,
                 "kind": site.kind}
+        if any(k > 1 for k in site.producer_chunks):  # fused producers: kept rows of each chunk
+            info["chunks"] = list(site.producer_chunks)
         if site.kind == "attention":  # whole key/value groups: the cache of this layer shrinks too
             info["groups"], info["kept_groups"] = site.units, len(s.kept) // site.unit
         replacements.append(Replacement((s.label,), "slim", "slim", "inner", [(f"{prefix}{i}.out.weight", out_b)],

@@ -57,7 +57,7 @@ def test_inner_statistics_equal_the_last_matmuls_input(arch):
     assert torch.allclose(s.gram[:-1, :-1], h.T @ h)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "opt", "phi3"])
 def test_slim_program_equals_the_model_with_dropped_channels_zeroed(arch):
     """compensation='none' keeps W[:, kept]: exactly the dense model with the other columns zero."""
     model = _model(arch)
@@ -103,7 +103,7 @@ def test_options_are_validated():
     assert HybridOptions().rounds is None  # 8 rounds from 12 layers on, else 4
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "phi3"])
 def test_slimmed_directory_loads_in_subfit_fx_and_transformers(arch, tmp_path):
     model = _model(arch)
     c = subfit_fx.compress(model, _calib(), 0.2, method="saap", block=16, progress=False)
@@ -118,18 +118,23 @@ def test_slimmed_directory_loads_in_subfit_fx_and_transformers(arch, tmp_path):
         got = hf(input_ids=ids, attention_mask=torch.ones_like(ids))
     got = got.last_hidden_state if arch == "bert" else got.logits
     assert torch.allclose(got, ours, atol=1e-5)
+    if arch == "phi3":  # the fused gate_up projection keeps the same rows of its gate and up halves
+        r = c.recipe.replacements[0]
+        assert r.info["chunks"] == [2]
+        assert c.recipe.tensors[r.producers[0][0]].shape[0] == 2 * len(r.info["kept"])
 
 
-def test_slimmed_model_exports_to_onnx_with_and_without_cache(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_slimmed_model_exports_to_onnx_with_and_without_cache(arch, tmp_path):
     """Both exports validate against the rewritten torch program (parity is enforced inside)."""
     from subfit_fx.exporters.kv_cache import export_onnx_kv
     from subfit_fx.exporters.onnx_export import export_onnx
 
-    c = subfit_fx.compress(_model("llama"), _calib(), 0.2, method="saap", block=16, progress=False)
+    c = subfit_fx.compress(_model(arch), _calib(), 0.2, method="saap", block=16, progress=False)
     plain = export_onnx(c, tmp_path / "plain.onnx")
     cached = export_onnx_kv(c, tmp_path / "kv.onnx")
     assert plain.parity is not None and cached.parity is not None
-    dense = export_onnx(_model("llama"), tmp_path / "dense.onnx", validate=False)
+    dense = export_onnx(_model(arch), tmp_path / "dense.onnx", validate=False)
     assert plain.bytes < dense.bytes
 
 
