@@ -32,8 +32,8 @@ from subfit_fx.scores import SCORES
 from subfit_fx.selection import Candidate, repair_overshoot, select, sparsity_of
 from subfit_fx.stats import BranchStats
 
-__all__ = ["BypassFitter", "SubfitOptions", "candidate_forms", "judge_split", "shortlist_branches", "span_fits",
-           "subfit"]
+__all__ = ["AUTO_SPANS", "SPAN_MEMORY", "BypassFitter", "SubfitOptions", "candidate_forms", "judge_split",
+           "shortlist_branches", "span_fits", "span_lengths", "subfit"]
 
 SCORE_CHOICES = (*SCORES, "holdout")
 # Forms that compete with the default bypass (low-rank attention / shared-basis FFN) per branch.
@@ -59,8 +59,9 @@ class SubfitOptions:
     judge_sequences: int = 4  # held-out calibration sequences the output judge runs (judge="output")
     rounds: int = 4  # judge="output": the budget is reached in this many rounds, re-judging in each
     shortlist: float = 3.0  # judge="output": rounds after the first re-judge this multiple of what they need
-    spans: int = 0  # judge="output": also judge one linear map over every run of 2..spans whole layers
-    # (ReplaceMe's form, fitted in closed form) as a candidate next to the per-branch ones; 0: off
+    spans: int | None = 0  # judge="output": also judge one linear map over every run of 2..spans whole
+    # layers (ReplaceMe's form, fitted in closed form) next to the per-branch candidates; 0: off; None:
+    # the longest runs up to 6 whose statistics fit in SPAN_MEMORY (see `span_lengths`)
 
     def __post_init__(self) -> None:
         if self.judge not in JUDGES:
@@ -70,10 +71,11 @@ class SubfitOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"{name}={value!r} must be a positive integer")
-        if not isinstance(self.spans, int) or self.spans < 0 or self.spans == 1:
-            raise InputError(f"spans={self.spans!r} must be 0 (off) or the longest run of layers (>= 2) a "
-                             "linear span map may replace")
-        if self.spans and self.judge != "output":
+        if self.spans is not None and (not isinstance(self.spans, int) or isinstance(self.spans, bool)
+                                       or self.spans < 0 or self.spans == 1):
+            raise InputError(f"spans={self.spans!r} must be 0 (off), the longest run of layers (>= 2) a "
+                             "linear span map may replace, or None (automatic)")
+        if self.spans is not None and self.spans > 0 and self.judge != "output":
             raise InputError("spans are judged at the output: use judge='output' (the default) or spans=0")
         if not self.shortlist >= 1:
             raise InputError(f"shortlist={self.shortlist!r} must be >= 1 (a multiple of what a round needs)")
@@ -321,6 +323,28 @@ def _judged_candidates(ctx: PolicyContext, opts: SubfitOptions, alts: dict[str, 
     return out
 
 
+SPAN_MEMORY = 2 << 30  # bytes the span statistics may take when `spans` is automatic
+AUTO_SPANS = 6  # the longest run of layers an automatic span map covers
+
+
+def span_lengths(spans: int | None, layers: int, width: int, memory: int = SPAN_MEMORY) -> range:
+    """Span lengths (in layers) to judge: 2..`spans`; automatic (None): 2..n for the largest n <=
+    AUTO_SPANS whose float64 statistics (one (width+1)^2 Gram per start layer, one cross per span)
+    fit in `memory` bytes.
+
+    Example:
+        >>> span_lengths(None, 30, 576), span_lengths(None, 32, 4096), span_lengths(3, 30, 4096)
+        (range(2, 7), range(2, 2), range(2, 4))
+    """
+    if spans is not None:
+        return range(2, max(spans, 1) + 1)
+    for longest in range(min(AUTO_SPANS, layers), 1, -1):
+        count = sum(layers - n + 1 for n in range(2, longest + 1))
+        if (layers + count) * 8 * (width + 1) ** 2 <= memory:
+            return range(2, longest + 1)
+    return range(2, 2)
+
+
 def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
               ) -> dict[tuple[str, str], tuple[Fit, tuple[str, ...]]]:
     """One linear map (ridge, in closed form, on the stream) for every run of 2..`opts.spans` whole
@@ -337,16 +361,23 @@ def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
 
     session = ctx.session
     layers = group_layers(ctx.branches)
+    lengths = span_lengths(opts.spans, len(layers), ctx.branches[0].width)
+    if opts.spans is None and not lengths:
+        ctx.notes.append(f"span maps skipped: their statistics would exceed {SPAN_MEMORY >> 30} GiB at this width "
+                         "(pass spans=N to judge runs of up to N layers anyway)")
+        return {}
     skips = [[session.by_label[label].skip for label in layer.labels] for layer in layers]
-    if (opts.spans < 2 or any(len(set(s)) != len(s) for s in skips)
+    if (not lengths or any(len(set(s)) != len(s) for s in skips)
             or any(session.post_norm(b.label) for b in ctx.branches)):
-        if opts.spans >= 2:
+        if lengths and opts.spans is not None:
             ctx.notes.append("span maps skipped: they need sequential pre-LN layers")
         return {}
-    stats = span_map_statistics(session, batches, range(2, opts.spans + 1), desc="span statistics")
+    stats = span_map_statistics(session, batches, lengths, desc="span statistics")
     out = {}
-    for (i, n), (gram, cross, y_sq) in sorted(stats.items()):
+    for (i, n) in sorted(stats):
+        gram, cross, y_sq = stats.pop((i, n))  # each cross goes once fitted: memory stays at the statistics
         fit = ridge(gram, cross, y_sq, opts.ridge)
+        fit.layers = [(w.float(), b.float()) for w, b in fit.layers]  # applied in the model's dtype anyway
         fit.input = "stream"
         covers = tuple(label for layer in layers[i:i + n] for label in layer.labels)
         out[covers[0], f"span{n}"] = (fit, covers)
