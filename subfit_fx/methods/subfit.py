@@ -59,7 +59,7 @@ class SubfitOptions:
     judge_sequences: int = 4  # held-out calibration sequences the output judge runs (judge="output")
     rounds: int = 4  # judge="output": the budget is reached in this many rounds, re-judging in each
     shortlist: float = 3.0  # judge="output": rounds after the first re-judge this multiple of what they need
-    spans: int | None = 0  # judge="output": also judge one linear map over every run of 2..spans whole
+    spans: int | None = None  # judge="output": also judge one linear map over every run of 2..spans whole
     # layers (ReplaceMe's form, fitted in closed form) next to the per-branch candidates; 0: off; None:
     # the longest runs up to 6 whose statistics fit in SPAN_MEMORY (see `span_lengths`)
 
@@ -494,15 +494,20 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
 
     1. one calibration pass: statistics of every branch; per branch the candidate forms (the
        default bypass, plain removal, and with forms="auto" a full linear map) fitted in closed form;
+       one more pass: for every run of 2..6 whole layers (`spans`; automatic: as long as their
+       statistics fit in SPAN_MEMORY), one linear map from the stream entering it to the stream
+       leaving it (ReplaceMe's form), a candidate that replaces all the run's branches at once;
     2. round 1 judges every candidate alone by the damage at the output on `judge_sequences`
        held-out sequences (KL to the dense next-token distribution; output energy for encoders)
        and picks greedily by damage per parameter saved up to 1/`rounds` of the budget;
     3. each later round sets the picks so far, re-judges the `shortlist`-times-needed best
        remaining branches (compounding) and picks up to the next fraction of the budget.
 
-    Cost: one calibration pass + about F * (n + (rounds - 1) * m) forwards of `judge_sequences`
-    sequences, F forms per branch (2, or 3 with forms="auto") and m the shortlist (a few times the
-    branches a round needs; at most n). For n = 60 (a 30-layer model) that is ~200 forwards.
+    Cost: two calibration passes + about F * (n + (rounds - 1) * m) + S forwards of
+    `judge_sequences` sequences, F forms per branch (2, or 3 with forms="auto"), m the shortlist (a
+    few times the branches a round needs; at most n) and S the spans (about (spans - 1) x layers in
+    round 1, a shortlist's after). For n = 60 (a 30-layer model) that is ~350 forwards, each rerunning
+    only the layers after the candidate.
     A branch's chosen form never judges worse than its removal (removal saves more parameters,
     so a fit that damages more is dominated and dropped).
     """
