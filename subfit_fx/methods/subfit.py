@@ -325,19 +325,25 @@ def _judged_candidates(ctx: PolicyContext, opts: SubfitOptions, alts: dict[str, 
 
 SPAN_MEMORY = 2 << 30  # bytes the span statistics may take when `spans` is automatic
 AUTO_SPANS = 6  # the longest run of layers an automatic span map covers
+AUTO_SPAN_MIN_LAYERS = 8  # automatic span maps only from this depth on: in shallower models a 2-layer span
+# is a quarter of the model or more, too coarse a unit to land near a budget
 
 
 def span_lengths(spans: int | None, layers: int, width: int, memory: int = SPAN_MEMORY) -> range:
-    """Span lengths (in layers) to judge: 2..`spans`; automatic (None): 2..n for the largest n <=
-    AUTO_SPANS whose float64 statistics (one (width+1)^2 Gram per start layer, one cross per span)
-    fit in `memory` bytes.
+    """Span lengths (in layers) to judge: 2..`spans`; automatic (None): none below
+    AUTO_SPAN_MIN_LAYERS layers, else 2..n for the largest n <= AUTO_SPANS whose float64
+    statistics (one (width+1)^2 Gram per start layer, one cross per span) fit in `memory` bytes.
 
     Example:
         >>> span_lengths(None, 30, 576), span_lengths(None, 32, 4096), span_lengths(3, 30, 4096)
         (range(2, 7), range(2, 2), range(2, 4))
+        >>> span_lengths(None, 4, 64)
+        range(2, 2)
     """
     if spans is not None:
         return range(2, max(spans, 1) + 1)
+    if layers < AUTO_SPAN_MIN_LAYERS:
+        return range(2, 2)
     for longest in range(min(AUTO_SPANS, layers), 1, -1):
         count = sum(layers - n + 1 for n in range(2, longest + 1))
         if (layers + count) * 8 * (width + 1) ** 2 <= memory:
@@ -362,7 +368,7 @@ def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
     session = ctx.session
     layers = group_layers(ctx.branches)
     lengths = span_lengths(opts.spans, len(layers), ctx.branches[0].width)
-    if opts.spans is None and not lengths:
+    if opts.spans is None and not lengths and len(layers) >= AUTO_SPAN_MIN_LAYERS:
         ctx.notes.append(f"span maps skipped: their statistics would exceed {SPAN_MEMORY >> 30} GiB at this width "
                          "(pass spans=N to judge runs of up to N layers anyway)")
         return {}
