@@ -363,7 +363,7 @@ def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
         ('model.layers.0.self_attn', 'span2')
     """
     from subfit_fx.fit import ridge
-    from subfit_fx.methods.layers import group_layers, span_map_statistics
+    from subfit_fx.methods.layers import group_layers, require_sequential, span_map_statistics
 
     session = ctx.session
     layers = group_layers(ctx.branches)
@@ -372,9 +372,12 @@ def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
         ctx.notes.append(f"span maps skipped: their statistics would exceed {SPAN_MEMORY >> 30} GiB at this width "
                          "(pass spans=N to judge runs of up to N layers anyway)")
         return {}
-    skips = [[session.by_label[label].skip for label in layer.labels] for layer in layers]
-    if (not lengths or any(len(set(s)) != len(s) for s in skips)
-            or any(session.post_norm(b.label) for b in ctx.branches)):
+    try:
+        require_sequential(session, layers)
+        sequential = True
+    except InputError:  # parallel residual layers: no stream between two layers to map
+        sequential = False
+    if not lengths or not sequential or any(session.post_norm(b.label) for b in ctx.branches):
         if lengths and opts.spans is not None:
             ctx.notes.append("span maps skipped: they need sequential pre-LN layers")
         return {}
