@@ -10,10 +10,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from subfit_fx.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["BUDGET_TOLERANCE", "Candidate", "check_sparsity", "repair_overshoot", "select", "select_jointly",
            "sparsity_of"]
@@ -169,16 +173,19 @@ def repair_overshoot(chosen: list[Candidate], picked: list[str], pool: list[Cand
 
 def select_jointly(candidates: list[Candidate], block_params: int, target: float,
                    group_costs: dict[str, int] | None = None, tolerance: float = BUDGET_TOLERANCE,
-                   resolution: int = 4096) -> list[Hashable]:
+                   resolution: int = 4096, order: Sequence[str] | None = None) -> list[Hashable]:
     """At most one candidate per branch (`Candidate.key`: keep it, or one of its options: a fit,
     removal, a slimming level...) so that the net sparsity lands in [target, target + tolerance]
     at the least total damage (sum of scores): a multiple-choice knapsack, solved exactly by
     dynamic programming over the parameters saved in units of 1/`resolution` of the budget
     (saved parameters are rounded down, so the real sparsity is never below what was planned).
-    A group cost (a shared FFN basis) is handled by solving with and without the group and
-    keeping the better. Where no choice lands in the window (coarse options), the choice nearest
-    under the target within `tolerance` (and 90 % of it) is taken, as `repair_overshoot` does,
-    else the least damage above the window, else the most saved.
+    A candidate that covers a run of branches (a span map, `Candidate.covers`) excludes every
+    option of those branches: with the branches in model `order` (required then; a span's branches
+    must be consecutive in it) the program walks the branches in order and a span jumps over its
+    run, so spans stay exact too. A group cost (a shared FFN basis) is handled by solving with and
+    without the group and keeping the better. Where no choice lands in the window (coarse
+    options), the choice nearest under the target within `tolerance` (and 90 % of it) is taken,
+    as `repair_overshoot` does, else the least damage above the window, else the most saved.
 
     With integer parameter counts below `resolution` the solution is optimal, so it never costs
     more damage than the greedy `select` whose selection lies in the same window.
@@ -190,12 +197,15 @@ def select_jointly(candidates: list[Candidate], block_params: int, target: float
         ['a']
         >>> select_jointly(cands, 100, 0.9, tolerance=0.2)
         [('c', 1), 'a']
+        >>> span = Candidate(("a", "span"), 0.25, 120, 10, branch="a", covers=("a", "b"))
+        >>> select_jointly([*cands, span], 100, 1.0, tolerance=0.2, order=["a", "b", "c"])
+        [('a', 'span')]
     """
     import numpy as np
 
-    if any(c.covers for c in candidates):
-        raise ValueError("select_jointly takes one branch per candidate; spans (covers) need select")
     group_costs = group_costs or {}
+    seq = _branch_sequence(candidates, order)
+    position = {label: i for i, label in enumerate(seq)}
     budget = target * block_params
     best: tuple[tuple[int, float], list[Hashable]] | None = None
     groups = sorted({c.group for c in candidates if c.group})
@@ -207,44 +217,47 @@ def select_jointly(candidates: list[Candidate], block_params: int, target: float
         low, high = int(np.ceil(need / unit - 1e-9)), int((need + tolerance * block_params) // unit)
         biggest = max((int(c.saved // unit) for c in pool), default=0)
         cap = max(high, low + biggest)
-        items: dict[Hashable, list[Candidate]] = {}
-        for c in pool:
-            items.setdefault(c.key, []).append(c)
-        dp = np.full(cap + 1, np.inf)
-        dp[0] = 0.0
-        trace = []
-        for key in sorted(items, key=str):
-            new, arg = dp.copy(), np.full(cap + 1, -1)
-            for j, c in enumerate(items[key]):
-                size = int(c.saved // unit)
+        starting: dict[int, list[int]] = {}
+        for j, c in enumerate(pool):
+            starting.setdefault(position[c.covers[0] if c.covers else c.key], []).append(j)
+        # dp[i]: least damage per saved state over the first i branches of `seq`; arg[i]: how
+        # each state was reached (-1: branch i-1 kept, else the pool index of the last choice)
+        dp = np.full((len(seq) + 1, cap + 1), np.inf)
+        arg = np.full((len(seq) + 1, cap + 1), -2)
+        dp[0, 0] = 0.0
+        for i in range(len(seq)):
+            _relax(dp[i + 1], arg[i + 1], dp[i], -1)
+            for j in starting.get(i, []):
+                size = int(pool[j].saved // unit)
                 if size <= 0 or size > cap:
                     continue
                 shifted = np.full(cap + 1, np.inf)
-                shifted[size:] = dp[:-size] + c.score
-                better = shifted < new
-                new[better], arg[better] = shifted[better], j
-            dp = new
-            trace.append((key, arg))
-        states, reachable = np.arange(cap + 1), np.isfinite(dp)
+                shifted[size:] = dp[i, :-size] + pool[j].score
+                _relax(dp[i + len(pool[j].keys)], arg[i + len(pool[j].keys)], shifted, j)
+        final = dp[len(seq)]
+        states, reachable = np.arange(cap + 1), np.isfinite(final)
         below = max(need - tolerance * block_params, 0.9 * need) / unit
         above = reachable & (states >= low) & (states <= high)
         under = reachable & (states >= below) & (states < low)
         if above.any():  # in [target, target + tolerance]: the least damage
-            state = int(np.flatnonzero(above)[np.argmin(dp[above])])
+            state = int(np.flatnonzero(above)[np.argmin(final[above])])
         elif under.any():  # else just under the target, as near as possible
             nearest = states == np.flatnonzero(under).max()
             state = int(np.flatnonzero(nearest)[0])
         elif (reachable & (states >= low)).any():  # else the least damage above the window
             over = reachable & (states >= low)
-            state = int(np.flatnonzero(over)[np.argmin(dp[over])])
+            state = int(np.flatnonzero(over)[np.argmin(final[over])])
         else:
             state = int(np.flatnonzero(reachable)[-1])
-        picks = []
-        for key, arg in reversed(trace):
-            j = int(arg[state])
-            if j >= 0:
-                picks.append(items[key][j])
-                state -= int(items[key][j].saved // unit)
+        picks, i = [], len(seq)
+        while i > 0:
+            how = int(arg[i][state])
+            if how == -1:
+                i -= 1
+                continue
+            picks.append(pool[how])
+            state -= int(pool[how].saved // unit)
+            i -= len(pool[how].keys)
         chosen_groups = {c.group for c in picks if c.group}
         if chosen_groups != set(used):  # the group was paid for but not used: the other solve covers it
             continue
@@ -256,3 +269,30 @@ def select_jointly(candidates: list[Candidate], block_params: int, target: float
         if best is None or rank < best[0]:
             best = (rank, [c.label for c in sorted(picks, key=lambda c: str(c.label))])
     return best[1] if best is not None else []
+
+
+def _relax(dp: np.ndarray, arg: np.ndarray, values: np.ndarray, how: int) -> None:
+    """Where `values` beats `dp`, take it and record `how` it was reached (in place)."""
+    better = values < dp
+    dp[better], arg[better] = values[better], how
+
+
+def _branch_sequence(candidates: list[Candidate], order: Sequence[str] | None) -> list[str]:
+    """The branches of `candidates` in the order the knapsack walks them: `order` where given
+    (a span's branches must be consecutive in it), else sorted (no spans allowed then)."""
+    labels = {label for c in candidates for label in c.keys}
+    if order is None:
+        if any(c.covers for c in candidates):
+            raise ValueError("candidates that cover a run of branches (spans) need order=[every branch, in "
+                             "model order]")
+        return sorted(labels, key=str)
+    missing = labels - set(order)
+    if missing:
+        raise ValueError(f"order lacks branches of the candidates: {sorted(missing, key=str)}")
+    seq = [label for label in order if label in labels]
+    position = {label: i for i, label in enumerate(seq)}
+    for c in candidates:
+        if c.covers and [position[label] for label in c.covers] != list(
+                range(position[c.covers[0]], position[c.covers[0]] + len(c.covers))):
+            raise ValueError(f"candidate {c.label!r} covers branches that are not consecutive in order")
+    return seq

@@ -113,3 +113,43 @@ def test_joint_choice_prefers_two_small_options_over_one_big_one():
     cands = [Candidate("big", 0.5, 100, 0), Candidate(("x", 1), 0.1, 100, 50, branch="x"),
              Candidate(("y", 1), 0.1, 100, 50, branch="y"), Candidate(("y", 2), 0.4, 100, 0, branch="y")]
     assert select_jointly(cands, 300, 1 / 3, tolerance=0.0) == [("x", 1), ("y", 1)]
+
+
+@given(st.lists(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 40)), max_size=2), min_size=2, max_size=6),
+       st.lists(st.tuples(st.integers(0, 5), st.integers(2, 3), st.floats(0, 1), st.integers(0, 30)), max_size=3),
+       st.floats(0.05, 0.8), st.floats(0.0, 0.3))
+def test_joint_choice_with_spans_is_exact(branches, spans, target, tolerance):
+    """Span candidates (one option over a run of consecutive branches) exclude every option of
+    their branches; the knapsack walked in branch order finds the least damage in the window,
+    as brute force over every consistent choice does."""
+    import itertools
+
+    n = len(branches)
+    order = [f"b{i}" for i in range(n)]
+    cands = [Candidate((i, j), score, 40, 40 - saved, branch=order[i])
+             for i, options in enumerate(branches) for j, (score, saved) in enumerate(options)]
+    cands += [Candidate(("span", m), score, 40 * k, cost, branch=order[s], covers=tuple(order[s:s + k]))
+              for m, (s, k, score, cost) in enumerate(spans) if s + k <= n]
+    block = 40 * n
+    picked = select_jointly(cands, block, target, tolerance=tolerance, order=order)
+    joint = [c for c in cands if c.label in picked]
+    assert sum(len(c.keys) for c in joint) == len(frozenset().union(*(c.keys for c in joint)))  # no overlap
+    best = None
+    for size in range(len(cands) + 1):
+        for combo in itertools.combinations([c for c in cands if c.saved > 0], size):
+            keys = [k for c in combo for k in c.keys]
+            s = sparsity_of(list(combo), block)
+            if len(keys) == len(set(keys)) and target - 1e-12 <= s <= target + tolerance + 1e-12:
+                damage = sum(c.score for c in combo)
+                best = damage if best is None else min(best, damage)
+    if best is not None:
+        assert target - 1e-12 <= sparsity_of(joint, block) <= target + tolerance + 1e-12
+        assert sum(c.score for c in joint) <= best + 1e-9
+
+
+def test_joint_choice_needs_an_order_for_spans():
+    span = Candidate(("a", "span"), 0.1, 100, 0, branch="a", covers=("a", "b"))
+    with pytest.raises(ValueError, match="order"):
+        select_jointly([span], 200, 0.5)
+    with pytest.raises(ValueError, match="consecutive"):
+        select_jointly([span, Candidate("c", 0.1, 100, 0)], 300, 0.5, order=["a", "c", "b"])

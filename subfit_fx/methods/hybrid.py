@@ -3,11 +3,13 @@ branches that stay, under one parameter budget (issue 18).
 
 strategy="joint": every branch takes exactly one option - keep, SubFit's bypass, removal, or
 (FFN branches with a channel site) slimming to one of `levels` (fractions of its channel blocks
-dropped, least important first, compensated) - and the options are chosen jointly: each is judged
+dropped, least important first, compensated) - or a run of whole layers goes at once under one of
+SubFit's span maps (`spans`, as in SubFit's default), and the options are chosen jointly: each is judged
 by its damage at the model's output on held-out sequences (the SubFit output judge; a slimming
 is judged by replacing the branch's inner input h with what the compensated slimming stands for,
-`Session.set_inner_replacement`), and an exact multiple-choice knapsack (`select_jointly`) picks
-the least total damage at the budget. As in SubFit this runs in `rounds`: each round sets the
+`Session.set_inner_replacement`), and an exact multiple-choice knapsack (`select_jointly`, walked
+in layer order so that a span excludes its branches' options) picks the least total damage at the
+budget. As in SubFit this runs in `rounds`: each round sets the
 choices so far, re-judges the shortlisted branches (compounding) and adds the next fraction of
 the budget. Redundancy spread thinly inside a branch, which SubFit cannot take, is what the
 slimming levels take.
@@ -48,11 +50,14 @@ from subfit_fx.methods.saap import (
     width_sites,
 )
 from subfit_fx.methods.subfit import (
+    SPANNED,
     BypassFitter,
     SubfitOptions,
     candidate_forms,
     judge_split,
+    merge_spans,
     shortlist_branches,
+    span_fits,
     subfit,
 )
 from subfit_fx.recipe import Recipe, branch_records, recipe_from_fits
@@ -81,6 +86,8 @@ class HybridOptions:
     # 1.51x, 4 rounds 1.54x), else SubFit's 4 (few coarse options: small steps leave remainders
     # that overshoot the budget)
     rounds: int | None = None
+    spans: int | None = None  # strategy "joint": span maps over runs of 2..spans layers, as SubFit's `spans`
+    # (None: automatic, SubFit's default; 0: off)
 
     def __post_init__(self) -> None:
         for name in ("judge_sequences", "rounds"):
@@ -97,6 +104,7 @@ class HybridOptions:
         if not self.levels or not all(0 < v <= self.max_layer_ratio for v in self.levels):
             raise InputError(f"levels {self.levels} must be fractions in (0, max_layer_ratio={self.max_layer_ratio}]")
         self.saap()  # validates the width-pruning options
+        SubfitOptions(spans=self.spans)  # validates `spans`
 
     def saap(self) -> SaapOptions:
         """The width-pruning options.
@@ -168,8 +176,9 @@ def _share(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
 
 
 class _Options:
-    """Every option of every branch for the joint strategy: SubFit's fits and removal, and
-    slimming levels of the FFN branches with a channel site, with what each saves."""
+    """Every option of every branch for the joint strategy: SubFit's fits, removal and span maps
+    (a span is an option of its first branch that also takes the run's other branches, SPANNED),
+    and slimming levels of the FFN branches with a channel site, with what each saves."""
 
     def __init__(self, ctx: PolicyContext, opts: HybridOptions, sub: SubfitOptions, batches: list) -> None:
         self.ctx, self.sub, self.saap = ctx, sub, opts.saap()
@@ -178,6 +187,10 @@ class _Options:
         self.fitter = BypassFitter(ctx, sub)
         fits = self.fitter.fits(stats, [b.label for b in ctx.branches if b.kind == "ffn"])
         self.alts = candidate_forms(ctx, dataclasses.replace(sub, forms="fit-or-remove"), fits, stats)
+        self.span_of: dict[tuple[str, str], tuple[str, ...]] = {}
+        for (head, form), (fit, covers) in span_fits(ctx, sub, batches).items():
+            self.alts[head][form] = fit
+            self.span_of[head, form] = covers
         sites = width_sites(ctx, self.saap)
         self.inner = session.inner_stats(batches, list(sites), gram=True) if sites else {}
         scores = block_scores(ctx, self.saap, list(sites), self.inner) if sites else {}
@@ -201,6 +214,10 @@ class _Options:
                 self.slim_saved.setdefault(label, {})[name] = round((site.channels - len(kept)) * sc.cost) - new_bias
         self._maps: dict[tuple[str, str], object] = {}
 
+    def members(self, label: str, option: str | None) -> tuple[str, ...]:
+        """The other branches `option` of `label` takes (a span's; none for other options)."""
+        return self.span_of.get((label, option), (label,))[1:] if option else ()
+
     def judged(self, label: str) -> list[str]:
         """The options judged at the output: the fits, removal and the judged slimming levels."""
         return [*self.alts[label], *self.levels.get(label, {})]
@@ -219,6 +236,11 @@ class _Options:
         return out
 
     def saved(self, label: str, option: str) -> int:
+        if option == SPANNED:  # counted by its span's first branch
+            return 0
+        if (label, option) in self.span_of:
+            by_label = self.ctx.session.by_label
+            return sum(by_label[lb].params for lb in self.span_of[label, option]) - self.alts[label][option].params
         if option in self.alts[label]:
             fit = self.alts[label][option]
             b = self.ctx.session.by_label[label]
@@ -226,6 +248,11 @@ class _Options:
         return self.slim_saved[label][option]
 
     def candidate(self, label: str, option: str, damage: float) -> Candidate:
+        covers = self.span_of.get((label, option), ())
+        if covers or option == SPANNED:
+            params = sum(self.ctx.session.by_label[lb].params for lb in covers)
+            return Candidate((label, option), damage, params, params - self.saved(label, option), branch=label,
+                             covers=covers)
         params = self.ctx.session.by_label[label].params
         shared = option in self.alts[label] and self.alts[label][option].form == "shared"
         return Candidate((label, option), damage, params, params - self.saved(label, option),
@@ -234,6 +261,10 @@ class _Options:
     def set(self, label: str, option: str | None) -> None:
         """Put `option` in place for branch `label` (None: the branch as it is)."""
         session = self.ctx.session
+        if option == SPANNED:
+            option = "remove"
+        for member in self.members(label, option):
+            session.set_replacement(member, self.alts[member]["remove"])
         if option is None or option in self.alts[label]:
             session.set_replacement(label, None if option is None else self.alts[label][option],
                                     self.sub.bypass_input)
@@ -261,10 +292,13 @@ class _Options:
 
     def recipe(self, chosen: dict[str, str], options: dict) -> Recipe:
         ctx = self.ctx
-        fits = {label: self.alts[label][o] for label, o in chosen.items() if o in self.alts[label]}
+        fits = {label: self.alts[label]["remove" if o == SPANNED else o] for label, o in chosen.items()
+                if o == SPANNED or o in self.alts[label]}
         first = recipe_from_fits("hybrid", ctx.branches, fits, {label: self.sub.bypass_input for label in fits})
+        spans = {label: self.span_of[label, o] for label, o in chosen.items() if (label, o) in self.span_of}
+        first = merge_spans(first, spans, {b.label: b.layer for b in ctx.branches})
         slimmings = [slimming_of(ctx, label, self.inner[label], self.kept[label][o], self.saap)
-                     for label, o in chosen.items() if o not in self.alts[label]]
+                     for label, o in chosen.items() if o != SPANNED and o not in self.alts[label]]
         replacements, tensors = slim_replacements(ctx, slimmings, prefix="s")
         order = {b.label: i for i, b in enumerate(ctx.branches)}
         merged = sorted([*first.replacements, *replacements], key=lambda r: order[r.labels[0]])
@@ -275,13 +309,23 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     """Every option of every branch judged at the output, chosen by an exact knapsack per round."""
     session = ctx.session
     rounds = opts.rounds if opts.rounds is not None else (8 if len({b.layer for b in ctx.branches}) >= 12 else 4)
-    sub = SubfitOptions(judge_sequences=opts.judge_sequences, rounds=rounds)
+    sub = SubfitOptions(judge_sequences=opts.judge_sequences, rounds=rounds, spans=opts.spans)
     batches, held = judge_split(ctx, sub.judge_sequences)
     space = _Options(ctx, opts, sub, batches)
     judge = OutputJudge(session, held, ctx.causal)
     group_costs = {"ffn_basis": space.fitter.basis_params}
+    order = [b.label for b in ctx.branches]
     chosen: dict[str, str] = {}
     damage: dict[tuple[str, str], float] = {}
+
+    def choose(picks: dict[str, str]) -> None:
+        for label, option in picks.items():
+            chosen[label] = option
+            chosen.update(dict.fromkeys(space.members(label, option), SPANNED))
+
+    def open_(c: Candidate) -> bool:
+        return not c.keys & chosen.keys()
+
     for r in range(sub.rounds):
         session.clear_replacements()
         for label, option in chosen.items():
@@ -291,7 +335,7 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
         step = ctx.target * (r + 1) / sub.rounds
         labels = [b.label for b in ctx.branches if b.label not in chosen]
         if r > 0:
-            stale = [space.candidate(lb, o, d) for (lb, o), d in damage.items() if lb not in chosen]
+            stale = [c for c in (space.candidate(lb, o, d) for (lb, o), d in damage.items()) if open_(c)]
             keep = shortlist_branches(stale, (step - reached) * ctx.block_params, sub.shortlist)
             labels = [label for label in labels if label in keep]
         base = judge()
@@ -300,8 +344,13 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
                           disable=not session.progress):
             judged = {}
             for option in space.judged(label):
+                members = space.members(label, option)
+                if any(member in chosen for member in members):
+                    continue
                 space.set(label, option)
                 judged[option] = max(judge(start=label) - base, 0.0)
+                for member in members:
+                    space.set(member, None)
             space.set(label, None)
             fresh.update({(label, o): v for o, v in {**judged, **space.interpolated(label, judged)}.items()})
         for (label, option), value in fresh.items():
@@ -310,21 +359,34 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
         damage = {key: value for key, value in damage.items() if key[0] not in labels} | fresh
         paid = {c.group for c in already if c.group}
         costs = {g: 0 if g in paid else cost for g, cost in group_costs.items()}
-        last = r == sub.rounds - 1
-        # the last round also weighs the branches left off the shortlist (their older damages),
-        # so that the budget can land within the tolerance
-        pool = [space.candidate(label, o, d) for (label, o), d in (damage if last else fresh).items()
-                if label not in chosen]
-        picks = select_jointly(pool, ctx.block_params, max(step - reached, 0.0), costs,
-                               tolerance=BUDGET_TOLERANCE if last else (step - reached) / 2)
-        planned = [space.candidate(lb, o, 0.0) for lb, o in {**chosen, **dict(picks)}.items()]
-        if not last and sparsity_of(planned, ctx.block_params, group_costs) > ctx.target + BUDGET_TOLERANCE:
-            continue  # coarse options overshoot at this step: the last round's exact window places them
-        chosen.update(dict(picks))
+        # every round plans the whole remaining budget with the latest damages (the shortlist's
+        # fresh ones, older ones for the rest), so that coarse options (span maps) compete as what
+        # they are; a round commits the planned, freshly judged picks with the least damage per
+        # parameter up to its step, and the next round re-judges with them in place (compounding)
+        pool = [c for c in (space.candidate(label, o, d) for (label, o), d in damage.items()) if open_(c)]
+        plan = select_jointly(pool, ctx.block_params, max(ctx.target - reached, 0.0), costs,
+                              tolerance=BUDGET_TOLERANCE, order=order)
+        picks = plan if r == sub.rounds - 1 else _commit(pool, plan, fresh, already, step, ctx.block_params,
+                                                         group_costs)
+        choose(dict(picks))
         if sparsity_of([space.candidate(lb, o, 0.0) for lb, o in chosen.items()], ctx.block_params,
                        group_costs) >= ctx.target:
             break
     session.clear_replacements()
     ctx.notes.append(f"output judge: {judge.calls} forwards of {int(held[0][0].shape[0])} held-out sequences; "
-                     f"options chosen: {', '.join(f'{lb} {o}' for lb, o in chosen.items())}")
+                     f"options chosen: {', '.join(f'{lb} {o}' for lb, o in chosen.items() if o != SPANNED)}")
     return space.recipe(chosen, {"sparsity": ctx.target, **asdict(sub), **asdict(opts)})
+
+
+def _commit(pool: list[Candidate], plan: list, fresh: dict, already: list[Candidate], step: float,
+            block_params: int, group_costs: dict[str, int]) -> list:
+    """The part of a round's `plan` it commits: the picks judged this round, least damage per
+    parameter saved first, until the net sparsity reaches `step`."""
+    by_label = {c.label: c for c in pool}
+    ranked = sorted((by_label[p] for p in plan if p in fresh), key=lambda c: (c.score / max(c.saved, 1), str(c.label)))
+    commit: list[Candidate] = []
+    for c in ranked:
+        if sparsity_of([*already, *commit], block_params, group_costs) >= step:
+            break
+        commit.append(c)
+    return [c.label for c in commit]

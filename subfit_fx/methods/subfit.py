@@ -32,8 +32,8 @@ from subfit_fx.scores import SCORES
 from subfit_fx.selection import Candidate, repair_overshoot, select, sparsity_of
 from subfit_fx.stats import BranchStats
 
-__all__ = ["AUTO_SPANS", "SPAN_MEMORY", "BypassFitter", "SubfitOptions", "candidate_forms", "judge_split",
-           "shortlist_branches", "span_fits", "span_lengths", "subfit"]
+__all__ = ["AUTO_SPANS", "SPANNED", "SPAN_MEMORY", "BypassFitter", "SubfitOptions", "candidate_forms", "judge_split",
+           "merge_spans", "shortlist_branches", "span_fits", "span_lengths", "subfit"]
 
 SCORE_CHOICES = (*SCORES, "holdout")
 # Forms that compete with the default bypass (low-rank attention / shared-basis FFN) per branch.
@@ -393,10 +393,14 @@ def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
     return out
 
 
-def _merge_spans(recipe: Recipe, spans: dict[str, tuple[str, ...]], layer_of: dict[str, int]) -> Recipe:
+def merge_spans(recipe: Recipe, spans: dict[str, tuple[str, ...]], layer_of: dict[str, int]) -> Recipe:
     """Each chosen span as one Replacement over its branches (stream in, stream out), in place of
     its first branch's map and its other branches' removals. A span whose map was turned into
-    removal stays as per-branch removals."""
+    removal stays as per-branch removals.
+
+    Example:
+        >>> recipe = merge_spans(recipe, {"model.layers.3.self_attn": covers}, layer_of)  # doctest: +SKIP
+    """
     from subfit_fx.recipe import Replacement
 
     reps = list(recipe.replacements)
@@ -639,7 +643,7 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
                          fit.error / max(float(stats[label].scalars["y_sq"]), 1e-30))
     recipe = recipe_from_fits("subfit", ctx.branches, final, {label: opts.bypass_input for label in final},
                               options={"sparsity": ctx.target, **asdict(opts)})
-    return _merge_spans(recipe, chosen_spans, layer_of)
+    return merge_spans(recipe, chosen_spans, layer_of)
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,20 @@ def test_candidates_that_share_a_branch_are_never_chosen_together(items, target)
     chosen = [c for c in cands if c.label in picks]
     covered = [b for c in chosen for b in c.keys]
     assert len(covered) == len(set(covered))
+
+
+def test_joint_hybrid_weighs_span_maps_with_slimmings_in_one_knapsack(tmp_path):
+    model = _cancelling_model()
+    c = subfit_fx.compress(model, CALIB, 0.47, method="hybrid", spans=2, block=16, progress=False)
+    spans = [r for r in c.recipe.replacements if r.is_span()]
+    assert [r.info["layers"] for r in spans] == [[1, 2]], c.recipe.replacements
+    covered = [label for r in c.recipe.replacements for label in r.labels]
+    assert len(covered) == len(set(covered))  # a spanned branch takes no other option (no slimming)
+    judged = next(b["scores"] for b in c.report.branches if b["label"] == "model.layers.1.self_attn")
+    assert "judged_span2" in judged
+    assert abs(c.report.sparsity_actual - 0.47) <= 0.015, c.report.notes
+    c.save(tmp_path / "c")
+    loaded = subfit_fx.load(tmp_path / "c", model=_cancelling_model())
+    ids = CALIB[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(ids, torch.ones_like(ids)), c.module()(ids, torch.ones_like(ids)))
