@@ -311,7 +311,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shortlist", type=float,
                    help="SubFit: rounds after the first re-judge this multiple of the branches they need (default 3)")
     p.add_argument("--spans", type=int,
-                   help="SubFit: judge one linear map over every run of 2..SPANS whole layers (ReplaceMe's "
+                   help="SubFit, hybrid: judge one linear map over every run of 2..SPANS whole layers (ReplaceMe's "
                         "form) next to the per-branch replacements (default: up to 6 while the statistics fit "
                         "2 GiB; 0: off)")
     p.add_argument("--score", help="SubFit --judge statistics: fit_residual (default), rotation, magnitude, holdout")

@@ -18,9 +18,10 @@ strategy="share": SubFit (default options) takes `share` of the budget first; wi
 replacements set, the inner statistics of the kept FFN branches are gathered and width pruning
 takes the rest.
 
-Cost (joint): one calibration pass for branch statistics, one for inner statistics, and about
-(F n + S n_ffn) forwards of the held-out sequences in the first round (F forms, S levels; each
-rerunning only the graph after its branch), fewer in later rounds.
+Cost (joint): one calibration pass for branch statistics, one for inner statistics, one for
+span statistics (where spans are on), and about (F n + S n_ffn + P) forwards of the held-out
+sequences in the first round (F forms, S levels, P spans; each rerunning only the graph after
+its branch), fewer in later rounds.
 
 Example:
     >>> HybridOptions(share=0.25).share
