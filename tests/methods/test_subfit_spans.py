@@ -134,3 +134,19 @@ def test_joint_hybrid_weighs_span_maps_with_slimmings_in_one_knapsack(tmp_path):
     ids = CALIB[:2]
     with torch.no_grad():
         assert torch.equal(loaded.module()(ids, torch.ones_like(ids)), c.module()(ids, torch.ones_like(ids)))
+
+
+def test_a_span_map_exports_to_onnx_with_kv_cache_for_the_kept_layers_only(tmp_path):
+    """A span's layers lose their attention (and KV cache) in the exported program; the export
+    validates against the rewritten torch program (parity checked inside the export)."""
+    import onnxruntime as ort
+
+    from subfit_fx.exporters.kv_cache import export_onnx_kv
+
+    c = subfit_fx.compress(_cancelling_model(), CALIB, 0.4, progress=False, spans=2)
+    assert any(r.is_span() for r in c.recipe.replacements)
+    result = export_onnx_kv(_cancelling_model(), tmp_path / "span.onnx", recipe=c.recipe)
+    assert result.parity.passed
+    names = {v.name for v in ort.InferenceSession(str(result.path)).get_inputs()}
+    assert {"past_key_values.0.key", "past_key_values.3.key"} <= names
+    assert not {"past_key_values.1.key", "past_key_values.2.key"} & names
