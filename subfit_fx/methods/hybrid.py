@@ -74,6 +74,7 @@ class HybridOptions:
     strategy: str = "joint"  # "joint": every option judged, one knapsack; "share": SubFit first, then slimming
     share: float = 0.5  # strategy "share": fraction of the budget that SubFit's branch replacements take
     levels: tuple[float, ...] = (0.25, 0.5, 0.75)  # strategy "joint": fractions of an FFN's blocks a slimming drops
+    # (empty: no slimming - SubFit's options chosen by the hybrid's knapsack)
     block: int = 64
     importance: str = "fused"
     compensation: str = "refit"
@@ -102,7 +103,7 @@ class HybridOptions:
                              "knapsack) or 'share' (SubFit first, width pruning for the rest)")
         if not 0 <= self.share <= 1:
             raise InputError(f"share must be in [0, 1] (the fraction of the budget SubFit takes), got {self.share}")
-        if not self.levels or not all(0 < v <= self.max_layer_ratio for v in self.levels):
+        if not all(0 < v <= self.max_layer_ratio for v in self.levels):
             raise InputError(f"levels {self.levels} must be fractions in (0, max_layer_ratio={self.max_layer_ratio}]")
         self.saap()  # validates the width-pruning options
         SubfitOptions(spans=self.spans)  # validates `spans`
@@ -192,7 +193,7 @@ class _Options:
         for (head, form), (fit, covers) in span_fits(ctx, sub, batches).items():
             self.alts[head][form] = fit
             self.span_of[head, form] = covers
-        sites = width_sites(ctx, self.saap)
+        sites = width_sites(ctx, self.saap) if opts.levels else {}
         self.inner = session.inner_stats(batches, list(sites), gram=True) if sites else {}
         scores = block_scores(ctx, self.saap, list(sites), self.inner) if sites else {}
         self.kept: dict[str, dict[str, torch.Tensor]] = {}  # every slimming count's kept channels

@@ -150,3 +150,10 @@ def test_a_span_map_exports_to_onnx_with_kv_cache_for_the_kept_layers_only(tmp_p
     names = {v.name for v in ort.InferenceSession(str(result.path)).get_inputs()}
     assert {"past_key_values.0.key", "past_key_values.3.key"} <= names
     assert not {"past_key_values.1.key", "past_key_values.2.key"} & names
+
+
+def test_hybrid_without_slimming_levels_chooses_among_subfits_options_only():
+    c = subfit_fx.compress(_cancelling_model(), CALIB, 0.47, method="hybrid", spans=2, levels=(), progress=False)
+    assert not c.recipe.slimmed_labels()
+    assert [r.info["layers"] for r in c.recipe.replacements if r.is_span()] == [[1, 2]]
+    assert not any("inner" in n for n in c.report.notes)
