@@ -303,11 +303,14 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge", choices=("output", "statistics"),
                    help="SubFit: judge candidates at the model's output on held-out sequences (output, default) "
                         "or rank them by a statistics-only score in one shot (statistics, fast)")
+    p.add_argument("--selection", choices=("knapsack", "greedy"),
+                   help="SubFit: how each round chooses from the judged damages: an exact plan of the whole "
+                        "remaining budget (knapsack, default) or damage per parameter saved (greedy)")
     p.add_argument("--judge-sequences", type=positive_int,
                    help="SubFit, hybrid: held-out sequences the output judge runs (default 4)")
     p.add_argument("--rounds", type=positive_int,
                    help="SubFit, hybrid: rounds of re-judging on the way to the budget "
-                        "(default 4; hybrid: 8 from 12 layers on)")
+                        "(default 8 from 12 layers on, else 4)")
     p.add_argument("--shortlist", type=float,
                    help="SubFit: rounds after the first re-judge this multiple of the branches they need (default 3)")
     p.add_argument("--spans", type=int,

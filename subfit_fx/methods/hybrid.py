@@ -55,6 +55,8 @@ from subfit_fx.methods.subfit import (
     BypassFitter,
     SubfitOptions,
     candidate_forms,
+    commit_plan,
+    default_rounds,
     judge_split,
     merge_spans,
     shortlist_branches,
@@ -83,9 +85,9 @@ class HybridOptions:
     standardize: bool = True
     heads: bool = False
     judge_sequences: int = 4  # strategy "joint": held-out sequences the output judge runs for every option
-    # strategy "joint": the budget is reached in this many rounds, re-judging in each. Default: 8
-    # for models of 12+ layers, where many small slimmings compound (SmolLM2 dev split: 8 rounds
-    # 1.51x, 4 rounds 1.54x), else SubFit's 4 (few coarse options: small steps leave remainders
+    # strategy "joint": the budget is reached in this many rounds, re-judging in each. Default:
+    # SubFit's `default_rounds`, 8 for models of 12+ layers, where many small slimmings compound (SmolLM2
+    # dev split: 8 rounds 1.51x, 4 rounds 1.54x), else 4 (few coarse options: small steps leave remainders
     # that overshoot the budget)
     rounds: int | None = None
     spans: int | None = None  # strategy "joint": span maps over runs of 2..spans layers, as SubFit's `spans`
@@ -310,7 +312,7 @@ class _Options:
 def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     """Every option of every branch judged at the output, chosen by an exact knapsack per round."""
     session = ctx.session
-    rounds = opts.rounds if opts.rounds is not None else (8 if len({b.layer for b in ctx.branches}) >= 12 else 4)
+    rounds = opts.rounds if opts.rounds is not None else default_rounds(ctx.branches)
     sub = SubfitOptions(judge_sequences=opts.judge_sequences, rounds=rounds, spans=opts.spans)
     batches, held = judge_split(ctx, sub.judge_sequences)
     space = _Options(ctx, opts, sub, batches)
@@ -368,8 +370,8 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
         pool = [c for c in (space.candidate(label, o, d) for (label, o), d in damage.items()) if open_(c)]
         plan = select_jointly(pool, ctx.block_params, max(ctx.target - reached, 0.0), costs,
                               tolerance=BUDGET_TOLERANCE, order=order)
-        picks = plan if r == sub.rounds - 1 else _commit(pool, plan, fresh, already, step, ctx.block_params,
-                                                         group_costs)
+        picks = plan if r == sub.rounds - 1 else commit_plan(pool, plan, fresh, already, step, ctx.block_params,
+                                                             group_costs)
         choose(dict(picks))
         if sparsity_of([space.candidate(lb, o, 0.0) for lb, o in chosen.items()], ctx.block_params,
                        group_costs) >= ctx.target:
@@ -378,17 +380,3 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     ctx.notes.append(f"output judge: {judge.calls} forwards of {int(held[0][0].shape[0])} held-out sequences; "
                      f"options chosen: {', '.join(f'{lb} {o}' for lb, o in chosen.items() if o != SPANNED)}")
     return space.recipe(chosen, {"sparsity": ctx.target, **asdict(sub), **asdict(opts)})
-
-
-def _commit(pool: list[Candidate], plan: list, fresh: dict, already: list[Candidate], step: float,
-            block_params: int, group_costs: dict[str, int]) -> list:
-    """The part of a round's `plan` it commits: the picks judged this round, least damage per
-    parameter saved first, until the net sparsity reaches `step`."""
-    by_label = {c.label: c for c in pool}
-    ranked = sorted((by_label[p] for p in plan if p in fresh), key=lambda c: (c.score / max(c.saved, 1), str(c.label)))
-    commit: list[Candidate] = []
-    for c in ranked:
-        if sparsity_of([*already, *commit], block_params, group_costs) >= step:
-            break
-        commit.append(c)
-    return [c.label for c in commit]

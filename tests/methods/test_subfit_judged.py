@@ -105,3 +105,15 @@ def test_options_are_validated():
         subfit_fx.compress(_model("llama"), _calib(0), 0.25, progress=False, rounds=0)
     with pytest.raises(subfit_fx.errors.InputError, match="judge='statistics'"):
         subfit_fx.compress(_model("llama"), _calib(0), 0.25, progress=False, rescore_every=2)
+
+
+def test_knapsack_is_the_default_selection_and_greedy_stays_an_option():
+    model, calib = _model("llama"), _calib(2)
+    knapsack = subfit_fx.compress(model, calib, 0.3, progress=False)
+    greedy = subfit_fx.compress(model, calib, 0.3, progress=False, selection="greedy")
+    assert (knapsack.recipe.options["selection"], greedy.recipe.options["selection"]) == ("knapsack", "greedy")
+    # the knapsack plans inside the budget window; greedy may land anywhere the repair allows
+    assert 0.3 <= knapsack.report.sparsity_actual <= 0.3 + 0.015 + 1e-9, knapsack.report.notes
+    assert abs(greedy.report.sparsity_actual - 0.3) <= 0.015 + 1e-9
+    with pytest.raises(subfit_fx.errors.InputError, match="selection="):
+        subfit_fx.compress(model, calib, 0.3, progress=False, selection="best")
