@@ -245,9 +245,11 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         f"{dense['choice_accuracy']:.3f} (standard error of a choice accuracy near 0.55 over "
         f"{dense['choice_items']} items: {math.sqrt(0.55 * 0.45 / dense['choice_items']):.3f}).", "",
         "Each cell: value (actual sparsity, %). `subfit` is the default method with default options; "
-        "`subfit:judge=statistics` is the one-shot statistics-only option row; `subfit:spans=0` is the former "
-        "default without span maps (its rows ran as `subfit` before span maps joined the default, "
-        "quality_findings.md). The baselines of the SubFit "
+        "`subfit:judge=statistics` is the one-shot statistics-only option row; "
+        "`subfit:selection=greedy,rounds=4` is the former default (greedy selection per round; its rows ran "
+        "as `subfit` before the knapsack "
+        "selection joined the default in session 14) and `subfit:spans=0` the one before it, without span maps "
+        "(quality_findings.md). The baselines of the SubFit "
         f"targets are METHOD.md's ({', '.join(BASELINES)}); `saap`, `flap` and `hybrid` are the width-pruning "
         "policies of docs/width.md, with their own targets (issue 18).", "",
         *verdicts(rows, dense), "",
