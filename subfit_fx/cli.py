@@ -308,6 +308,10 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                         "remaining budget (knapsack, default) or damage per parameter saved (greedy)")
     p.add_argument("--judge-sequences", type=positive_int,
                    help="SubFit, hybrid: held-out sequences the output judge runs (default 4)")
+    p.add_argument("--judge-context", type=float,
+                   help="SubFit, hybrid: weight of the context gain lost in the output judge (causal LMs: how much "
+                        "better the model predicts a passage's continuation after its own text than after "
+                        "another's); 0: KL only")
     p.add_argument("--rounds", type=positive_int,
                    help="SubFit, hybrid: rounds of re-judging on the way to the budget "
                         "(default 8 from 12 layers on, else 4)")

@@ -43,6 +43,8 @@ def test_inspect_saved_model_dir(tmp_path, capsys):
      "did you mean 'shortgpt'?"),
     (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--method", "shortgpt", "--rounds", "2"],
      "option 'rounds' is not one of shortgpt's; it belongs to hybrid, subfit"),
+    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--judge-context", "-1"],
+     "judge_context=-1.0 must be a number >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2

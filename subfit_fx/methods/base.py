@@ -21,8 +21,8 @@ from subfit_fx.evaluation import next_token_loss
 from subfit_fx.fit import Fit, head_on_basis, reduced_rank, removal, ridge, shared_basis
 from subfit_fx.stats import BranchStats
 
-__all__ = ["NoOptions", "OutputJudge", "PolicyContext", "build_options", "default_ranks", "dense_reference",
-           "fit_branch", "heldout_loss", "kept_norm_params"]
+__all__ = ["NoOptions", "OutputJudge", "PolicyContext", "build_options", "context_batch", "default_ranks",
+           "dense_reference", "fit_branch", "heldout_loss", "kept_norm_params"]
 
 
 @dataclass(frozen=True)
@@ -126,17 +126,30 @@ class OutputJudge:
     from branch `label` on (`ResumableForward`): valid when only that branch's or later
     branches' replacements changed since the last full `judge()`.
 
+    `context` > 0 (causal LMs) adds `context` x the context gain lost: the dense model predicts a
+    passage's continuation better after its own text than after another sequence's (the gain, in
+    nats per token); KL over whole windows barely sees a replacement that erodes that gain (most
+    tokens are predictable locally), a passage-level task does. Each held-out sequence's
+    continuation (a quarter window after its first half) is also run after the next sequence's
+    text (a quarter window): half a window more per sequence and judge call (`context_batch`).
+
     Example:
         >>> judge = OutputJudge(session, held, causal=True); judge()  # doctest: +SKIP
         0.0
     """
 
-    def __init__(self, session: Session, batches: list[Batch], causal: bool) -> None:
-        self.session, self.batches, self.causal = session, batches, causal
+    def __init__(self, session: Session, batches: list[Batch], causal: bool, context: float = 0.0) -> None:
+        if context < 0:
+            raise InputError(f"context={context} must be >= 0 (the weight of the context gain lost)")
+        self.session, self.batches, self.causal, self.context = session, list(batches), causal, context
         self.calls = 0
-        self._run = session.resumable(batches)
+        self._swapped = context_batch(self.batches) if causal and context > 0 else None
+        run_batches = self.batches + ([self._swapped[0]] if self._swapped is not None else [])
+        self._run = session.resumable(run_batches)
         with session.replaced():  # the dense model, whatever is set now
-            self.reference = [self._prepare(out, b) for out, b in zip(self._run.forward_all(), batches, strict=True)]
+            outs = self._run.forward_all()
+            self.reference = [self._prepare(out, b) for out, b in zip(outs, self.batches)]
+            self.reference_gain = self._gain(outs) if self._swapped is not None else 0.0
 
     def _prepare(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         keep = batch[1] > 0
@@ -162,7 +175,7 @@ class OutputJudge:
         self.calls += 1
         total, count = 0.0, 0.0
         outs = self._run.forward_all() if start is None else self._run.forward_from(start)
-        for ref, batch, raw in zip(self.reference, self.batches, outs, strict=True):
+        for ref, batch, raw in zip(self.reference, self.batches, outs):
             out = self._prepare(raw, batch)
             if self.causal:
                 total += float((ref.exp() * (ref - out)).sum())
@@ -170,7 +183,50 @@ class OutputJudge:
             else:
                 total += float(((out - ref) ** 2).sum())
                 count += float((ref ** 2).sum())
-        return total / max(count, 1e-30)
+        damage = total / max(count, 1e-30)
+        if self._swapped is not None:
+            damage += self.context * max(0.0, self.reference_gain - self._gain(outs))
+        return damage
+
+    def _gain(self, outs: list[torch.Tensor]) -> float:
+        """Mean log-probability per continuation token after the passage's own text minus after
+        another sequence's (`context_batch`)."""
+        _, rows, own_at, other_at, length = self._swapped
+        own, other = outs[0][rows], outs[-1]
+        # from the continuation's second token on: the first one's prediction reads the token
+        # just before it, which differs between the two texts even without any attention
+        tokens = self.batches[0][0][rows, own_at + 1:own_at + length, None]
+
+        def logp(logits: torch.Tensor, at: int) -> torch.Tensor:
+            return torch.log_softmax(logits[:, at:at + length - 1].float(), dim=-1).gather(-1, tokens)
+
+        return float((logp(own, own_at) - logp(other, other_at)).double().mean())
+
+
+def context_batch(batches: list[Batch]) -> tuple[Batch, torch.Tensor, int, int, int]:
+    """For `OutputJudge`'s context gain: (a batch of each full sequence's continuation after the
+    next full sequence's text, the rows of the first batch used, where the continuation starts in
+    a row and in the new batch, its length). A row's continuation is the quarter window after its
+    first half; the text before it is the next row's quarter window before its first half.
+
+    Example:
+        >>> ids = torch.arange(32).reshape(2, 16)
+        >>> swapped, rows, own_at, other_at, n = context_batch([(ids, torch.ones_like(ids))])
+        >>> swapped[0].tolist(), own_at, other_at, n
+        ([[20, 21, 22, 23, 8, 9, 10, 11], [4, 5, 6, 7, 24, 25, 26, 27]], 8, 4, 4)
+    """
+    ids, mask = batches[0]
+    width = int(ids.shape[1])
+    length = width // 4
+    at = width // 2
+    rows = torch.nonzero(mask[:, :at + length].all(dim=1)).flatten()
+    if len(rows) < 2 or length < 2:
+        raise InputError("the context-gain judge needs at least 2 held-out sequences of 8 tokens or more "
+                         "without padding; pass context=0 or longer calibration sequences")
+    own = ids[rows]
+    other = own.roll(-1, dims=0)
+    swapped = torch.cat([other[:, at - length:at], own[:, at:at + length]], dim=1)
+    return (swapped, torch.ones_like(swapped)), rows, at, length, length
 
 
 def kept_norm_params(branch: Branch, input_kind: str) -> int:

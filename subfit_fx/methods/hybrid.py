@@ -92,6 +92,7 @@ class HybridOptions:
     rounds: int | None = None
     spans: int | None = None  # strategy "joint": span maps over runs of 2..spans layers, as SubFit's `spans`
     # (None: automatic, SubFit's default; 0: off)
+    judge_context: float = 0.0  # strategy "joint": the output judge's context-gain weight, as SubFit's
 
     def __post_init__(self) -> None:
         for name in ("judge_sequences", "rounds"):
@@ -108,7 +109,7 @@ class HybridOptions:
         if not all(0 < v <= self.max_layer_ratio for v in self.levels):
             raise InputError(f"levels {self.levels} must be fractions in (0, max_layer_ratio={self.max_layer_ratio}]")
         self.saap()  # validates the width-pruning options
-        SubfitOptions(spans=self.spans)  # validates `spans`
+        SubfitOptions(spans=self.spans, judge_context=self.judge_context)  # validates both
 
     def saap(self) -> SaapOptions:
         """The width-pruning options.
@@ -313,10 +314,11 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     """Every option of every branch judged at the output, chosen by an exact knapsack per round."""
     session = ctx.session
     rounds = opts.rounds if opts.rounds is not None else default_rounds(ctx.branches)
-    sub = SubfitOptions(judge_sequences=opts.judge_sequences, rounds=rounds, spans=opts.spans)
+    sub = SubfitOptions(judge_sequences=opts.judge_sequences, rounds=rounds, spans=opts.spans,
+                        judge_context=opts.judge_context)
     batches, held = judge_split(ctx, sub.judge_sequences)
     space = _Options(ctx, opts, sub, batches)
-    judge = OutputJudge(session, held, ctx.causal)
+    judge = OutputJudge(session, held, ctx.causal, context=sub.judge_context)
     group_costs = {"ffn_basis": space.fitter.basis_params}
     order = [b.label for b in ctx.branches]
     chosen: dict[str, str] = {}

@@ -71,6 +71,8 @@ class SubfitOptions:
     selection: str = "knapsack"  # judge="output": how a round chooses from the judged damages. "knapsack":
     # plan the whole remaining budget exactly (`select_jointly`, spans included) and commit the
     # planned picks judged this round; "greedy": damage per parameter saved, up to the round's step
+    judge_context: float = 0.0  # judge="output", causal LMs: weight of the context gain lost (see
+    # `OutputJudge`), so replacements that erode the use of earlier text are judged worse
     spans: int | None = None  # judge="output": also judge one linear map over every run of 2..spans whole
     # layers (ReplaceMe's form, fitted in closed form) next to the per-branch candidates; 0: off; None:
     # the longest runs up to 6 whose statistics fit in SPAN_MEMORY (see `span_lengths`)
@@ -94,6 +96,11 @@ class SubfitOptions:
                              "linear span map may replace, or None (automatic)")
         if self.spans is not None and self.spans > 0 and self.judge != "output":
             raise InputError("spans are judged at the output: use judge='output' (the default) or spans=0")
+        if not (isinstance(self.judge_context, (int, float)) and not isinstance(self.judge_context, bool)
+                and 0 <= self.judge_context < float("inf")):
+            raise InputError(f"judge_context={self.judge_context!r} must be a number >= 0 (0: off)")
+        if self.judge_context and self.judge != "output":
+            raise InputError("judge_context weighs a term of the output judge: use judge='output' (the default)")
         if not self.shortlist >= 1:
             raise InputError(f"shortlist={self.shortlist!r} must be >= 1 (a multiple of what a round needs)")
         if self.judge == "output" and (self.score == "holdout" or self.rescore_every is not None):
@@ -612,7 +619,7 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
     def unchosen(pool: list[Candidate]) -> list[Candidate]:
         return [c for c in pool if not c.keys & chosen.keys()]
 
-    judge = OutputJudge(session, held, ctx.causal)
+    judge = OutputJudge(session, held, ctx.causal, context=opts.judge_context)
     group_costs = {"ffn_basis": fitter.basis_params}
     chosen: dict[str, str] = {}  # label -> form
     damage: dict[tuple[str, str], float] = {}

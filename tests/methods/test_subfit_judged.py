@@ -117,3 +117,41 @@ def test_knapsack_is_the_default_selection_and_greedy_stays_an_option():
     assert abs(greedy.report.sparsity_actual - 0.3) <= 0.015 + 1e-9
     with pytest.raises(subfit_fx.errors.InputError, match="selection="):
         subfit_fx.compress(model, calib, 0.3, progress=False, selection="best")
+
+
+def test_context_gain_term_is_the_gain_lost_when_attention_is_gone():
+    """Without any attention a position never sees the passage before it, so the context gain is
+    exactly 0 and the judge adds `context` x the dense model's gain; the dense model judges 0."""
+    model = _model("llama")
+    ids = _calib(2)[:4]
+    session = prepare(subfit_fx.capture(model), progress=False)
+    plain = OutputJudge(session, [(ids, torch.ones_like(ids))], causal=True)
+    judge = OutputJudge(session, [(ids, torch.ones_like(ids))], causal=True, context=2.0)
+    assert judge() == pytest.approx(0.0, abs=1e-7)
+    assert abs(judge.reference_gain) > 1e-5  # random attention already reads the passage
+    width = model.config.hidden_size
+    for layer in range(4):
+        session.set_replacement(f"model.layers.{layer}.self_attn",
+                                removal(torch.eye(2, dtype=torch.float64), 0.0, width))
+    added = judge() - plain()
+    assert added == pytest.approx(2.0 * max(0.0, judge.reference_gain), rel=1e-4, abs=1e-7)
+
+
+def test_context_gain_needs_two_unpadded_sequences():
+    from subfit_fx.errors import InputError
+    from subfit_fx.methods.base import context_batch
+
+    ids = _calib(0)[:2]
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with pytest.raises(InputError, match="context=0"):
+        context_batch([(ids, mask)])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), True])
+def test_judge_context_option_is_validated(bad):
+    from subfit_fx.errors import InputError
+    from subfit_fx.methods.subfit import SubfitOptions
+
+    with pytest.raises(InputError, match="judge_context"):
+        SubfitOptions(judge_context=bad)
