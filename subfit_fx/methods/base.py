@@ -175,7 +175,7 @@ class OutputJudge:
         self.calls += 1
         total, count = 0.0, 0.0
         outs = self._run.forward_all() if start is None else self._run.forward_from(start)
-        for ref, batch, raw in zip(self.reference, self.batches, outs):
+        for ref, batch, raw in zip(self.reference, self.batches, outs[:len(self.batches)], strict=True):
             out = self._prepare(raw, batch)
             if self.causal:
                 total += float((ref.exp() * (ref - out)).sum())
@@ -191,7 +191,7 @@ class OutputJudge:
     def _gain(self, outs: list[torch.Tensor]) -> float:
         """Mean log-probability per continuation token after the passage's own text minus after
         another sequence's (`context_batch`)."""
-        _, rows, own_at, other_at, length = self._swapped
+        _, rows, own_at, length = self._swapped
         own, other = outs[0][rows], outs[-1]
         # from the continuation's second token on: the first one's prediction reads the token
         # just before it, which differs between the two texts even without any attention
@@ -200,20 +200,22 @@ class OutputJudge:
         def logp(logits: torch.Tensor, at: int) -> torch.Tensor:
             return torch.log_softmax(logits[:, at:at + length - 1].float(), dim=-1).gather(-1, tokens)
 
-        return float((logp(own, own_at) - logp(other, other_at)).double().mean())
+        # in the swapped batch the continuation starts after `length` tokens of the other text
+        return float((logp(own, own_at) - logp(other, length)).double().mean())
 
 
-def context_batch(batches: list[Batch]) -> tuple[Batch, torch.Tensor, int, int, int]:
+def context_batch(batches: list[Batch]) -> tuple[Batch, torch.Tensor, int, int]:
     """For `OutputJudge`'s context gain: (a batch of each full sequence's continuation after the
     next full sequence's text, the rows of the first batch used, where the continuation starts in
-    a row and in the new batch, its length). A row's continuation is the quarter window after its
-    first half; the text before it is the next row's quarter window before its first half.
+    a row, its length, which is also where it starts in the new batch). A row's continuation is the
+    quarter window after its first half; the text before it is the next row's quarter window
+    before its first half.
 
     Example:
         >>> ids = torch.arange(32).reshape(2, 16)
-        >>> swapped, rows, own_at, other_at, n = context_batch([(ids, torch.ones_like(ids))])
-        >>> swapped[0].tolist(), own_at, other_at, n
-        ([[20, 21, 22, 23, 8, 9, 10, 11], [4, 5, 6, 7, 24, 25, 26, 27]], 8, 4, 4)
+        >>> swapped, rows, own_at, n = context_batch([(ids, torch.ones_like(ids))])
+        >>> swapped[0].tolist(), own_at, n
+        ([[20, 21, 22, 23, 8, 9, 10, 11], [4, 5, 6, 7, 24, 25, 26, 27]], 8, 4)
     """
     ids, mask = batches[0]
     width = int(ids.shape[1])
@@ -226,7 +228,7 @@ def context_batch(batches: list[Batch]) -> tuple[Batch, torch.Tensor, int, int, 
     own = ids[rows]
     other = own.roll(-1, dims=0)
     swapped = torch.cat([other[:, at - length:at], own[:, at:at + length]], dim=1)
-    return (swapped, torch.ones_like(swapped)), rows, at, length, length
+    return (swapped, torch.ones_like(swapped)), rows, at, length
 
 
 def kept_norm_params(branch: Branch, input_kind: str) -> int:
