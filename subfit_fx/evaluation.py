@@ -29,6 +29,7 @@ from subfit_fx.errors import InputError
 
 __all__ = [
     "ChoiceItem",
+    "choice_correctness",
     "choice_items",
     "continuation_choice",
     "embedding_agreement",
@@ -236,6 +237,27 @@ def _choices_correct(module: Module, tokenizer: Any, items: list[ChoiceItem], ma
     return out
 
 
+def choice_correctness(module: Module, tokenizer: Any, text: str, n_items: int = 100, seed: int = 0, *,
+                       max_len: int | None = None, items_per_batch: int = 8, progress: bool = True) -> list[bool]:
+    """Per-item outcomes of the continuation-choice task (`continuation_choice` is their mean), in
+    the order of `choice_items(text, n_items, seed)`: what a paired comparison of two models on the
+    same items needs (McNemar's test counts the items only one of them gets right).
+
+    Example:
+        >>> choice_correctness(module, tokenizer, text, n_items=3, seed=0)  # doctest: +SKIP
+        [True, False, True]
+    """
+    items = choice_items(text, n_items, seed)
+    if not items:  # every passage lacked distinct distractors (a text of repeated sentences), or n_items 0
+        raise InputError("the evaluation text yields no continuation-choice items (its sentences repeat, or "
+                         "no items were asked for); use a text with varied sentences")
+    out: list[bool] = []
+    for chunk in tqdm(_chunks(items, max(1, items_per_batch)), desc="continuation choice", leave=False,
+                      unit="batch", disable=not progress):
+        out += _choices_correct(module, tokenizer, chunk, max_len)
+    return out
+
+
 def continuation_choice(module: Module, tokenizer: Any, text: str, n_items: int = 100, seed: int = 0, *,
                         max_len: int | None = None, items_per_batch: int = 8, progress: bool = True) -> float:
     """Accuracy of a causal LM on `choice_items(text, n_items, seed)`: each candidate is scored by
@@ -247,15 +269,9 @@ def continuation_choice(module: Module, tokenizer: Any, text: str, n_items: int 
         >>> continuation_choice(module, tokenizer, text, n_items=100, seed=0)  # doctest: +SKIP
         0.41
     """
-    items = choice_items(text, n_items, seed)
-    if not items:  # every passage lacked distinct distractors (a text of repeated sentences), or n_items 0
-        raise InputError("the evaluation text yields no continuation-choice items (its sentences repeat, or "
-                         "no items were asked for); use a text with varied sentences")
-    correct = 0
-    for chunk in tqdm(_chunks(items, max(1, items_per_batch)), desc="continuation choice", leave=False,
-                      unit="batch", disable=not progress):
-        correct += sum(_choices_correct(module, tokenizer, chunk, max_len))
-    return correct / len(items)
+    outcomes = choice_correctness(module, tokenizer, text, n_items, seed, max_len=max_len,
+                                  items_per_batch=items_per_batch, progress=progress)
+    return sum(outcomes) / len(outcomes)
 
 
 def passage_batches(tokenizer: Any, text: str, *, seq_len: int, n_items: int = 256, sentences: int = 2,

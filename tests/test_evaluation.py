@@ -12,6 +12,7 @@ import subfit_fx
 from subfit_fx import cli
 from subfit_fx.data import ByteTokenizer, tokenize_text
 from subfit_fx.evaluation import (
+    choice_correctness,
     choice_items,
     continuation_choice,
     embedding_agreement,
@@ -129,6 +130,18 @@ def test_continuation_choice_scores_the_true_continuation():
     uniform = lambda ids, mask: torch.zeros(*ids.shape, 256)  # noqa: E731
     first = sum(item.answer == 0 for item in choice_items(text, 6, 0)) / 6
     assert continuation_choice(uniform, tok, text, n_items=6, seed=0, progress=False) == first
+
+
+def test_choice_correctness_is_per_item_in_item_order():
+    """The uniform model ties and takes the first option: exactly the items whose answer is 0
+    come out right, in `choice_items` order; their mean is `continuation_choice`."""
+    text = _text()
+    tok = ByteTokenizer(256)
+    uniform = lambda ids, mask: torch.zeros(*ids.shape, 256)  # noqa: E731
+    outcomes = choice_correctness(uniform, tok, text, n_items=6, seed=0, items_per_batch=4, progress=False)
+    assert outcomes == [item.answer == 0 for item in choice_items(text, 6, 0)]
+    assert sum(outcomes) / len(outcomes) == continuation_choice(uniform, tok, text, n_items=6, seed=0,
+                                                                progress=False)
 
 
 def test_continuation_choice_deterministic_in_unit_interval(llama_module):
