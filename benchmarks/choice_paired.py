@@ -10,8 +10,8 @@ paired difference gets a 95 % interval.
     python benchmarks/choice_paired.py [--sparsity 0.25] [--items 1000] [--methods subfit shortgpt]
                                        [--split test] [--recipes DIR]
 
---recipes DIR keeps each compressed model in DIR/<spec> and reuses it on the next run (the
-calibration is the same for both splits). Writes docs/results/choice_paired.{json,md}.
+--recipes DIR keeps each compressed model and its per-item outcomes in DIR/<spec> and reuses them
+on the next run (the calibration is the same for both splits). Writes docs/results/choice_paired.{json,md}.
 """
 
 from __future__ import annotations
@@ -91,12 +91,21 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     text = eval_split(args.split)
 
-    def outcomes(module: torch.nn.Module) -> list[bool]:
+    def outcomes(module: torch.nn.Module, where: Path | None = None) -> list[bool]:
+        """Per-item outcomes, kept beside the compressed model (a killed run resumes)."""
+        kept = where / f"choice-{args.split}-{args.items}.txt" if where is not None else None
+        if kept is not None and kept.is_file():
+            return [c == "1" for c in kept.read_text().strip()]
         with torch.no_grad():
-            return choice_correctness(module, tokenizer, text, args.items, 0, progress=False)
+            out = choice_correctness(module, tokenizer, text, args.items, 0, progress=False)
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text("".join("1" if x else "0" for x in out))
+        return out
 
     models: dict[str, dict] = {}
-    per_item: dict[str, list[bool]] = {"dense": outcomes(subfit_fx.capture(model).module())}
+    per_item: dict[str, list[bool]] = {
+        "dense": outcomes(subfit_fx.capture(model).module(), args.recipes / "dense" if args.recipes else None)}
     models["dense"] = {"accuracy": sum(per_item["dense"]) / len(per_item["dense"])}
     print("dense", models["dense"], flush=True)
     for spec in args.methods:
@@ -112,7 +121,7 @@ def main() -> None:
             compress_s = time.perf_counter() - t
             if where is not None:
                 c.save(where, force=True)
-        per_item[spec] = outcomes(c.module())
+        per_item[spec] = outcomes(c.module(), where)
         models[spec] = {"accuracy": sum(per_item[spec]) / len(per_item[spec]),
                         "sparsity_actual": c.report.sparsity_actual, "compress_s": compress_s,
                         "replaced": c.report.replaced}
