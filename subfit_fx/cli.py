@@ -162,6 +162,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from subfit_fx.atomic import check_output, claim
     from subfit_fx.compress import CalibrationConfig
     from subfit_fx.data import check_text_file
+    from subfit_fx.heal import HEAL_LR, check_heal
     from subfit_fx.methods import check_offloadable, method_options
     from subfit_fx.selection import check_sparsity
 
@@ -172,6 +173,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     options = method_options_from_args(args)
     typed = method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
     loading = model_loading(args)
+    healing = {"heal": args.heal, **({"heal_lr": args.heal_lr} if args.heal_lr is not None else {})}
+    check_heal(args.heal, healing.get("heal_lr", HEAL_LR))
+    if args.heal and (args.distributed or args.pipeline != "basic" or args.offload is not None
+                      or args.layers_per_pass != 1 or args.offload_weights):
+        raise InputError("--heal trains through the whole model in one process: use the basic pipeline "
+                         "(drop --pipeline / --offload / --offload-weights / torchrun) or drop --heal")
     check_text_file(args.calib)
     if args.offload_weights:
         check_offloadable(args.method, typed)
@@ -188,7 +195,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         from subfit_fx.compress import compress
 
         print(f"compressing {args.model} with {args.method} to {target:.2%} sparsity", file=sys.stderr)
-        compressed = compress(args.model, args.calib, target, args.method, calibration=config, **loading, **options)
+        compressed = compress(args.model, args.calib, target, args.method, calibration=config, **loading, **healing,
+                              **options)
         out = compressed.save(args.out, force=args.force)
         print_summary(compressed.report)
         print(f"wrote {out}")
@@ -300,6 +308,10 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sequence sampling (default 0)")
     p.add_argument("--skip-first", action="store_true", help="leave the first token out of statistics")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of sequences held out for scoring")
+    p.add_argument("--heal", type=int, default=0, metavar="EPOCHS",
+                   help="after the policy, train only the bypass weights this many passes over the calibration "
+                        "data against the dense model's output (default 0: training-free)")
+    p.add_argument("--heal-lr", type=float, default=None, help="Adam learning rate of --heal (default 1e-4)")
     p.add_argument("--judge", choices=("output", "statistics"),
                    help="SubFit: judge candidates at the model's output on held-out sequences (output, default) "
                         "or rank them by a statistics-only score in one shot (statistics, fast)")

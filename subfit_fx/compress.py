@@ -26,6 +26,7 @@ from subfit_fx.data import Batch, load_tokenizer, split_batches, text_batches, t
 from subfit_fx.devices import dtype_name, model_dtype, module_device, to_device
 from subfit_fx.errors import InputError
 from subfit_fx.gguf import gguf_directory, is_gguf
+from subfit_fx.heal import HEAL_LR, check_heal, heal_recipe
 from subfit_fx.html_report import write_html_report
 from subfit_fx.methods import PolicyContext, check_method, check_offloadable, method_options
 from subfit_fx.models import local_spec, resolve_model
@@ -232,7 +233,7 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
              calibration: CalibrationConfig | None = None, tokenizer: Any = None, progress: bool = True,
              session_factory: Callable[..., Session] | None = None, dtype: str | torch.dtype | None = None,
              device: str | torch.device | None = None, revision: str | None = None, trust_remote_code: bool = False,
-             offload_weights: bool = False, **options: Any) -> Compressed:
+             offload_weights: bool = False, heal: int = 0, heal_lr: float = HEAL_LR, **options: Any) -> Compressed:
     """Compress `model` to `sparsity` (net fraction of transformer-block parameters) with `method`.
 
     `calib`: a text file (tokenized with the model's tokenizer, chunked into `samples`
@@ -253,6 +254,11 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     policies that run the whole model (the output judge) refuse it with the fix. The weights the
     compressed model keeps are read at the end.
 
+    `heal` (epochs, default 0: off): after the policy, train the recipe's bypass tensors for that
+    many passes over the calibration batches against the dense model's output (Adam at `heal_lr`,
+    `subfit_fx.heal`); kept weights never change. Training on calibration data: report healed
+    models as such.
+
     Example:
         >>> from subfit_fx.zoo import tiny_model
         >>> c = compress(tiny_model("gpt2", layers=4), torch.randint(0, 128, (4, 16)), 0.3, progress=False)
@@ -265,8 +271,12 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     # strict (a misspelt key fails here, before any long work); the calibration's holdout reaches
     # options classes that declare one (SubFit's held-out scoring checks it)
     typed = method_options(method, options, **({"holdout": config.holdout} if config.holdout else {}))
+    check_heal(heal, heal_lr)
     if offload_weights:
         check_offloadable(method, typed)
+        if heal:
+            raise InputError("heal trains through the whole model, which offload_weights never holds in memory; "
+                             "drop heal or offload_weights")
     loading = {"dtype": dtype, "device": device, "revision": revision, "trust_remote_code": trust_remote_code}
     module, spec, weights = _resolve_offloaded(model, loading) if offload_weights else (*_resolve(model, loading), None)
     batches = calibration_batches(calib, module, config, model_path=spec, tokenizer=tokenizer)
@@ -283,6 +293,12 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
         session.offload_weights(weights)
     ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), typed)
     recipe = policy(ctx)
+    if heal:
+        healed = heal_recipe(ep, recipe, batches, causal=is_causal_lm(module), epochs=heal, lr=heal_lr,
+                             progress=progress)
+        recipe.tensors.update(healed.tensors)
+        recipe.options = {**recipe.options, "heal": heal, "heal_lr": heal_lr}
+        ctx.notes.append(healed.note() if healed.steps else "heal: the recipe has no bypass tensors to train")
     recipe.base_model = spec
     recipe.options = {**recipe.options, **config.recorded(), "method": method, "dtype": dtype_name(model_dtype(module))}
     program = apply_recipe(ep, recipe, check=False, branches=branches)

@@ -45,6 +45,12 @@ def test_inspect_saved_model_dir(tmp_path, capsys):
      "option 'rounds' is not one of shortgpt's; it belongs to hybrid, subfit"),
     (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--judge-context", "-1"],
      "judge_context=-1.0 must be a number >= 0"),
+    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--heal", "-1"],
+     "heal=-1 must be a number of epochs >= 0"),
+    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--heal", "1", "--heal-lr", "0"],
+     "heal_lr=0.0 must be a positive learning rate"),
+    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--heal", "1", "--pipeline", "sequential"],
+     "--heal trains through the whole model in one process"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
