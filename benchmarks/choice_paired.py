@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import sys
 import time
@@ -32,7 +33,8 @@ from quality import calibration, eval_split, parse_spec
 
 import subfit_fx
 from subfit_fx.checkpoints import ensure_smollm2
-from subfit_fx.evaluation import choice_correctness
+from subfit_fx.data import tokenize_text
+from subfit_fx.evaluation import choice_correctness, perplexity_and_accuracy
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -60,13 +62,18 @@ def markdown(data: dict) -> str:
     lines = ["# Continuation choice, paired over many items", "",
              f"SmolLM2-135M-Instruct at {data['sparsity']:.2%} target sparsity, {data['split']} half of wikitext-2 "
              f"test.txt, {n} continuation-choice items (seed 0; quality.py uses 200). Each model scores the same "
-             "items; a difference is significant when McNemar's exact p is small.", "",
-             "| model | choice acc. | SE | actual sparsity | compress s |", "|---|---:|---:|---:|---:|"]
+             "items; a difference is significant when McNemar's exact p is small. Perplexity and next-token accuracy: "
+             "the first 8192 tokens in windows of 256, as quality.py.", "",
+             "| model | choice acc. | SE | ppl / dense | next-token / dense | actual sparsity | compress s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    dense = data["models"]["dense"]
     for name, m in data["models"].items():
         acc = m["accuracy"]
         sparsity = f"{m['sparsity_actual']:.1%}" if "sparsity_actual" in m else "-"
         compress = f"{m['compress_s']:.0f}" if m.get("compress_s") is not None else "-"
-        lines.append(f"| {name} | {acc:.3f} | {math.sqrt(acc * (1 - acc) / n):.3f} | {sparsity} | {compress} |")
+        lines.append(f"| {name} | {acc:.3f} | {math.sqrt(acc * (1 - acc) / n):.3f} | "
+                     f"{m['perplexity'] / dense['perplexity']:.3f} | "
+                     f"{m['next_token_accuracy'] / dense['next_token_accuracy']:.3f} | {sparsity} | {compress} |")
     lines += ["", "| A vs B | A - B | 95 % interval | only A right | only B right | McNemar p |",
               "|---|---:|---:|---:|---:|---:|"]
     for key, p in data["pairs"].items():
@@ -91,22 +98,32 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     text = eval_split(args.split)
 
-    def outcomes(module: torch.nn.Module, where: Path | None = None) -> list[bool]:
-        """Per-item outcomes, kept beside the compressed model (a killed run resumes)."""
-        kept = where / f"choice-{args.split}-{args.items}.txt" if where is not None else None
+    ids = tokenize_text(text, tokenizer)[:8192]
+
+    def outcomes(module: torch.nn.Module, where: Path | None = None) -> tuple[list[bool], dict]:
+        """Per-item outcomes and quality.py's perplexity (8192 tokens, windows of 256), kept beside
+        the compressed model (a killed run resumes)."""
+        kept = where / f"choice-{args.split}-{args.items}.json" if where is not None else None
         if kept is not None and kept.is_file():
-            return [c == "1" for c in kept.read_text().strip()]
+            data = json.loads(kept.read_text())
+            return [c == "1" for c in data["outcomes"]], data["perplexity"]
+        outcomes_only = kept.with_suffix(".txt") if kept is not None else None  # from a run before perplexity
         with torch.no_grad():
-            out = choice_correctness(module, tokenizer, text, args.items, 0, progress=False)
+            if outcomes_only is not None and outcomes_only.is_file():
+                out = [c == "1" for c in outcomes_only.read_text().strip()]
+            else:
+                out = choice_correctness(module, tokenizer, text, args.items, 0, progress=False)
+            ppl = perplexity_and_accuracy(module, ids, 256, progress=False)
         if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_text("".join("1" if x else "0" for x in out))
-        return out
+            kept.write_text(json.dumps({"outcomes": "".join("1" if x else "0" for x in out), "perplexity": ppl}))
+        return out, ppl
 
     models: dict[str, dict] = {}
-    per_item: dict[str, list[bool]] = {
-        "dense": outcomes(subfit_fx.capture(model).module(), args.recipes / "dense" if args.recipes else None)}
-    models["dense"] = {"accuracy": sum(per_item["dense"]) / len(per_item["dense"])}
+    per_item: dict[str, list[bool]] = {}
+    dense_dir = args.recipes / "dense" if args.recipes else None
+    per_item["dense"], ppl = outcomes(subfit_fx.capture(model).module(), dense_dir)
+    models["dense"] = {"accuracy": sum(per_item["dense"]) / len(per_item["dense"]), **ppl}
     print("dense", models["dense"], flush=True)
     for spec in args.methods:
         where = args.recipes / spec.replace("/", "_") if args.recipes else None
@@ -121,8 +138,8 @@ def main() -> None:
             compress_s = time.perf_counter() - t
             if where is not None:
                 c.save(where, force=True)
-        per_item[spec] = outcomes(c.module(), where)
-        models[spec] = {"accuracy": sum(per_item[spec]) / len(per_item[spec]),
+        per_item[spec], ppl = outcomes(c.module(), where)
+        models[spec] = {"accuracy": sum(per_item[spec]) / len(per_item[spec]), **ppl,
                         "sparsity_actual": c.report.sparsity_actual, "compress_s": compress_s,
                         "replaced": c.report.replaced}
         print(spec, models[spec]["accuracy"], flush=True)

@@ -311,7 +311,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heal", type=int, default=0, metavar="EPOCHS",
                    help="after the policy, train only the bypass weights this many passes over the calibration "
                         "data against the dense model's output (default 0: training-free)")
-    p.add_argument("--heal-lr", type=float, default=None, help="Adam learning rate of --heal (default 1e-4)")
+    p.add_argument("--heal-lr", type=float, default=None, help="Adam learning rate of --heal (default 3e-4)")
     p.add_argument("--judge", choices=("output", "statistics"),
                    help="SubFit: judge candidates at the model's output on held-out sequences (output, default) "
                         "or rank them by a statistics-only score in one shot (statistics, fast)")
