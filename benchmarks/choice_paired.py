@@ -25,14 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
-from quality import calibration, eval_split, parse_spec
+from quality import calibration, parse_spec, reference
 
 import subfit_fx
-from subfit_fx.checkpoints import ensure_smollm2
 from subfit_fx.data import tokenize_text
 from subfit_fx.evaluation import choice_correctness, perplexity_and_accuracy
 
@@ -91,12 +89,7 @@ def main() -> None:
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     parser.add_argument("--recipes", type=Path, default=None, help="keep and reuse recipes in this directory")
     args = parser.parse_args()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    model_dir = ensure_smollm2()
-    model = subfit_fx.load_model(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    text = eval_split(args.split)
+    model, tokenizer, text = reference(args.split)
 
     ids = tokenize_text(text, tokenizer)[:8192]
 

@@ -50,6 +50,17 @@ def eval_split(split: str) -> str:
     return text[:cut] if split == "dev" else text[cut:]
 
 
+def reference(split: str) -> tuple[Any, Any, str]:
+    """(SmolLM2-135M-Instruct, its tokenizer, the evaluation split's text), seeded as every
+    quality script runs: what the probes of one sparsity (choice_paired, heal_dev,
+    undo_bypasses) start from."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model_dir = ensure_smollm2()
+    return (subfit_fx.load_model(model_dir), transformers.AutoTokenizer.from_pretrained(model_dir),
+            eval_split(split))
+
+
 def calibration(tokenizer: Any, samples: int, seq_len: int, seed: int = 0) -> list:
     return text_batches(DATA / "wikitext-2" / "valid.txt", tokenizer, samples=samples,
                         seq_len=seq_len, batch_size=8, seed=seed)

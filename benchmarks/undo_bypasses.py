@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine, write_results
-from quality import calibration, eval_split
+from quality import calibration, reference
 
 import subfit_fx
-from subfit_fx.checkpoints import ensure_smollm2
 from subfit_fx.evaluation import evaluate
 from subfit_fx.rewrite import apply_recipe
 
@@ -60,12 +58,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.25)
     parser.add_argument("--groups", nargs="+", default=["28,29", "6,7,8"])
     args = parser.parse_args()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    model_dir = ensure_smollm2()
-    model = subfit_fx.load_model(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    text = eval_split("dev")
+    model, tokenizer, text = reference("dev")
 
     def score(module: torch.nn.Module) -> dict:
         m = evaluate(module, tokenizer, text, causal=True, seq_len=256, max_tokens=8192, choice_items_count=200,
