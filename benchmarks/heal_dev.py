@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,9 @@ from quality import calibration, reference
 
 import subfit_fx
 from subfit_fx.capture import is_causal_lm
+from subfit_fx.checkpoints import ensure_smollm2
 from subfit_fx.evaluation import evaluate
+from subfit_fx.gguf import cache_root
 from subfit_fx.heal import heal_recipe
 from subfit_fx.rewrite import apply_recipe
 
@@ -88,8 +91,11 @@ def main() -> None:
         variants[name] = {**score(apply_recipe(ep, recipe).module()), "heal_s": heal_s,
                           "first_epoch_loss": healed.first_epoch_loss, "last_epoch_loss": healed.last_epoch_loss}
         print(name, variants[name], flush=True)
+    # quality.py's cached dense run of the dev half, same protocol
+    cached = cache_root() / "dense" / f"{ensure_smollm2().name}-dev-256-8192-200.json"
+    dense = json.loads(cached.read_text()) if cached.is_file() else score(ep.module())
     data = {"sparsity": args.sparsity, "sparsity_actual": c.report.sparsity_actual,
-            "dense": score(ep.module()), "variants": variants}
+            "dense": {k: dense[k] for k in METRICS}, "variants": variants}
     write_results("heal_dev", data, markdown(data))
 
 
