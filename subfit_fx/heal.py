@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,7 +107,10 @@ def heal_recipe(ep: torch.export.ExportedProgram, recipe: Recipe, batches: Seque
     if not recipe.tensors or epochs == 0 or not batches:
         return HealResult({}, float("nan"), float("nan"), 0)
     dense = ep.module()
-    student = apply_recipe(ep, recipe, check=False).module()
+    # the rewrite wraps recipe tensors of the activations' dtype as parameters without a copy
+    # (a loaded recipe): train copies, so the caller's recipe and program never change
+    work = dataclasses.replace(recipe, tensors={k: v.detach().clone() for k, v in recipe.tensors.items()})
+    student = apply_recipe(ep, work, check=False).module()
     params = dict(student.named_parameters())
     train = {key: params[PREFIX + key] for key in recipe.tensors if PREFIX + key in params}
     # the program shares the model's parameters: only the recipe's tensors may learn, and every

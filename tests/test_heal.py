@@ -67,6 +67,24 @@ def test_compress_with_heal_records_it_and_round_trips(tmp_path):
     assert dense.shape == out.shape
 
 
+def test_heal_leaves_a_loaded_recipe_and_its_program_unchanged(tmp_path):
+    """A loaded recipe's tensors are the program's parameters (same dtype, no copy): healing
+    must train copies."""
+    model, c = _bypassed()
+    c.save(tmp_path / "c")
+    loaded = subfit_fx.load(tmp_path / "c", model=model)
+    before = {k: v.clone() for k, v in loaded.recipe.tensors.items()}
+    ids, mask = _calib(seed=3, batches=1)[0]
+    with torch.no_grad():
+        out = loaded.module()(ids, mask)
+    result = heal_recipe(subfit_fx.capture(model), loaded.recipe, _calib(), causal=True, epochs=2, lr=1e-3,
+                         progress=False)
+    assert all(torch.equal(before[k], loaded.recipe.tensors[k]) for k in before)
+    assert any(not torch.equal(before[k], result.tensors[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(ids, mask), out)
+
+
 def test_heal_zero_and_removal_only_recipes_change_nothing():
     model, c = _bypassed()
     ep = subfit_fx.capture(model)
