@@ -162,7 +162,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from subfit_fx.atomic import check_output, claim
     from subfit_fx.compress import CalibrationConfig
     from subfit_fx.data import check_text_file
-    from subfit_fx.heal import HEAL_LR, check_heal
+    from subfit_fx.heal import check_heal
     from subfit_fx.methods import check_offloadable, method_options
     from subfit_fx.selection import check_sparsity
 
@@ -174,7 +174,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     typed = method_options(args.method, options, **({"holdout": args.holdout} if args.holdout else {}))
     loading = model_loading(args)
     healing = {"heal": args.heal, **({"heal_lr": args.heal_lr} if args.heal_lr is not None else {})}
-    check_heal(args.heal, healing.get("heal_lr", HEAL_LR))
+    check_heal(**healing)
     if args.heal and (args.distributed or args.pipeline != "basic" or args.offload is not None
                       or args.layers_per_pass != 1 or args.offload_weights):
         raise InputError("--heal trains through the whole model in one process: use the basic pipeline "

@@ -294,7 +294,7 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
     ctx = PolicyContext(session, fit_batches, held, block, target, is_causal_lm(module), typed)
     recipe = policy(ctx)
     if heal:
-        healed = heal_recipe(ep, recipe, batches, causal=is_causal_lm(module), epochs=heal, lr=heal_lr,
+        healed = heal_recipe(ep, recipe, batches, causal=ctx.causal, epochs=heal, lr=heal_lr,
                              progress=progress)
         recipe.tensors.update(healed.tensors)
         recipe.options = {**recipe.options, "heal": heal, "heal_lr": heal_lr}

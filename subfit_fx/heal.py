@@ -57,8 +57,9 @@ class HealResult:
                 f"calibration loss {self.first_epoch_loss:.4g} (first epoch) -> {self.last_epoch_loss:.4g} (last)")
 
 
-def check_heal(epochs: object, lr: object = HEAL_LR) -> None:
-    """Raise `InputError` unless `epochs` is an integer >= 0 and `lr` a positive number.
+def check_heal(heal: object, heal_lr: object = HEAL_LR) -> None:
+    """Raise `InputError` unless `heal` (epochs) is an integer >= 0 and `heal_lr` a positive number
+    (the names of `compress`'s keywords).
 
     Example:
         >>> check_heal(2)
@@ -67,6 +68,7 @@ def check_heal(epochs: object, lr: object = HEAL_LR) -> None:
         ...
         subfit_fx.errors.InputError: heal=-1 must be a number of epochs >= 0...
     """
+    epochs, lr = heal, heal_lr
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise InputError(f"heal={epochs!r} must be a number of epochs >= 0 (0: no healing); pass e.g. heal=2")
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
