@@ -93,6 +93,34 @@ def test_sequential_fit_repairs_upstream_drift(models):
     assert errs[True] <= errs[False] * 1.05
 
 
+def test_sequential_refit_runs_each_segment_twice_per_batch(models, monkeypatch):
+    """The refit is one layer-wise sweep: the graph up to the last refitted branch is cut after
+    each refitted branch, and each piece runs twice per batch (observed, then with its refit in
+    place), not a whole calibration pass per branch."""
+    import subfit_fx.calibrate as calibrate
+    from subfit_fx.calibrate import Session
+
+    runs: dict[int, int] = {}
+    batches: list[int] = []
+    real_run, real_record = calibrate.run_segment, Session.record_streams
+
+    def counting_run(segment, values):
+        runs[id(segment.module)] = runs.get(id(segment.module), 0) + 1
+        real_run(segment, values)
+
+    def counting_record(self, batch_list, *args, **kwargs):
+        batches.append(len(batch_list))
+        return real_record(self, batch_list, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "run_segment", counting_run)
+    monkeypatch.setattr(Session, "record_streams", counting_record)
+    c = subfit_fx.compress(models["llama"], CALIB, 0.375, progress=False, sequential=True, **STATS)
+    refitted = [r for r in c.recipe.replacements if r.action == "bypass"]
+    assert len(batches) == 1 and refitted
+    assert len(runs) == len(refitted)  # one segment per refitted branch
+    assert set(runs.values()) == {2 * batches[0]}
+
+
 def test_shared_basis_is_stored_once(models):
     c = subfit_fx.compress(models["llama"], CALIB, 0.375, progress=False, attention_rank=64, **STATS)
     ffn_bypasses = [r for r in c.recipe.replacements if r.form == "shared"]
