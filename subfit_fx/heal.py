@@ -68,11 +68,10 @@ def check_heal(heal: object, heal_lr: object = HEAL_LR) -> None:
         ...
         subfit_fx.errors.InputError: heal=-1 must be a number of epochs >= 0...
     """
-    epochs, lr = heal, heal_lr
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise InputError(f"heal={epochs!r} must be a number of epochs >= 0 (0: no healing); pass e.g. heal=2")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
-        raise InputError(f"heal_lr={lr!r} must be a positive learning rate; pass e.g. heal_lr={HEAL_LR}")
+    if isinstance(heal, bool) or not isinstance(heal, int) or heal < 0:
+        raise InputError(f"heal={heal!r} must be a number of epochs >= 0 (0: no healing); pass e.g. heal=2")
+    if isinstance(heal_lr, bool) or not isinstance(heal_lr, int | float) or not heal_lr > 0:
+        raise InputError(f"heal_lr={heal_lr!r} must be a positive learning rate; pass e.g. heal_lr={HEAL_LR}")
 
 
 def output_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, causal: bool) -> torch.Tensor:

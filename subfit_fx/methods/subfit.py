@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from subfit_fx.calibrate import REMOVE
 from subfit_fx.errors import InputError
-from subfit_fx.fit import Fit
+from subfit_fx.fit import Fit, ridge
 from subfit_fx.methods.base import (
     OutputJudge,
     PolicyContext,
@@ -41,7 +41,8 @@ from subfit_fx.selection import (
 from subfit_fx.stats import BranchStats
 
 __all__ = ["AUTO_SPANS", "SPANNED", "SPAN_MEMORY", "BypassFitter", "SubfitOptions", "candidate_forms", "commit_plan",
-           "default_rounds", "judge_split", "merge_spans", "shortlist_branches", "span_fits", "span_lengths", "subfit"]
+           "default_rounds", "judge_split", "merge_spans", "shortlist_branches", "span_fits", "span_lengths",
+           "span_map_fit", "subfit"]
 
 SCORE_CHOICES = (*SCORES, "holdout")
 # Forms that compete with the default bypass (low-rank attention / shared-basis FFN) per branch.
@@ -178,7 +179,7 @@ class BypassFitter:
         return self.width * min(self.basis_size, self.width)
 
 
-def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: BypassFitter, chosen: list[str],
+def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: BypassFitter,
                       fits: dict[str, Fit], spans: dict[str, tuple[str, ...]] | None = None,
                       batches: list | None = None) -> dict[str, Fit]:
     """Refit chosen bypasses in depth order on inputs from the compressed model, with the dense
@@ -191,7 +192,7 @@ def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: BypassFit
     (default the context's; the output judge's held-out sequences stay out)."""
     session, spans, batches = ctx.session, spans or {}, ctx.batches if batches is None else batches
     everything = session.execution_order()
-    order = [label for label in everything if label in chosen]
+    order = [label for label in everything if label in fits]
     end_of = {label: spans.get(label, (label,))[-1] for label in order}
     session.clear_replacements()
     dense = session.record_streams(batches, sorted(set(end_of.values()), key=everything.index),
@@ -212,9 +213,8 @@ def _sequential_refit(ctx: PolicyContext, opts: SubfitOptions, fitter: BypassFit
         for stats in sweep:
             (label, branch_stats), = stats.items()
             if label in spans:
-                fit = fit_branch(session.by_label[label], branch_stats, "linear", "stream", lam=opts.ridge)
-                fit.layers = [(w.float(), b.float()) for w, b in fit.layers]
-                fit.input = "stream"
+                fit = span_map_fit(branch_stats.gram["stream"], branch_stats.cross["stream"],
+                                   branch_stats.scalars["y_sq"], opts.ridge)
             else:
                 fit = fit_branch(session.by_label[label], branch_stats, fits[label].form, opts.bypass_input,
                                  rank=fitter.rank, basis=fitter.basis, lam=opts.ridge)
@@ -350,7 +350,7 @@ def _subfit_statistics(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
             final[label] = fit_branch(session.by_label[label], dense_stats[label], form, opts.bypass_input,
                                       lam=opts.ridge)
     if opts.sequential and final:
-        final = _sequential_refit(ctx, opts, fitter, list(final), final)
+        final = _sequential_refit(ctx, opts, fitter, final)
     for label, fit in final.items():
         ctx.record_score(label, "fit_error_relative",
                          fit.error / max(float(dense_stats[label].scalars["y_sq"]), 1e-30))
@@ -410,6 +410,21 @@ def span_lengths(spans: int | None, layers: int, width: int, memory: int = SPAN_
     return range(2, 2)
 
 
+def span_map_fit(gram: torch.Tensor, cross: torch.Tensor, y_sq: torch.Tensor, lam: float) -> Fit:
+    """A span map from its statistics (stream [x, 1] -> stream after the span - x): ridge in
+    float64, stored in float32 (applied in the model's dtype anyway), reading the stream.
+
+    Example:
+        >>> g = torch.eye(3, dtype=torch.float64); c = torch.zeros(3, 2, dtype=torch.float64)
+        >>> span_map_fit(g, c, torch.tensor(0.0), 1e-3).input
+        'stream'
+    """
+    fit = ridge(gram, cross, y_sq, lam)
+    fit.layers = [(w.float(), b.float()) for w, b in fit.layers]
+    fit.input = "stream"
+    return fit
+
+
 def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
               ) -> dict[tuple[str, str], tuple[Fit, tuple[str, ...]]]:
     """One linear map (ridge, in closed form, on the stream) for every run of 2..`opts.spans` whole
@@ -421,7 +436,6 @@ def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
         >>> sorted(fits)[0]  # doctest: +SKIP
         ('model.layers.0.self_attn', 'span2')
     """
-    from subfit_fx.fit import ridge
     from subfit_fx.methods.layers import group_layers, require_sequential, span_map_statistics
 
     session = ctx.session
@@ -444,9 +458,7 @@ def span_fits(ctx: PolicyContext, opts: SubfitOptions, batches: list,
     out = {}
     for (i, n) in sorted(stats):
         gram, cross, y_sq = stats.pop((i, n))  # each cross goes once fitted: memory stays at the statistics
-        fit = ridge(gram, cross, y_sq, opts.ridge)
-        fit.layers = [(w.float(), b.float()) for w, b in fit.layers]  # applied in the model's dtype anyway
-        fit.input = "stream"
+        fit = span_map_fit(gram, cross, y_sq, opts.ridge)
         covers = tuple(label for layer in layers[i:i + n] for label in layer.labels)
         out[covers[0], f"span{n}"] = (fit, covers)
     return out
@@ -726,7 +738,7 @@ def _subfit_judged(ctx: PolicyContext, opts: SubfitOptions) -> Recipe:
                          "chosen FFNs' own basis")
     chosen_spans = {label: span_of[label, form] for label, form in chosen.items() if (label, form) in span_of}
     if opts.sequential and final:
-        refit = _sequential_refit(ctx, opts, fitter, list(final), final, chosen_spans, batches)
+        refit = _sequential_refit(ctx, opts, fitter, final, chosen_spans, batches)
         final = _keep_better(ctx, opts, judge, final, refit, "sequential refit")
     final = _never_worse_than_removal(ctx, opts, judge, final, {label: alts[label]["remove"] for label in final})
     ctx.notes.append(f"output judge: {judge.calls} forwards of {int(held_ids.shape[0])} held-out sequences")
