@@ -103,10 +103,17 @@ def create_session(path: str | Path, *, providers: Sequence[str] | None = None,
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+        session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelLoadError(f"ONNX Runtime cannot load '{path}': {first}; re-export the model") from exc
+    # ORT falls back to the CPU, with only a log line, when a GPU provider's libraries fail to load:
+    # a run asked for on the GPU must not quietly time or serve the CPU
+    if providers and providers[0] not in session.get_providers():
+        raise ModelLoadError(f"ONNX Runtime could not start {providers[0]} for '{path}' (it would fall back to "
+                             f"{session.get_providers()[0]}): the CUDA / cuDNN libraries onnxruntime-gpu needs are "
+                             "missing or do not match it; install matching ones, or pass --provider cpu")
+    return session
 
 
 def model_metadata(session: ort.InferenceSession) -> dict[str, str]:

@@ -26,6 +26,15 @@ def test_missing_file_is_a_user_error(tmp_path):
         create_session(tmp_path / "none.onnx")
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" in default_providers(), reason="this ONNX Runtime runs CUDA")
+def test_a_gpu_provider_that_cannot_start_is_an_error_not_a_quiet_cpu_run(tmp_path):
+    model = tiny_model("llama", layers=2)
+    path = export_onnx_kv(model, tmp_path / "m.onnx").path
+    with pytest.raises(ModelLoadError, match=r"could not start CUDAExecutionProvider.*--provider cpu"):
+        create_session(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert create_session(path).get_providers() == ["CPUExecutionProvider"]
+
+
 def test_graph_without_any_attention_decodes_token_by_token(tmp_path):
     model = tiny_model("llama", layers=2)
     recipe = manual_recipe(model, remove=["model.layers.0.self_attn", "model.layers.1.self_attn"])
