@@ -257,7 +257,16 @@ def capture(model: torch.nn.Module, example_inputs: tuple | None = None) -> torc
                     for t in inputs)
     try:
         with torch.no_grad():
-            ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+            try:
+                ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+            except torch._dynamo.exc.UserError as exc:
+                if "Constraints violated" not in str(exc):
+                    raise
+                # torch 2.11 on CUDA emits guards (from the attention kernels' shape rules) that its
+                # solver cannot prove for named ranges; Dim.DYNAMIC lets export keep them as checks
+                auto = tuple({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} if d else None
+                             for d in dynamic)
+                ep = torch.export.export(module, tuple(inputs), dynamic_shapes=auto, strict=False)
     except Exception as exc:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                            f"{_first_line(exc)}; pass example_inputs matching forward() or remove "

@@ -36,7 +36,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:  # torch < 2.12 (the GPU images' torch 2.11) calls it hint_int
+    from torch.fx.experimental.symbolic_shapes import hint_int as optimization_hint  # type: ignore[no-redef]
 
 from subfit_fx.branches import Branch
 

@@ -69,6 +69,9 @@ class Tolerance:
 
 # the same function computed another way (export, fusions) in float32
 EXACT = Tolerance(rtol=1e-4, max_kl=1e-5)
+# Checks run on ONNX Runtime's CPU provider: they test the graph, and the CUDA provider's default
+# TF32 matmuls (about 1e-3 relative) would fail a float32 graph that is exact
+CHECK_PROVIDERS = ["CPUExecutionProvider"]
 _BY_DTYPE = {torch.float32: EXACT, torch.float64: EXACT,
              torch.float16: Tolerance(rtol=2e-2, max_kl=1e-3), torch.bfloat16: Tolerance(rtol=2e-2, max_kl=1e-3)}
 
@@ -231,7 +234,7 @@ def check_plain(path: str | Path, reference: Reference, *, vocab_size: int, tole
     """
     ids = random_tokens(vocab_size, batch, seq, seed)
     mask = torch.ones_like(ids)
-    got = OnnxRunner(path, threads=threads)(ids.numpy(), mask.numpy())
+    got = OnnxRunner(path, threads=threads, providers=CHECK_PROVIDERS)(ids.numpy(), mask.numpy())
     return _report("onnx vs torch", got, _torch_out(reference, ids, mask), (f"batch {batch} x seq {seq}",),
                    tolerance, vocab_size)
 
@@ -258,7 +261,7 @@ def check_kv(path: str | Path, reference: Reference, *, vocab_size: int, toleran
         >>> check_kv("model.onnx", reference, vocab_size=128).enforce()  # doctest: +SKIP
     """
     ids = random_tokens(vocab_size, batch, prompt + 3, seed)
-    got = _kv_steps(OnnxCausalLM(path, threads=threads), ids.numpy(), prompt)
+    got = _kv_steps(OnnxCausalLM(path, threads=threads, providers=CHECK_PROVIDERS), ids.numpy(), prompt)
     expected = _torch_out(reference, ids, torch.ones_like(ids))
     cases = (f"batch {batch}: prefill {prompt} from past 0", f"decode 1 at past {prompt}",
              f"2 tokens at past {prompt + 1}")
@@ -281,7 +284,8 @@ def compare_onnx(candidate: str | Path, baseline: str | Path, *, vocab_size: int
     lossy = tolerance.min_top1 is not None
     batch, prompt = 3, (29 if lossy else 9)  # lossy: more positions, the agreement is a share
     ids = random_tokens(vocab_size, batch, 3 if lossy else prompt + 3, seed=1).numpy()
-    base = OnnxCausalLM(baseline, threads=threads) if kv_cache else OnnxRunner(baseline, threads=threads)
+    base = OnnxCausalLM(baseline, threads=threads, providers=CHECK_PROVIDERS) if kv_cache else OnnxRunner(
+        baseline, threads=threads, providers=CHECK_PROVIDERS)
 
     def logits(model: OnnxCausalLM | OnnxRunner, tokens: np.ndarray) -> np.ndarray:
         return model.forward(tokens, np.ones_like(tokens))[0] if kv_cache else model(tokens)
@@ -290,11 +294,11 @@ def compare_onnx(candidate: str | Path, baseline: str | Path, *, vocab_size: int
         ids = np.concatenate([ids, logits(base, ids)[:, -1:].argmax(-1)], axis=1)
     source = f"3 random + {prompt} greedy (baseline) tokens" if lossy else "random tokens"
     if kv_cache:
-        a = _kv_steps(OnnxCausalLM(candidate, threads=threads), ids, prompt)
+        a = _kv_steps(OnnxCausalLM(candidate, threads=threads, providers=CHECK_PROVIDERS), ids, prompt)
         b = _kv_steps(base, ids, prompt)
         cases = (f"batch {batch}, {source}: prefill {prompt}, decode 1, 2 tokens",)
     else:
-        a = OnnxRunner(candidate, threads=threads)(ids)
+        a = OnnxRunner(candidate, threads=threads, providers=CHECK_PROVIDERS)(ids)
         b = base(ids)
         cases = (f"batch {batch} x seq {ids.shape[1]}, {source}",)
     return _report(what or f"{Path(candidate).name} vs {Path(baseline).name}", a, b, cases, tolerance, vocab_size)
