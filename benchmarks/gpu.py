@@ -6,9 +6,12 @@ It runs in bfloat16 (or --dtype float16) on the GPU for calibration (16 sequence
 tokens by default) and SubFit's output judge; statistics and fits are float64. Dense and
 compressed models are then exported as KV-cache ONNX graphs (float32: the exporter upcasts a
 low-precision model exactly, docs/deploy.md "Precision") and timed interleaved on
-CUDAExecutionProvider: prefill at each length from an empty cache and one decode step at that past
-length, medians of --repeats runs. Also recorded: calibration wall time and peak GPU memory, the
-recipe, file sizes and KV-cache bytes per token.
+CUDAExecutionProvider: prefill at each length from an empty cache (the logits of every position
+come back to the host, as the runner returns them) and one decode step at that past length (the
+cache stays on the GPU), medians of --repeats runs. Before the export, prefill is also timed in
+torch on the GPU (the Hugging Face model vs the compressed program, in the model's dtype). Also
+recorded: calibration wall time and peak GPU memory, the recipe, file sizes and KV-cache bytes
+per token.
 
 Fails at once, with one line and exit code 2, when there is no CUDA GPU or when ONNX Runtime has
 no CUDA provider (pip install onnxruntime-gpu). `--device cpu --tiny` runs the same steps on a
@@ -117,9 +120,36 @@ def _bench(paths: dict[str, Path], providers: list[str], lengths: list[int], rep
             times = interleaved({name: make(m) for name, m in models.items()}, repeats=repeats)
             rows.append({"stage": stage, "seq": n, "dense_ms": times["dense"] * 1e3,
                          "compressed_ms": times["compressed"] * 1e3, "speedup": times["dense"] / times["compressed"]})
+            print(f"onnx {stage} {n}: dense {rows[-1]['dense_ms']:.2f} ms, compressed {rows[-1]['compressed_ms']:.2f} "
+                  f"ms, {rows[-1]['speedup']:.2f}x", file=sys.stderr)
     return {"provider": models["dense"].session.get_providers()[0], "rows": rows,
             "bytes": {name: model_bytes(p) for name, p in paths.items()},
             "kv_bytes_per_token": {name: kv_bytes_per_token(m) for name, m in models.items()}}
+
+
+def _torch_bench(model: torch.nn.Module, compressed: torch.nn.Module, device: torch.device, lengths: list[int],
+                 repeats: int) -> list[dict[str, Any]]:
+    """Prefill forwards in torch where the model runs (its dtype, no KV cache): the Hugging Face
+    model vs the compressed program, interleaved medians, each timed call synchronized."""
+    from subfit_fx.exporters.bench import interleaved
+
+    def timed(fn: Any) -> Any:
+        def step() -> None:
+            with torch.no_grad():
+                fn()
+            _sync(device)
+        return step
+
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
+        mask = torch.ones_like(ids)
+        fns = {"dense": lambda i=ids, m=mask: model(input_ids=i, attention_mask=m, use_cache=False),
+               "compressed": lambda i=ids, m=mask: compressed(i, m)}
+        times = interleaved({name: timed(fn) for name, fn in fns.items()}, repeats=repeats)
+        rows.append({"stage": "prefill", "seq": n, "dense_ms": times["dense"] * 1e3,
+                     "compressed_ms": times["compressed"] * 1e3, "speedup": times["dense"] / times["compressed"]})
+    return rows
 
 
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, providers: list[str],
@@ -142,11 +172,15 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, prov
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     print(f"compressed in {compress_s:.1f} s: {c.report.sparsity_actual:.2%} of block parameters, "
           f"{len(c.report.replaced)} branches replaced", file=sys.stderr)
+    torch_rows = _torch_bench(model, c.module(), device, args.lengths, args.repeats)
+    print("torch prefill speedups: " + ", ".join(f"{r['seq']}: {r['speedup']:.2f}x" for r in torch_rows),
+          file=sys.stderr)
     paths = {"dense": work / "dense.onnx", "compressed": work / "compressed.onnx"}
     start = time.perf_counter()
     export_onnx_kv(model, paths["dense"], force=True)
     export_onnx_kv(c, paths["compressed"], force=True)
     export_s = time.perf_counter() - start
+    print(f"exported both KV-cache graphs in {export_s:.0f} s", file=sys.stderr)
     del model, c.base_model
     if device.type == "cuda":
         torch.cuda.empty_cache()  # ONNX Runtime allocates its own GPU memory next
@@ -158,7 +192,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, prov
             "compressed": {"sparsity_target": args.sparsity, "sparsity_actual": c.report.sparsity_actual,
                            "replaced": list(c.report.replaced), "params_before": c.report.params_before,
                            "params_after": c.report.params_after, "kv_fraction_kept": c.report.kv_fraction_kept},
-            "export_seconds": export_s, "onnx_dtype": "float32",
+            "torch_rows": torch_rows, "export_seconds": export_s, "onnx_dtype": "float32",
             **_bench(paths, providers, args.lengths, args.repeats)}
 
 
@@ -180,6 +214,11 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     lines += [f"| {r['stage']} | {r['seq']} | {r['dense_ms']:.2f} | {r['compressed_ms']:.2f} | {r['speedup']:.2f}x |"
               for r in result["rows"]]
+    lines += ["", f"PyTorch {m['dtype']} on {m['device']} (the Hugging Face model without a cache vs the compressed "
+              "program), prefill, medians of interleaved runs:", "",
+              "| tokens | dense ms | compressed ms | speedup |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['seq']} | {r['dense_ms']:.2f} | {r['compressed_ms']:.2f} | {r['speedup']:.2f}x |"
+              for r in result["torch_rows"]]
     size, kv = result["bytes"], result["kv_bytes_per_token"]
     lines += ["", f"File size: dense {size['dense'] / 2**20:,.0f} MiB, compressed "
               f"{size['compressed'] / 2**20:,.0f} MiB. KV cache per token: dense {kv['dense']:,} B, "
