@@ -359,6 +359,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                    help="UIDL/ReplaceMe: tokens of the angular distance (default last)")
     p.add_argument("--block", type=positive_int,
                    help="saap / hybrid / flap: FFN channels per pruning unit (default 64; flap 1)")
+    p.add_argument("--grouping", choices=("sorted", "contiguous"),
+                   help="saap / hybrid / flap: which channels form a block: runs of channels sorted by their own "
+                        "importance (sorted, default) or index ranges (contiguous)")
     p.add_argument("--importance", choices=("fused", "vector", "element"),
                    help="saap / hybrid / flap: channel-block importance (default fused; flap element)")
     p.add_argument("--compensation", choices=("refit", "bias", "none"),

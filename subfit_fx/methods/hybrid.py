@@ -78,6 +78,7 @@ class HybridOptions:
     levels: tuple[float, ...] = (0.25, 0.5, 0.75)  # strategy "joint": fractions of an FFN's blocks a slimming drops
     # (empty: no slimming - SubFit's options chosen by the hybrid's knapsack)
     block: int = 64
+    grouping: str = "sorted"
     importance: str = "fused"
     compensation: str = "refit"
     fluctuation: bool = True
@@ -118,7 +119,8 @@ class HybridOptions:
             >>> HybridOptions(block=32).saap().block
             32
         """
-        return SaapOptions(block=self.block, importance=self.importance, compensation=self.compensation,
+        return SaapOptions(block=self.block, grouping=self.grouping, importance=self.importance,
+                           compensation=self.compensation,
                            fluctuation=self.fluctuation, max_layer_ratio=self.max_layer_ratio,
                            standardize=self.standardize, heads=self.heads)
 

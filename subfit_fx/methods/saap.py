@@ -5,6 +5,11 @@ a closed-form compensation of the output projection.
 Per FFN branch `y = W h + b` (h: the inner input of its last matmul, `subfit_fx.channels`),
 from the inner statistics (float64: per-channel sums, the Gram of [h, 1]):
 
+- channel blocks (`grouping="sorted"`, the default): each FFN's channels sorted by their own
+  importance ||W[:, j]||^2 Var(h_j), block k the k-th run of `block` of them, so dropping k blocks
+  drops the k x `block` least important channels; `"contiguous"` takes index ranges, which mix
+  important and unimportant channels in every block (SmolLM2 dev split, 500 paired items: choice
+  0.572 sorted against 0.494 contiguous). The count kept stays a multiple of `block` either way;
 - element-wise importance of a channel block G: sum_j in G ||W[:, j]||^2 Var(h_j) (FLAP);
 - vector-wise importance: tr(W_G Cov(h)_GG W_G^T), which keeps the correlations within G. Both
   are the exact per-token output damage of dropping G with mean (bias) compensation, so they are
@@ -42,10 +47,12 @@ from subfit_fx.methods.base import PolicyContext
 from subfit_fx.recipe import Recipe, Replacement, branch_records
 from subfit_fx.stats import InnerStats
 
-__all__ = ["IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores", "flap",
-           "inner_map", "kept_channels", "plan_slimming", "saap", "slim_replacements", "slimming_of", "width_sites"]
+__all__ = ["GROUPINGS", "IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores",
+           "channel_importance", "flap", "inner_map", "kept_channels", "plan_slimming", "saap", "slim_replacements",
+           "slimming_of", "width_sites"]
 
 IMPORTANCES = ("fused", "vector", "element")
+GROUPINGS = ("sorted", "contiguous")
 COMPENSATIONS = ("refit", "bias", "none")
 
 
@@ -54,6 +61,11 @@ class SaapOptions:
     """Options of SAAP-style width pruning; validated on construction."""
 
     block: int = 64  # FFN channels per pruning unit (keeps int4 blocks and GEMMs aligned)
+    # which channels make a block: "sorted" groups them by their own importance (block k holds the
+    # k-th `block` least important channels, so a block can be all unimportant); "contiguous" takes
+    # index ranges, which mixes important and unimportant channels in every block. Alignment
+    # needs only the count of kept channels, which both keep a multiple of `block`.
+    grouping: str = "sorted"
     importance: str = "fused"
     compensation: str = "refit"
     fluctuation: bool = True  # protect layers whose importance fluctuates across batches
@@ -72,6 +84,8 @@ class SaapOptions:
             raise InputError(f"block must be a positive number of channels, got {self.block}")
         if self.importance not in IMPORTANCES:
             raise InputError(f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        if self.grouping not in GROUPINGS:
+            raise InputError(f"unknown grouping {self.grouping!r}; choose one of {', '.join(GROUPINGS)}")
         if self.compensation not in COMPENSATIONS:
             raise InputError(f"unknown compensation {self.compensation!r}; choose one of {', '.join(COMPENSATIONS)}")
         if not 0 < self.max_layer_ratio < 1:
@@ -91,9 +105,26 @@ class Slimming:
     damage: float  # per-token squared output error of the compensated branch (from statistics)
 
 
-def _blocks(channels: int, size: int) -> list[torch.Tensor]:
+def _blocks(channels: int, size: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Blocks of `size` channels: index ranges, or consecutive runs of `order` (each block's
+    indices sorted)."""
     size = min(size, channels)
-    return [torch.arange(start, min(start + size, channels)) for start in range(0, channels, size)]
+    if order is None:
+        return [torch.arange(start, min(start + size, channels)) for start in range(0, channels, size)]
+    return [order[start:start + size].sort().values for start in range(0, channels, size)]
+
+
+def channel_importance(weight: torch.Tensor, stats: InnerStats) -> torch.Tensor:
+    """Per-channel importance ||W[:, j]||^2 Var(h_j) (FLAP's fluctuation metric; for a single
+    channel the vector-wise importance is the same number).
+
+    Example:
+        >>> s = InnerStats.empty(3); s.update(torch.tensor([[0.0, 1, 2], [0, 3, 2]]))
+        >>> channel_importance(torch.ones(2, 3), s).tolist()
+        [0.0, 2.0, 0.0]
+    """
+    w = weight.double()
+    return (w * w).sum(0) * stats.variance()
 
 
 def block_importance(weight: torch.Tensor, stats: InnerStats, blocks: list[torch.Tensor],
@@ -106,10 +137,10 @@ def block_importance(weight: torch.Tensor, stats: InnerStats, blocks: list[torch
         >>> block_importance(torch.eye(4), s, _blocks(4, 2), "element").shape
         torch.Size([2])
     """
-    w = weight.double()
     if kind == "element":
-        per = (w * w).sum(0) * stats.variance()
+        per = channel_importance(weight, stats)
         return torch.stack([per[g].sum() for g in blocks])
+    w = weight.double()
     cov = stats.covariance()
     return torch.stack([((w[:, g].T @ w[:, g]) * cov[g][:, g]).sum() for g in blocks]).clamp_min(0)
 
@@ -223,7 +254,11 @@ def block_scores(ctx: PolicyContext, opts: SaapOptions, labels: list[str],
     for label in labels:
         site, s = sites[label], stats[label]
         weight = state[site.last_weight]
-        blocks[label] = _blocks(site.channels, site.unit if site.kind == "attention" else opts.block)
+        if site.kind == "attention":  # whole heads / key-value groups: the unit is fixed by the layout
+            blocks[label] = _blocks(site.channels, site.unit)
+        else:
+            order = channel_importance(weight, s).argsort(stable=True) if opts.grouping == "sorted" else None
+            blocks[label] = _blocks(site.channels, opts.block, order)
         imp_el[label] = block_importance(weight, s, blocks[label], "element")
         imp_vec[label] = block_importance(weight, s, blocks[label], "vector")
         width_in = state[site.producers[0][0]].shape[1]

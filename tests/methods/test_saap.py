@@ -286,3 +286,25 @@ def test_width_pruning_on_the_layer_wise_pipeline_gives_the_same_recipe(method, 
     assert any(r.action == "slim" for r in basic.recipe.replacements)
     for name, tensor in basic.recipe.tensors.items():
         assert torch.equal(layerwise.recipe.tensors[name], tensor), name
+
+
+@pytest.mark.parametrize("grouping", ["sorted", "contiguous"])
+def test_blocks_are_runs_of_channels_sorted_by_importance_or_index_ranges(grouping):
+    from subfit_fx.methods.saap import channel_importance
+
+    model, calib = _model("llama"), _calib()
+    c = subfit_fx.compress(model, calib, 0.2, method="saap", block=8, importance="element", grouping=grouping,
+                           progress=False)
+    session = prepare(subfit_fx.capture(model), progress=False)
+    stats = session.inner_stats([(calib, torch.ones_like(calib))])
+    state = subfit_fx.capture(model).state_dict
+    assert c.recipe.replacements
+    for r in c.recipe.replacements:
+        site = session.channel_sites[r.labels[0]]
+        dropped = sorted(set(range(site.channels)) - set(r.info["kept"]))
+        assert dropped and len(dropped) % 8 == 0
+        if grouping == "sorted":  # exactly the least important channels, wherever they sit
+            order = channel_importance(state[site.last_weight], stats[r.labels[0]]).argsort(stable=True)
+            assert set(dropped) == set(order[:len(dropped)].tolist())
+        else:  # whole index ranges
+            assert set(dropped) == {j for k in {d // 8 for d in dropped} for j in range(8 * k, 8 * k + 8)}
