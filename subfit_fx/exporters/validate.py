@@ -284,8 +284,8 @@ def compare_onnx(candidate: str | Path, baseline: str | Path, *, vocab_size: int
     lossy = tolerance.min_top1 is not None
     batch, prompt = 3, (29 if lossy else 9)  # lossy: more positions, the agreement is a share
     ids = random_tokens(vocab_size, batch, 3 if lossy else prompt + 3, seed=1).numpy()
-    base = OnnxCausalLM(baseline, threads=threads, providers=CHECK_PROVIDERS) if kv_cache else OnnxRunner(
-        baseline, threads=threads, providers=CHECK_PROVIDERS)
+    runner = OnnxCausalLM if kv_cache else OnnxRunner
+    base = runner(baseline, threads=threads, providers=CHECK_PROVIDERS)
 
     def logits(model: OnnxCausalLM | OnnxRunner, tokens: np.ndarray) -> np.ndarray:
         return model.forward(tokens, np.ones_like(tokens))[0] if kv_cache else model(tokens)

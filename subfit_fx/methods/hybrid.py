@@ -120,9 +120,8 @@ class HybridOptions:
             32
         """
         return SaapOptions(block=self.block, grouping=self.grouping, importance=self.importance,
-                           compensation=self.compensation,
-                           fluctuation=self.fluctuation, max_layer_ratio=self.max_layer_ratio,
-                           standardize=self.standardize, heads=self.heads)
+                           compensation=self.compensation, fluctuation=self.fluctuation,
+                           max_layer_ratio=self.max_layer_ratio, standardize=self.standardize, heads=self.heads)
 
 
 def set_recipe_replacements(ctx: PolicyContext, recipe: Recipe) -> None:
