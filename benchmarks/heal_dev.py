@@ -77,7 +77,7 @@ def main() -> None:
     if args.reuse is not None and (args.reuse / "recipe.json").is_file():
         c = subfit_fx.load(args.reuse, model=model)
     else:
-        c = subfit_fx.compress(model, calib, args.sparsity, progress=False)
+        c = subfit_fx.compress(model, calib, args.sparsity, "subfit", progress=False)
     ep = subfit_fx.capture(model)
     variants = {"default (not healed)": score(c.module())}
     for setting in args.settings:

@@ -35,11 +35,12 @@ from subfit_fx.checkpoints import ensure_smollm2
 from subfit_fx.data import read_text, text_batches
 from subfit_fx.evaluation import evaluate
 from subfit_fx.gguf import cache_root
+from subfit_fx.methods import DEFAULT_METHOD
 
-METHODS = ["subfit", "subfit:judge=statistics", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner"]
+METHODS = ["auto", "subfit", "subfit:judge=statistics", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner"]
 SPARSITIES = [0.125, 0.1875, 0.25, 0.3125, 0.375]
 BASELINES = ("shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner")  # METHOD.md's, the SubFit targets' rivals
-FAST_METHODS = ["subfit", "shortgpt", "uidl", "replaceme", "llm-drop"]  # the default and the fast baselines
+FAST_METHODS = ["auto", "shortgpt", "uidl", "replaceme", "llm-drop"]  # the default and the fast baselines
 EARLIER = "(not recorded: rows of earlier runs, same protocol and settings)"
 
 
@@ -142,7 +143,7 @@ def plot(rows: list[dict], dense: dict, path: Path) -> None:
         pts = sorted((r["sparsity_actual"], r["perplexity"] / dense["perplexity"])
                      for r in rows if r["method"] == method)
         ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
-                linewidth=2.5 if method == "subfit" else 1.3)
+                linewidth=2.5 if method == DEFAULT_METHOD else 1.3)
     ax.set_xlabel("actual sparsity (% of transformer-block parameters, net of bypasses)")
     ax.set_ylabel("perplexity / dense perplexity")
     ax.set_yscale("log")
@@ -175,9 +176,9 @@ def table(rows: list[dict], dense: dict, key: str, fmt: str, ratio_to: str | Non
 
 
 def verdicts(rows: list[dict], dense: dict) -> list[str]:
-    """The issue's targets, each met or missed, from the rows (SubFit default = the 'subfit' row)."""
+    """The issue's targets, each met or missed, for the default method's row (`DEFAULT_METHOD`)."""
     out = []
-    ours = "subfit"
+    ours = DEFAULT_METHOD
     baselines = sorted({r["method"] for r in rows if r["method"] in BASELINES})
     if not baselines or not any(r["method"] == ours for r in rows):
         return out
@@ -188,13 +189,13 @@ def verdicts(rows: list[dict], dense: dict) -> list[str]:
         base = [at[m, 0.25] for m in baselines if (m, 0.25) in at]
         best = min(base, key=lambda r: r["perplexity"])
         ratio = (mine["perplexity"] / ppl_dense) / (best["perplexity"] / ppl_dense)
-        out.append(f"- 25 %: SubFit perplexity ratio {mine['perplexity'] / ppl_dense:.2f}x vs best baseline "
+        out.append(f"- 25 %: default ({ours}) perplexity ratio {mine['perplexity'] / ppl_dense:.2f}x vs best baseline "
                    f"({best['method']}) {best['perplexity'] / ppl_dense:.2f}x: {ratio:.2f} of it (target <= 0.50: "
                    f"**{'met' if ratio <= 0.5 else 'missed'}**).")
         retention = mine["choice_accuracy"] / choice_dense
         top = max(base, key=lambda r: r["choice_accuracy"])
         ok = retention >= 0.9 and mine["choice_accuracy"] >= top["choice_accuracy"]
-        out.append(f"- 25 %: SubFit choice-accuracy retention {retention:.3f} (target >= 0.90) and accuracy "
+        out.append(f"- 25 %: default ({ours}) choice-accuracy retention {retention:.3f} (target >= 0.90) and accuracy "
                    f"{mine['choice_accuracy']:.3f} vs best baseline ({top['method']}) {top['choice_accuracy']:.3f}: "
                    f"**{'met' if ok else 'missed'}**.")
     best_all, choice_ok, checked = True, True, []
@@ -212,8 +213,15 @@ def verdicts(rows: list[dict], dense: dict) -> list[str]:
     where = "at every sparsity" if checked == every else (
         "at the sparsities it was run at (" + ", ".join(f"{100 * s:g} %" for s in checked) + "; not yet at "
         + ", ".join(f"{100 * s:g} %" for s in every if s not in checked) + ")")
-    out.append(f"- SubFit best perplexity of all methods {where}: **{'met' if best_all else 'missed'}**.")
-    out.append(f"- SubFit choice accuracy not below any baseline's by more than one standard error "
+    out.append(f"- default ({ours}) best perplexity of all baselines {where}: **{'met' if best_all else 'missed'}**.")
+    beaten = sorted({f"{r['method']} at {100 * s:g} %" for s in checked for r in rows
+                     if r["sparsity_target"] == s and r["method"] != ours
+                     and abs(r["sparsity_actual"] - at[ours, s]["sparsity_actual"]) <= 0.015
+                     and r["perplexity"] < at[ours, s]["perplexity"]})
+    out.append(f"- default ({ours}) best perplexity of every method here (baselines, option rows, other policies) "
+               f"at matched actual sparsity {where}: **{'met' if not beaten else 'missed'}**"
+               f"{' (better: ' + ', '.join(beaten) + ')' if beaten else ''}.")
+    out.append(f"- default ({ours}) choice accuracy not below any baseline's by more than one standard error "
                f"(sqrt(p(1-p)/{n_items})) {where}: **{'met' if choice_ok else 'missed'}**.")
     return out + width_verdicts(at)
 
@@ -255,7 +263,8 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         f"{dense['perplexity']:.2f}, next-token accuracy {dense['next_token_accuracy']:.3f}, choice accuracy "
         f"{dense['choice_accuracy']:.3f} (standard error of a choice accuracy near 0.55 over "
         f"{dense['choice_items']} items: {math.sqrt(0.55 * 0.45 / dense['choice_items']):.3f}).", "",
-        "Each cell: value (actual sparsity, %). `subfit` is the default method with default options; "
+        "Each cell: value (actual sparsity, %). `auto` is the default method with default options (on this model "
+        "it runs `saap`: docs/width.md, since session 19); `subfit` was the default before it; "
         "`subfit:judge=statistics` is the one-shot statistics-only option row; "
         "`subfit:selection=greedy,rounds=4` is the former default (greedy selection per round; its rows ran "
         "as `subfit` before the knapsack "
@@ -294,7 +303,7 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=SPARSITIES)
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=16_384)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--choice-items", type=int, default=200)
     parser.add_argument("--split", choices=("test", "dev"), default="test")
     parser.add_argument("--name", default="quality", help="results file stem under docs/results")

@@ -73,8 +73,8 @@ def _compressed(args: argparse.Namespace, model: torch.nn.Module) -> Any:
         why = "built-in model" if args.model.startswith("builtin:") else f"no text at {args.calib}"
         print(f"compressing with random calibration tokens ({why})", file=sys.stderr)
         calib = torch.randint(3, model.config.vocab_size, (16, 64), generator=torch.Generator().manual_seed(0))
-        return compress(model, calib, sparsity=args.sparsity, progress=False)
-    return compress(args.model, args.calib, sparsity=args.sparsity, progress=False)
+        return compress(model, calib, sparsity=args.sparsity, method="subfit", progress=False)
+    return compress(args.model, args.calib, sparsity=args.sparsity, method="subfit", progress=False)
 
 
 def _export(name: str, source: Any, args: argparse.Namespace) -> dict[str, Any]:

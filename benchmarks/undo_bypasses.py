@@ -66,7 +66,7 @@ def main() -> None:
         return {k: m[k] for k in METRICS}
 
     t = time.perf_counter()
-    c = subfit_fx.compress(model, calibration(tokenizer, 64, 256), args.sparsity, progress=False)
+    c = subfit_fx.compress(model, calibration(tokenizer, 64, 256), args.sparsity, "subfit", progress=False)
     compress_s = time.perf_counter() - t
     variants = {"default (all replacements)": score(c.module())}
     for group in args.groups:

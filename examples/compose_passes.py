@@ -40,7 +40,7 @@ def temperature(gm: torch.fx.GraphModule, t: float = 0.7) -> torch.fx.GraphModul
 def main() -> None:
     model = tiny_model("llama", layers=4)
     calib = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(0))
-    recipe = subfit_fx.compress(model, calib, 0.25, progress=False).recipe
+    recipe = subfit_fx.compress(model, calib, 0.25, "subfit", progress=False).recipe
 
     tag = TagBranchesPass()
     manager = PassManager([pass_result_wrapper(fold_dropout), tag, ReplaceBranchesPass(recipe),

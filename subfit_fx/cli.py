@@ -292,7 +292,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
-    from subfit_fx.methods import METHODS
+    from subfit_fx.methods import DEFAULT_METHOD, METHODS
 
     p = sub.add_parser("compress", help="compress a model to a parameter budget")
     p.add_argument("model", help="a local Hugging Face model directory, a Hub id (org/name), a .gguf file or "
@@ -301,7 +301,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True, help="calibration data: a UTF-8 text file, a .jsonl of chat conversations "
                                                   "(rendered with the chat template) or a datasets save_to_disk folder")
     p.add_argument("--sparsity", default="0.25", help="fraction of block parameters to remove, 0 < s < 0.9")
-    p.add_argument("--method", default="subfit", help=f"policy: {', '.join(sorted(METHODS))} (default subfit)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"policy: {', '.join(sorted(METHODS))} (default {DEFAULT_METHOD}: saap where width pruning "
+                   "applies, else subfit; docs/width.md)")
     p.add_argument("--samples", type=positive_int, default=64, help="calibration sequences (default 64)")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward (default 8)")

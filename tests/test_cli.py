@@ -43,7 +43,7 @@ def test_inspect_saved_model_dir(tmp_path, capsys):
      "did you mean 'shortgpt'?"),
     (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--method", "shortgpt", "--rounds", "2"],
      "option 'rounds' is not one of shortgpt's; it belongs to hybrid, subfit"),
-    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--judge-context", "-1"],
+    (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--method", "subfit", "--judge-context", "-1"],
      "judge_context=-1.0 must be a number >= 0"),
     (["compress", "builtin:llama", "--calib", "t.txt", "--out", "o", "--heal", "-1"],
      "heal=-1 must be a number of epochs >= 0"),

@@ -35,8 +35,8 @@ def test_compress_hits_target_within_one_branch(models, arch, sparsity):
 
 def test_save_load_bitwise_and_deterministic(models, tmp_path):
     model = models["llama"]
-    a = subfit_fx.compress(model, CALIB, 0.25, progress=False, sequential=True)
-    b = subfit_fx.compress(model, CALIB, 0.25, progress=False, sequential=True)
+    a = subfit_fx.compress(model, CALIB, 0.25, "subfit", progress=False, sequential=True)
+    b = subfit_fx.compress(model, CALIB, 0.25, "subfit", progress=False, sequential=True)
     a.save(tmp_path / "a")
     b.save(tmp_path / "b")
     assert (tmp_path / "a" / "recipe.json").read_bytes() == (tmp_path / "b" / "recipe.json").read_bytes()
@@ -74,7 +74,7 @@ STATS = {"judge": "statistics"}
                                      {**STATS, "score": "holdout", "holdout": 0.25, "forms": "auto",
                                       "rescore_every": 2, "sequential": True}])
 def test_options_run(models, options):
-    c = subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, **options)
+    c = subfit_fx.compress(models["llama"], CALIB, 0.25, "subfit", progress=False, **options)
     assert c.report.replaced and c.report.sparsity_actual >= 0.25 - 0.015
 
 
@@ -87,7 +87,8 @@ def test_sequential_fit_repairs_upstream_drift(models):
     dense = subfit_fx.capture(model).module()(ids, torch.ones_like(ids))
     errs = {}
     for seq in (False, True):
-        c = subfit_fx.compress(model, CALIB, 0.375, progress=False, sequential=seq, attention_rank=16, **STATS)
+        c = subfit_fx.compress(model, CALIB, 0.375, "subfit", progress=False, sequential=seq, attention_rank=16,
+                               **STATS)
         errs[seq] = float(((c.module()(ids, torch.ones_like(ids)) - dense) ** 2).mean())
     torch.set_grad_enabled(True)
     assert errs[True] <= errs[False] * 1.05
@@ -114,7 +115,7 @@ def test_sequential_refit_runs_each_segment_twice_per_batch(models, monkeypatch)
 
     monkeypatch.setattr(calibrate, "run_segment", counting_run)
     monkeypatch.setattr(Session, "record_streams", counting_record)
-    c = subfit_fx.compress(models["llama"], CALIB, 0.375, progress=False, sequential=True, **STATS)
+    c = subfit_fx.compress(models["llama"], CALIB, 0.375, "subfit", progress=False, sequential=True, **STATS)
     refitted = [r for r in c.recipe.replacements if r.action == "bypass"]
     assert len(batches) == 1 and refitted
     assert len(runs) == len(refitted)  # one segment per refitted branch
@@ -122,7 +123,7 @@ def test_sequential_refit_runs_each_segment_twice_per_batch(models, monkeypatch)
 
 
 def test_shared_basis_is_stored_once(models):
-    c = subfit_fx.compress(models["llama"], CALIB, 0.375, progress=False, attention_rank=64, **STATS)
+    c = subfit_fx.compress(models["llama"], CALIB, 0.375, "subfit", progress=False, attention_rank=64, **STATS)
     ffn_bypasses = [r for r in c.recipe.replacements if r.form == "shared"]
     assert len(ffn_bypasses) >= 2
     assert len({r.layers[0][0] for r in ffn_bypasses}) == 1
@@ -137,14 +138,14 @@ def test_guarded_preset_holds_out_its_own_data(models):
 
 
 def test_auto_forms_judge_bypass_removal_and_full_map_on_held_out_data(models):
-    c = subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, score="holdout", holdout=0.25,
+    c = subfit_fx.compress(models["llama"], CALIB, 0.25, "subfit", progress=False, score="holdout", holdout=0.25,
                            forms="auto", **STATS)
     for branch in c.report.branches:
         assert {"holdout", "holdout_remove", "holdout_linear"} <= set(branch["scores"])
     assert {r.form for r in c.recipe.replacements} <= {"lowrank", "shared", "remove", "linear"}
     assert c.report.sparsity_actual >= 0.25 - 0.015
     with pytest.raises(subfit_fx.errors.InputError, match="held-out"):
-        subfit_fx.compress(models["llama"], CALIB, 0.25, progress=False, forms="fit-or-remove", **STATS)
+        subfit_fx.compress(models["llama"], CALIB, 0.25, "subfit", progress=False, forms="fit-or-remove", **STATS)
 
 
 def test_calibration_config_is_one_checked_object(models):

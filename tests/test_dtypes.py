@@ -36,7 +36,7 @@ def test_statistics_are_float64_and_equal_to_those_of_the_activations(dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_compress_save_load_export_in_low_precision(dtype, tmp_path):
     calib = torch.randint(0, 128, (8, 16))
-    c = compress("builtin:llama", calib, 0.25, judge="statistics", dtype=dtype, progress=False)
+    c = compress("builtin:llama", calib, 0.25, "subfit", judge="statistics", dtype=dtype, progress=False)
     assert c.recipe.options["dtype"] == dtype and any(r.action == "bypass" for r in c.recipe.replacements)
     c.save(tmp_path / "c")
     assert json.loads((tmp_path / "c" / "recipe.json").read_text())["options"]["dtype"] == dtype
@@ -59,7 +59,8 @@ def test_compress_save_load_export_in_low_precision(dtype, tmp_path):
 
 
 def test_old_recipes_without_a_dtype_are_float32(tmp_path):
-    c = compress(tiny_model("llama"), torch.randint(0, 128, (8, 16)), 0.25, judge="statistics", progress=False)
+    c = compress(tiny_model("llama"), torch.randint(0, 128, (8, 16)), 0.25, "subfit", judge="statistics",
+                 progress=False)
     del c.recipe.options["dtype"]
     c.save(tmp_path / "c")
     assert "dtype" not in json.loads((tmp_path / "c" / "recipe.json").read_text())["options"]

@@ -47,7 +47,7 @@ class _Base:
     def __init__(self, root: Path) -> None:
         self.model = tiny_model("llama", hidden=32, layers=4)
         calib = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-        compressed = subfit_fx.compress(self.model, calib, 0.5, judge="statistics", progress=False)
+        compressed = subfit_fx.compress(self.model, calib, 0.5, "subfit", judge="statistics", progress=False)
         recipe = compressed.recipe
         # a removed span (whole layer 0) next to the single-branch bypasses: every kind of replacement
         recipe.replacements = [span_replacement([Layer(0, tuple(LABELS[:2]), 0)]),

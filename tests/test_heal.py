@@ -22,7 +22,7 @@ def _bypassed(arch: str = "llama"):
     """A tiny model and a recipe with bypass tensors (the statistics judge fits them)."""
     torch.manual_seed(0)
     model = tiny_model(arch, hidden=64, layers=4)
-    c = subfit_fx.compress(model, _calib(), 0.3, judge="statistics", progress=False)
+    c = subfit_fx.compress(model, _calib(), 0.3, "subfit", judge="statistics", progress=False)
     assert c.recipe.tensors, "the fixture needs bypass tensors"
     return model, c
 
@@ -49,8 +49,9 @@ def test_heal_lowers_the_calibration_loss_and_touches_only_recipe_tensors(arch, 
 def test_compress_with_heal_records_it_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model = tiny_model("llama", hidden=64, layers=4)
-    plain = subfit_fx.compress(model, _calib(), 0.3, judge="statistics", progress=False)
-    healed = subfit_fx.compress(model, _calib(), 0.3, judge="statistics", heal=3, heal_lr=1e-3, progress=False)
+    plain = subfit_fx.compress(model, _calib(), 0.3, "subfit", judge="statistics", progress=False)
+    healed = subfit_fx.compress(model, _calib(), 0.3, "subfit", judge="statistics", heal=3, heal_lr=1e-3,
+                                progress=False)
     # same picks, same parameter count; only the bypass values moved
     assert [r.labels for r in healed.recipe.replacements] == [r.labels for r in plain.recipe.replacements]
     assert healed.report.params_after == plain.report.params_after

@@ -55,7 +55,8 @@ def test_compress_a_hub_id(hub_cache, tmp_path, capsys):
     calib.write_text(" ".join(WORDS * 40))
     out = tmp_path / "out"
     assert main(["compress", "acme/tiny-llama", "--calib", str(calib), "--out", str(out), "--samples", "4",
-                 "--seq-len", "16", "--judge", "statistics", "--sparsity", "0.25", "--device", "cpu"]) == 0
+                 "--seq-len", "16", "--method", "subfit", "--judge", "statistics", "--sparsity", "0.25",
+                 "--device", "cpu"]) == 0
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["base_model"].endswith(f"snapshots/{COMMIT}") and recipe["options"]["dtype"] == "float32"
     assert (out / "tokenizer.json").is_file()  # copied from the snapshot

@@ -136,8 +136,8 @@ def test_compress_with_weight_offload_equals_compress_without(checkpoint, tmp_pa
     model, path = checkpoint
     ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(1))
     common = {"judge": "statistics", "progress": False}
-    resident = subfit_fx.compress(path, ids, 0.25, session_factory=SessionFactory("sequential"), **common)
-    offloaded = subfit_fx.compress(path, ids, 0.25, session_factory=SessionFactory("sequential"),
+    resident = subfit_fx.compress(path, ids, 0.25, "subfit", session_factory=SessionFactory("sequential"), **common)
+    offloaded = subfit_fx.compress(path, ids, 0.25, "subfit", session_factory=SessionFactory("sequential"),
                                    offload_weights=True, **common)
     assert [r.labels for r in offloaded.recipe.replacements] == [r.labels for r in resident.recipe.replacements]
     x = ids[:2]
@@ -159,15 +159,16 @@ def test_cli_weight_offload(checkpoint, tmp_path, capsys) -> None:
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     base = ["compress", str(path), "--calib", str(text), "--samples", "4", "--seq-len", "16", "--batch-size", "2",
             "--sparsity", "0.25", "--offload-weights"]
-    bad = [(["--judge", "statistics"], "add --pipeline sequential"),
-           (["--pipeline", "sequential"], "runs the whole model")]  # the output judge (the default)
+    bad = [(["--method", "subfit", "--judge", "statistics"], "add --pipeline sequential"),
+           (["--pipeline", "sequential"], "runs the whole model")]  # the default (auto) and the output judge
     for i, (extra, message) in enumerate(bad):
         assert main([*base, "--out", str(tmp_path / f"bad{i}"), *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
         assert not (tmp_path / f"bad{i}").exists()
     out = tmp_path / "out"
-    assert main([*base, "--out", str(out), "--pipeline", "sequential", "--judge", "statistics"]) == 0
+    assert main([*base, "--out", str(out), "--pipeline", "sequential", "--method", "subfit", "--judge",
+                 "statistics"]) == 0
     assert (out / "model.safetensors").is_file() and (out / "recipe.json").is_file()
 
 

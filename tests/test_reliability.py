@@ -418,13 +418,20 @@ def test_onnx_parity_failure_writes_nothing(tmp_path):
 
 # -- non-finite statistics ---------------------------------------------------------------------------
 
-def test_non_finite_statistics_raise_calibration_error():
+@pytest.mark.parametrize("method", ["auto", "subfit"])
+def test_non_finite_weights_and_statistics_are_refused_before_any_output(method):
+    tokens = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     model = tiny_model("llama", layers=2)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")  # the CLI test below uses NaN
-    tokens = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ModelLoadError, match=r"weight model\.layers\.0\.mlp\.down_proj\.weight holds NaN or Inf"):
+        subfit_fx.compress(model, tokens, 0.25, method, progress=False)
+    # finite weights, non-finite activations (the hook is traced into the captured graph): caught on
+    # the statistics
+    model = tiny_model("llama", layers=2)
+    model.model.layers[0].mlp.act_fn.register_forward_hook(lambda _m, _a, out: out * float("inf"))
     with pytest.raises(CalibrationError, match="NaN or Inf"):
-        subfit_fx.compress(model, tokens, 0.25, progress=False)
+        subfit_fx.compress(model, tokens, 0.25, method, progress=False)
 
 
 def test_cli_non_finite_weights_are_one_line_error(tmp_path, calib, capsys):
@@ -510,7 +517,7 @@ def bypass_dir(model_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bypass")
     calib = root / "calib.txt"
     calib.write_text(calib_text())
-    assert main(_compress_argv(str(model_dir), calib, root / "out", "--judge", "statistics")) == 0
+    assert main(_compress_argv(str(model_dir), calib, root / "out", "--method", "subfit", "--judge", "statistics")) == 0
     assert json.loads((root / "out" / "recipe.json").read_text())["tensors"], "no bypass: vacuous fixture"
     return root / "out"
 

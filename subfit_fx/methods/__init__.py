@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from subfit_fx.errors import InputError
+from subfit_fx.methods.auto import auto
 from subfit_fx.methods.base import NoOptions, PolicyContext, build_options
 from subfit_fx.methods.blockpruner import blockpruner
 from subfit_fx.methods.hybrid import HybridOptions, hybrid
@@ -31,8 +32,8 @@ from subfit_fx.methods.subfit import GuardedOptions, SubfitOptions, subfit, subf
 from subfit_fx.methods.uidl import uidl
 from subfit_fx.recipe import Recipe
 
-__all__ = ["METHODS", "Method", "NoOptions", "PolicyContext", "SubfitOptions", "check_method", "check_offloadable",
-           "method_options", "option_names", "register_method"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "NoOptions", "PolicyContext", "SubfitOptions", "check_method",
+           "check_offloadable", "method_options", "option_names", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,11 @@ def _statistics_judge(options: SubfitOptions) -> bool:
     return options.judge == "statistics"
 
 
+# What `compress` and `subfit-fx compress` run without --method (docs/width.md, "The default method")
+DEFAULT_METHOD = "auto"
+
 METHODS: dict[str, Method] = {
+    "auto": Method(auto, NoOptions),  # the default: saap where width pruning applies, else subfit / hybrid
     "subfit": Method(subfit, SubfitOptions, _statistics_judge),
     "subfit-guarded": Method(subfit_guarded, GuardedOptions),
     "saap": Method(saap, SaapOptions),  # width pruning of FFN channels (issue 18)
@@ -125,8 +130,9 @@ def method_options(method: str, values: Mapping[str, Any], **calibration: Any) -
     for key in values:
         if key not in own and key in option_names():
             owners = sorted(name for name, m in METHODS.items() if key in {f.name for f in fields(m.options)})
-            raise InputError(f"option '{key}' is not one of {method}'s; it belongs to {', '.join(owners)} "
-                             f"({method} takes: {', '.join(sorted(own)) or 'none'})")
+            fix = (f"name the method, e.g. method={owners[0]!r} / --method {owners[0]}" if method == DEFAULT_METHOD
+                   else f"{method} takes: {', '.join(sorted(own)) or 'none'}")
+            raise InputError(f"option '{key}' is not one of {method}'s; it belongs to {', '.join(owners)} ({fix})")
     extra = {k: v for k, v in calibration.items() if k in own and k not in values}
     return build_options(spec.options, {**values, **extra}, method)
 

@@ -49,7 +49,7 @@ from subfit_fx.stats import InnerStats
 
 __all__ = ["GROUPINGS", "IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores",
            "channel_importance", "flap", "inner_map", "kept_channels", "plan_slimming", "saap", "slim_replacements",
-           "slimming_of", "width_sites"]
+           "slimming_of", "width_recipe", "width_sites"]
 
 IMPORTANCES = ("fused", "vector", "element")
 GROUPINGS = ("sorted", "contiguous")
@@ -194,7 +194,10 @@ def inner_map(stats: InnerStats, kept: torch.Tensor, how: str, ridge: float) -> 
         a = gram[keep1][:, keep1]
         lam = ridge * float(a.diagonal()[:-1].mean()) if len(kept) else 0.0
         a = a + lam * torch.eye(len(keep1), dtype=torch.float64)
-        return torch.linalg.solve(a, gram[keep1]).T  # G[:, K1] (G[K1, K1] + lam)^-1
+        try:
+            return torch.linalg.solve(a, gram[keep1]).T  # G[:, K1] (G[K1, K1] + lam)^-1
+        except torch.linalg.LinAlgError:  # singular even with the ridge (dead or duplicate channels, ridge 0)
+            return (torch.linalg.pinv(a, hermitian=True) @ gram[keep1]).T
     out = torch.zeros(n + 1, len(keep1), dtype=torch.float64)
     out[keep1, torch.arange(len(keep1))] = 1.0
     if how == "bias":
@@ -452,16 +455,26 @@ def saap(ctx: PolicyContext) -> Recipe:
 
 
 def _width_only(ctx: PolicyContext, opts: SaapOptions) -> Recipe:
-    if not width_sites(ctx, opts):
-        raise InputError("this model's FFN branches expose no prunable channels (fused or Conv1D projections); "
-                         "use --method subfit")
-    budget = round(ctx.target * ctx.block_params)
-    slimmings, saved = plan_slimming(ctx, opts, budget)
-    if saved < budget:
+    recipe, saved = width_recipe(ctx, opts)
+    if saved < round(ctx.target * ctx.block_params):
         ctx.notes.append(f"width pruning reached {saved / ctx.block_params:.2%} of block parameters: every FFN "
                          f"channel block allowed by max_layer_ratio={opts.max_layer_ratio} is gone"
                          f"{'' if opts.heads else ' (attention is pruned with --heads)'}; use subfit or hybrid")
+    return recipe
+
+
+def width_recipe(ctx: PolicyContext, opts: SaapOptions) -> tuple[Recipe, int]:
+    """Width pruning under `opts` to the budget: the recipe (method "saap") and the block
+    parameters it saves (less than the budget when the prunable channels run out).
+
+    Example:
+        >>> recipe, saved = width_recipe(ctx, SaapOptions())  # doctest: +SKIP
+    """
+    if not width_sites(ctx, opts):
+        raise InputError("this model's FFN branches expose no prunable channels (fused or Conv1D projections); "
+                         "use --method subfit")
+    slimmings, saved = plan_slimming(ctx, opts, round(ctx.target * ctx.block_params))
     order = {b.label: i for i, b in enumerate(ctx.branches)}
     slimmings.sort(key=lambda s: order[s.label])
     replacements, tensors = slim_replacements(ctx, slimmings)
-    return Recipe("saap", branch_records(ctx.branches), replacements, tensors, options=asdict(opts))
+    return Recipe("saap", branch_records(ctx.branches), replacements, tensors, options=asdict(opts)), saved

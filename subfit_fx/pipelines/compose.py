@@ -22,6 +22,7 @@ import torch
 from subfit_fx.branches import Branch, find_branches
 from subfit_fx.calibrate import PIPELINES, LocalReducer, Pipeline, Session
 from subfit_fx.errors import InputError
+from subfit_fx.methods import DEFAULT_METHOD
 from subfit_fx.pipelines.distributed import AllReduce, check_same_recipe, rank_and_world
 from subfit_fx.pipelines.sequential import LayerByLayer
 
@@ -85,7 +86,7 @@ class SessionFactory:
                        reducer=AllReduce(self.group) if self.is_distributed() else LocalReducer())
 
 
-def compress_distributed(model: Any, calib: Any, sparsity: float = 0.25, method: str = "subfit", *,
+def compress_distributed(model: Any, calib: Any, sparsity: float = 0.25, method: str = DEFAULT_METHOD, *,
                          factory: SessionFactory | None = None, **kwargs: Any) -> Any:
     """`subfit_fx.compress.compress` on the pipeline of `factory` (default: data-parallel over the
     initialized process group, basic pipeline); every rank returns the same `Compressed`

@@ -10,7 +10,7 @@ from subfit_fx.exporters.kv_cache import export_onnx_kv
 from subfit_fx.exporters.onnx_export import export_onnx
 from subfit_fx.zoo import tiny_model
 
-METHODS = ("subfit", "subfit-guarded", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner")
+METHODS = ("auto", "subfit", "subfit-guarded", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -33,7 +33,7 @@ needs_optimum = pytest.mark.skipif(not OPTIMUM, reason="optimum not installed; "
 def compressed():
     model = tiny_model("llama", layers=4)
     calib = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    return model, subfit_fx.compress(model, calib, 0.3, progress=False, judge="statistics")  # bypass nodes
+    return model, subfit_fx.compress(model, calib, 0.3, "subfit", progress=False, judge="statistics")  # bypass nodes
 
 
 def test_adapter_in_this_environment(compressed, tokens):

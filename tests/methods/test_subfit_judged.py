@@ -45,7 +45,7 @@ def _divergence(model: torch.nn.Module, held: torch.Tensor, replacements: dict) 
 @example(arch="qwen2", sparsity=0.3, seed=3)
 def test_default_is_judged_and_never_worse_than_removal(arch, sparsity, seed):
     model, calib = _model(arch), _calib(seed)
-    c = subfit_fx.compress(model, calib, sparsity, progress=False)
+    c = subfit_fx.compress(model, calib, sparsity, "subfit", progress=False)
     assert c.recipe.options["judge"] == "output"
     scores = {b["label"]: b["scores"] for b in c.report.branches}
     for rep in c.recipe.replacements:
@@ -90,7 +90,7 @@ def test_output_judge_is_zero_for_dense_and_positive_after_removal():
 def test_output_judge_counts_forwards_that_scale_with_branches():
     """Forwards of the judge stay near F * (n + (rounds - 1) * shortlist), far below n^2."""
     model = tiny_model("llama", layers=8)
-    c = subfit_fx.compress(model, _calib(1), 0.3, progress=False, rounds=3)
+    c = subfit_fx.compress(model, _calib(1), 0.3, "subfit", progress=False, rounds=3)
     note = next(n for n in c.report.notes if n.startswith("output judge:"))
     forwards = int(note.split()[2])
     n = 16
@@ -100,23 +100,23 @@ def test_output_judge_counts_forwards_that_scale_with_branches():
 
 def test_options_are_validated():
     with pytest.raises(subfit_fx.errors.InputError, match="judge="):
-        subfit_fx.compress(_model("llama"), _calib(0), 0.25, progress=False, judge="vibes")
+        subfit_fx.compress(_model("llama"), _calib(0), 0.25, "subfit", progress=False, judge="vibes")
     with pytest.raises(subfit_fx.errors.InputError, match="rounds="):
-        subfit_fx.compress(_model("llama"), _calib(0), 0.25, progress=False, rounds=0)
+        subfit_fx.compress(_model("llama"), _calib(0), 0.25, "subfit", progress=False, rounds=0)
     with pytest.raises(subfit_fx.errors.InputError, match="judge='statistics'"):
-        subfit_fx.compress(_model("llama"), _calib(0), 0.25, progress=False, rescore_every=2)
+        subfit_fx.compress(_model("llama"), _calib(0), 0.25, "subfit", progress=False, rescore_every=2)
 
 
 def test_knapsack_is_the_default_selection_and_greedy_stays_an_option():
     model, calib = _model("llama"), _calib(2)
-    knapsack = subfit_fx.compress(model, calib, 0.3, progress=False)
-    greedy = subfit_fx.compress(model, calib, 0.3, progress=False, selection="greedy")
+    knapsack = subfit_fx.compress(model, calib, 0.3, "subfit", progress=False)
+    greedy = subfit_fx.compress(model, calib, 0.3, "subfit", progress=False, selection="greedy")
     assert (knapsack.recipe.options["selection"], greedy.recipe.options["selection"]) == ("knapsack", "greedy")
     # the knapsack plans inside the budget window; greedy may land anywhere the repair allows
     assert 0.3 <= knapsack.report.sparsity_actual <= 0.3 + 0.015 + 1e-9, knapsack.report.notes
     assert abs(greedy.report.sparsity_actual - 0.3) <= 0.015 + 1e-9
     with pytest.raises(subfit_fx.errors.InputError, match="selection="):
-        subfit_fx.compress(model, calib, 0.3, progress=False, selection="best")
+        subfit_fx.compress(model, calib, 0.3, "subfit", progress=False, selection="best")
 
 
 def test_context_gain_term_is_the_gain_lost_when_attention_is_gone():

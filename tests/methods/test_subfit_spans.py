@@ -70,7 +70,7 @@ class _Skip(torch.nn.Module):
 
 def test_cancelling_layers_are_replaced_by_one_span_map(tmp_path):
     model = _cancelling_model()
-    c = subfit_fx.compress(model, CALIB, 0.47, progress=False, spans=2)
+    c = subfit_fx.compress(model, CALIB, 0.47, "subfit", progress=False, spans=2)
     span = [r for r in c.recipe.replacements if r.is_span()]
     assert len(span) == 1, c.recipe.replacements
     (rep,) = span
@@ -97,13 +97,14 @@ def test_cancelling_layers_are_replaced_by_one_span_map(tmp_path):
 
 def test_spans_need_sequential_pre_ln_layers_and_options_validate():
     torch.manual_seed(0)
-    c = subfit_fx.compress(tiny_model("bert", layers=4), CALIB, 0.25, progress=False, spans=3)
+    c = subfit_fx.compress(tiny_model("bert", layers=4), CALIB, 0.25, "subfit", progress=False, spans=3)
     assert any("span maps skipped" in n for n in c.report.notes)
     assert not any(r.is_span() for r in c.recipe.replacements)
     with pytest.raises(InputError, match="spans="):
-        subfit_fx.compress(tiny_model("llama", layers=2), CALIB, 0.25, progress=False, spans=1)
+        subfit_fx.compress(tiny_model("llama", layers=2), CALIB, 0.25, "subfit", progress=False, spans=1)
     with pytest.raises(InputError, match="judge='output'"):
-        subfit_fx.compress(tiny_model("llama", layers=2), CALIB, 0.25, progress=False, spans=2, judge="statistics")
+        subfit_fx.compress(tiny_model("llama", layers=2), CALIB, 0.25, "subfit", progress=False, spans=2,
+                           judge="statistics")
 
 
 @settings(max_examples=30, deadline=None)
@@ -143,7 +144,7 @@ def test_a_span_map_exports_to_onnx_with_kv_cache_for_the_kept_layers_only(tmp_p
 
     from subfit_fx.exporters.kv_cache import export_onnx_kv
 
-    c = subfit_fx.compress(_cancelling_model(), CALIB, 0.47, progress=False, spans=2)
+    c = subfit_fx.compress(_cancelling_model(), CALIB, 0.47, "subfit", progress=False, spans=2)
     assert any(r.is_span() for r in c.recipe.replacements)
     result = export_onnx_kv(_cancelling_model(), tmp_path / "span.onnx", recipe=c.recipe)
     assert result.parity.passed
@@ -163,8 +164,8 @@ def test_sequential_refit_refits_a_span_map_to_the_dense_stream_after_it():
     """A span map chosen with nothing before it sees dense inputs: its Gauss-Seidel refit (target:
     the dense stream after the span's last branch) is the span fit again (whether the judge keeps
     the refit or the original, which it says in a note)."""
-    plain = subfit_fx.compress(_cancelling_model(), CALIB, 0.47, progress=False, spans=2)
-    refit = subfit_fx.compress(_cancelling_model(), CALIB, 0.47, progress=False, spans=2, sequential=True)
+    plain = subfit_fx.compress(_cancelling_model(), CALIB, 0.47, "subfit", progress=False, spans=2)
+    refit = subfit_fx.compress(_cancelling_model(), CALIB, 0.47, "subfit", progress=False, spans=2, sequential=True)
     assert any(n.startswith("sequential refit: divergence") for n in refit.report.notes)
     assert [r.labels for r in refit.recipe.replacements] == [r.labels for r in plain.recipe.replacements]
     first = plain.recipe.replacements[0]

@@ -15,7 +15,7 @@ from tests.conftest import captured
 @pytest.fixture(scope="module")
 def compressed():
     model = tiny_model("llama", layers=4)
-    return model, subfit_fx.compress(model, torch.randint(3, 128, (8, 16)), 0.3, progress=False)
+    return model, subfit_fx.compress(model, torch.randint(3, 128, (8, 16)), 0.3, "subfit", progress=False)
 
 
 def test_pass_equals_program_rewrite(compressed, tokens):

@@ -190,7 +190,8 @@ def test_cli_compresses_on_the_sequential_pipeline_in_one_process(tmp_path, caps
     scratch.mkdir()
     out = tmp_path / "out"
     code = main(["compress", "builtin:llama", "--calib", str(text), "--samples", "4", "--seq-len", "16",
-                 "--batch-size", "2", "--sparsity", "0.25", "--out", str(out), "--pipeline", "sequential",
+                 "--batch-size", "2", "--sparsity", "0.25", "--out", str(out), "--method", "subfit",
+                 "--pipeline", "sequential",
                  "--offload", str(scratch)])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out

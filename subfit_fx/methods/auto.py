@@ -1,0 +1,83 @@
+"""The default method ("auto"): width pruning (`saap`) where it applies, else SubFit's branch
+replacement.
+
+Chosen on the dev half of the reference model (SmolLM2-135M-Instruct, docs/results/
+quality_findings.md "Session 19"): importance-sorted width pruning kept continuation-choice
+accuracy far better than SubFit and the hybrid at 25 % and 37.5 % (dev 37.5 %: 0.550 vs 0.430 and
+0.500), within a few per cent of their perplexity, in ~40 s instead of ~10 minutes. Where it
+does not apply, auto says so in the report's notes and runs:
+
+- SubFit (default options) when some FFN branch exposes no prunable channels (fused or Conv1D
+  projections: GPT-2, Gemma 2), or when width pruning's statistics would take more than
+  `WIDTH_MEMORY` (models from ~4B parameters on);
+- the hybrid (default options) when width pruning cannot reach the budget (every channel block
+  that `max_layer_ratio` allows is gone): it replaces whole branches for the rest.
+
+The recipe's method is the policy that ran ("saap", "subfit" or "hybrid"); its options record
+`auto: true`. Auto takes no options: to tune one, name the method (`--method saap --block 128`).
+
+Example:
+    >>> from subfit_fx.methods import check_method
+    >>> check_method("auto").options.__name__
+    'NoOptions'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from subfit_fx.methods.base import NoOptions, PolicyContext
+from subfit_fx.methods.hybrid import HybridOptions, hybrid
+from subfit_fx.methods.saap import SaapOptions, width_recipe, width_sites
+from subfit_fx.methods.subfit import SubfitOptions, subfit
+from subfit_fx.recipe import Recipe
+from subfit_fx.selection import BUDGET_TOLERANCE
+
+__all__ = ["WIDTH_MEMORY", "auto"]
+
+# Width pruning keeps one (channels + 1)^2 float64 Gram per FFN until it plans: 8.0 GiB for a
+# Llama-3.2-1B shape, 14 GiB for 3B, 29 GiB for Llama-2-7B. Beyond this, auto runs SubFit, whose
+# statistics are per branch output (hidden width) and stream through the layer-wise pipeline.
+WIDTH_MEMORY = 16 << 30
+
+
+def auto(ctx: PolicyContext) -> Recipe:
+    """Width pruning where every FFN branch exposes its channels and they reach the budget; SubFit
+    or the hybrid otherwise (see the module docstring).
+
+    Example:
+        >>> recipe = auto(ctx)  # doctest: +SKIP
+    """
+    ctx.options_as(NoOptions)
+    ffn = [b.label for b in ctx.branches if b.kind == "ffn"]
+    sites = width_sites(ctx, SaapOptions())
+    missing = [label for label in ffn if label not in sites]
+    if not ffn or missing:
+        ctx.notes.append(f"auto: width pruning does not apply ({_why(ffn, missing)}); ran subfit")
+        return _ran(subfit(dataclasses.replace(ctx, options=SubfitOptions())))
+    need = sum(8 * (site.channels + 1) ** 2 for site in sites.values())
+    if need > WIDTH_MEMORY:
+        ctx.notes.append(f"auto: width pruning's inner statistics (one float64 Gram per FFN) would take "
+                         f"{need / 2**30:.1f} GiB, over {WIDTH_MEMORY / 2**30:.0f} GiB; ran subfit "
+                         "(--method saap runs width pruning anyway)")
+        return _ran(subfit(dataclasses.replace(ctx, options=SubfitOptions())))
+    recipe, saved = width_recipe(ctx, SaapOptions())
+    # the plan may stop just short of the budget where that lands nearer it: within the budget
+    # tolerance width pruning reached it
+    if saved >= (ctx.target - BUDGET_TOLERANCE) * ctx.block_params:
+        ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks)")
+        return _ran(recipe)
+    ctx.notes.append(f"auto: width pruning reaches {saved / ctx.block_params:.2%} of block parameters, short of "
+                     f"the {ctx.target:.2%} target; ran hybrid (width pruning and branch replacement)")
+    return _ran(hybrid(dataclasses.replace(ctx, options=HybridOptions())))
+
+
+def _why(ffn: list[str], missing: list[str]) -> str:
+    if not ffn:
+        return "the model has no FFN branches"
+    return f"{len(missing)} of {len(ffn)} FFN branches expose no prunable channels, e.g. {missing[0]}"
+
+
+def _ran(recipe: Recipe) -> Recipe:
+    recipe.options = {**recipe.options, "auto": True}
+    return recipe
