@@ -77,6 +77,7 @@ def register_method(name: str, policy: Callable[[PolicyContext], Recipe], option
     Example:
         >>> register_method("my-policy", subfit, SubfitOptions); "my-policy" in METHODS
         True
+        >>> del METHODS["my-policy"]  # the registry is global: leave it as it was
     """
     METHODS[name] = Method(policy, options)
 
@@ -130,8 +131,8 @@ def method_options(method: str, values: Mapping[str, Any], **calibration: Any) -
     for key in values:
         if key not in own and key in option_names():
             owners = sorted(name for name, m in METHODS.items() if key in {f.name for f in fields(m.options)})
-            fix = (f"name the method, e.g. method={owners[0]!r} / --method {owners[0]}" if method == DEFAULT_METHOD
-                   else f"{method} takes: {', '.join(sorted(own)) or 'none'}")
+            fix = (f"{method} takes: {', '.join(sorted(own))}" if own
+                   else f"{method} takes none: name the method, e.g. method={owners[0]!r} / --method {owners[0]}")
             raise InputError(f"option '{key}' is not one of {method}'s; it belongs to {', '.join(owners)} ({fix})")
     extra = {k: v for k, v in calibration.items() if k in own and k not in values}
     return build_options(spec.options, {**values, **extra}, method)

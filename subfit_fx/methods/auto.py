@@ -28,10 +28,9 @@ import dataclasses
 
 from subfit_fx.methods.base import NoOptions, PolicyContext
 from subfit_fx.methods.hybrid import HybridOptions, hybrid
-from subfit_fx.methods.saap import SaapOptions, width_recipe, width_sites
+from subfit_fx.methods.saap import SaapOptions, reaches_budget, width_recipe, width_sites
 from subfit_fx.methods.subfit import SubfitOptions, subfit
 from subfit_fx.recipe import Recipe
-from subfit_fx.selection import BUDGET_TOLERANCE
 
 __all__ = ["WIDTH_MEMORY", "auto"]
 
@@ -62,9 +61,7 @@ def auto(ctx: PolicyContext) -> Recipe:
                          "(--method saap runs width pruning anyway)")
         return _ran(subfit(dataclasses.replace(ctx, options=SubfitOptions())))
     recipe, saved = width_recipe(ctx, SaapOptions())
-    # the plan may stop just short of the budget where that lands nearer it: within the budget
-    # tolerance width pruning reached it
-    if saved >= (ctx.target - BUDGET_TOLERANCE) * ctx.block_params:
+    if reaches_budget(ctx, saved):
         ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks)")
         return _ran(recipe)
     ctx.notes.append(f"auto: width pruning reaches {saved / ctx.block_params:.2%} of block parameters, short of "

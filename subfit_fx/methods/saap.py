@@ -43,13 +43,15 @@ import torch
 
 from subfit_fx.channels import ChannelSite
 from subfit_fx.errors import InputError
+from subfit_fx.fit import solve_ridge
 from subfit_fx.methods.base import PolicyContext
 from subfit_fx.recipe import Recipe, Replacement, branch_records
+from subfit_fx.selection import BUDGET_TOLERANCE
 from subfit_fx.stats import InnerStats
 
 __all__ = ["GROUPINGS", "IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores",
-           "channel_importance", "flap", "inner_map", "kept_channels", "plan_slimming", "saap", "slim_replacements",
-           "slimming_of", "width_recipe", "width_sites"]
+           "channel_importance", "flap", "inner_map", "kept_channels", "plan_slimming", "reaches_budget", "saap",
+           "slim_replacements", "slimming_of", "width_recipe", "width_sites"]
 
 IMPORTANCES = ("fused", "vector", "element")
 GROUPINGS = ("sorted", "contiguous")
@@ -191,13 +193,8 @@ def inner_map(stats: InnerStats, kept: torch.Tensor, how: str, ridge: float) -> 
     n = gram.shape[0] - 1
     keep1 = torch.cat([kept, torch.tensor([n])])
     if how == "refit":
-        a = gram[keep1][:, keep1]
-        lam = ridge * float(a.diagonal()[:-1].mean()) if len(kept) else 0.0
-        a = a + lam * torch.eye(len(keep1), dtype=torch.float64)
-        try:
-            return torch.linalg.solve(a, gram[keep1]).T  # G[:, K1] (G[K1, K1] + lam)^-1
-        except torch.linalg.LinAlgError:  # singular even with the ridge (dead or duplicate channels, ridge 0)
-            return (torch.linalg.pinv(a, hermitian=True) @ gram[keep1]).T
+        # G[:, K1] (G[K1, K1] + lam)^-1, the bias row unregularized; least squares when singular
+        return solve_ridge(gram[keep1][:, keep1], gram[keep1], ridge).T
     out = torch.zeros(n + 1, len(keep1), dtype=torch.float64)
     out[keep1, torch.arange(len(keep1))] = 1.0
     if how == "bias":
@@ -456,11 +453,23 @@ def saap(ctx: PolicyContext) -> Recipe:
 
 def _width_only(ctx: PolicyContext, opts: SaapOptions) -> Recipe:
     recipe, saved = width_recipe(ctx, opts)
-    if saved < round(ctx.target * ctx.block_params):
+    if not reaches_budget(ctx, saved):
         ctx.notes.append(f"width pruning reached {saved / ctx.block_params:.2%} of block parameters: every FFN "
                          f"channel block allowed by max_layer_ratio={opts.max_layer_ratio} is gone"
                          f"{'' if opts.heads else ' (attention is pruned with --heads)'}; use subfit or hybrid")
     return recipe
+
+
+def reaches_budget(ctx: PolicyContext, saved: int) -> bool:
+    """Whether width pruning that saves `saved` block parameters reached the budget: the plan may
+    stop just short of it where that lands nearer, so within the budget tolerance counts.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> reaches_budget(SimpleNamespace(target=0.25, block_params=1000), 240)
+        True
+    """
+    return saved >= (ctx.target - BUDGET_TOLERANCE) * ctx.block_params
 
 
 def width_recipe(ctx: PolicyContext, opts: SaapOptions) -> tuple[Recipe, int]:
