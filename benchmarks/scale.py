@@ -84,23 +84,29 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def _model(shape: str, dtype: torch.dtype) -> Any:
+def _model(shape: str, dtype: torch.dtype, device: str = "cpu") -> Any:
     config = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5,
                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.device(device):  # built where it runs: no float32 detour through the host
+        return tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize(device)
 
 
 def _setup(shape: str, dtype: torch.dtype, samples: int, seq_len: int,
-           empty_from: Path | None = None) -> tuple[Any, list, Any]:
+           empty_from: Path | None = None, device: str = "cpu") -> tuple[Any, list, Any]:
     """The captured model (with `empty_from`: built from that checkpoint's config with no weight
     in memory, and its `OffloadedWeights`) and the calibration batches."""
     from subfit_fx import capture
     from subfit_fx.offload import OffloadedWeights, empty_model
 
-    model = empty_model(empty_from, dtype) if empty_from is not None else _model(shape, dtype)
+    model = empty_model(empty_from, dtype) if empty_from is not None else _model(shape, dtype, device)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, model.config.vocab_size, (samples, seq_len), generator=g)
+    ids = torch.randint(3, model.config.vocab_size, (samples, seq_len), generator=g).to(device)
     batches = [(ids[i:i + 4], torch.ones_like(ids[i:i + 4])) for i in range(0, samples, 4)]
     ep = capture(model, (batches[0][0], batches[0][1]))
     weights = OffloadedWeights(empty_from, model) if empty_from is not None else None
@@ -108,16 +114,19 @@ def _setup(shape: str, dtype: torch.dtype, samples: int, seq_len: int,
     return ep, batches, weights
 
 
-def _float64_gemm_rate(d: int, repeats: int = 5) -> float:
+def _float64_gemm_rate(d: int, repeats: int = 5, device: str = "cpu") -> float:
     """FLOP/s of the statistics' update GEMM on this machine: (d+1, 256) @ (256, 2d+1) in float64
     (the Gram of [z, 1] and its cross product with the branch output, one 256-row chunk)."""
-    a, b = torch.randn(d + 1, 256, dtype=torch.float64), torch.randn(256, 2 * d + 1, dtype=torch.float64)
-    c = torch.zeros(d + 1, 2 * d + 1, dtype=torch.float64)
+    a = torch.randn(d + 1, 256, dtype=torch.float64, device=device)
+    b = torch.randn(256, 2 * d + 1, dtype=torch.float64, device=device)
+    c = torch.zeros(d + 1, 2 * d + 1, dtype=torch.float64, device=device)
     c.addmm_(a, b)  # warm-up
+    _sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         c.addmm_(a, b)
+        _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * (d + 1) * 256 * (2 * d + 1) / sorted(times)[len(times) // 2]
 
@@ -131,9 +140,11 @@ def _max_relative_difference(a: dict, b: dict) -> float:
     return worst
 
 
-def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int, weights: Path) -> dict[str, Any]:
+def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int, weights: Path,
+          device: str = "cpu") -> dict[str, Any]:
     """One phase in this process; returns its measurements. `weights`: the model's checkpoint
-    directory (written by the `save` phase), read by weight offload."""
+    directory (written by the `save` phase), read by weight offload. On a GPU `device` the model,
+    batches and statistics live there, and the peak of GPU memory allocated is recorded too."""
     from subfit_fx import find_branches
     from subfit_fx.calibrate import Session
     from subfit_fx.pipelines import LayerByLayer, stats_nbytes
@@ -144,8 +155,12 @@ def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int, w
         _model(shape, dtype).save_pretrained(weights)
         return {"phase": phase}
     out: dict[str, Any] = {"phase": phase, "rss_start": _rss()}  # interpreter and libraries, no model yet
-    ep, batches, source = _setup(shape, dtype, samples, seq_len, weights if phase == "offload" else None)
+    ep, batches, source = _setup(shape, dtype, samples, seq_len, weights if phase == "offload" else None, device)
     branches = find_branches(ep)
+    if device != "cpu":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out["gpu_before"] = torch.cuda.memory_allocated(device)
     if phase == "forward":
         module = ep.module()
         with torch.no_grad():
@@ -155,8 +170,9 @@ def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int, w
             with torch.no_grad():
                 for ids, mask in batches:
                     module(ids, mask)
+                _sync(device)
             out["seconds"] = time.perf_counter() - start
-        out["float64_gemm_flops"] = _float64_gemm_rate(SHAPES[shape]["hidden_size"])
+        out["float64_gemm_flops"] = _float64_gemm_rate(SHAPES[shape]["hidden_size"], device=device)
     elif phase in ("basic", "layerwise", "offload"):
         with tempfile.TemporaryDirectory() as scratch:
             # layer-wise as meant for big models: each layer's statistics offloaded to disk when done;
@@ -166,6 +182,7 @@ def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int, w
             with PeakRSS() as mem:
                 start = time.perf_counter()
                 stats = session.calibrate(batches, desc=None)
+                _sync(device)
                 out["seconds"] = time.perf_counter() - start
             out["stats_bytes"] = stats_nbytes(stats)
             if source is not None:
@@ -177,12 +194,16 @@ def child(phase: str, shape: str, dtype_name: str, samples: int, seq_len: int, w
         layerwise = Session(ep, branches, progress=False, pipeline=LayerByLayer()).calibrate(few, desc=None)
         out["max_relative_difference"] = _max_relative_difference(basic, layerwise)
         del layerwise
+        if device != "cpu":  # weight offload reads the checkpoint onto the host: measured on the CPU only
+            return out
         empty, _, source = _setup(shape, dtype, samples, seq_len, weights)
         offloaded = Session(empty, find_branches(empty), progress=False, pipeline=LayerByLayer(),
                             weights=source).calibrate(few, desc=None)
         out["offload_max_relative_difference"] = _max_relative_difference(basic, offloaded)
         return out
     out["rss_before"], out["rss_peak"] = mem.before, mem.peak
+    if device != "cpu":
+        out["gpu_peak"] = torch.cuda.max_memory_allocated(device)
     return out
 
 
@@ -246,6 +267,43 @@ def plan_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
+
+
+def gpu_markdown(result: dict[str, Any]) -> str:
+    """The table of a run on a GPU: wall time against one forward, and GPU memory allocated."""
+    r, parts = result["phases"], result["bound_parts"]
+    fwd = r["forward"]["seconds"]
+    d = SHAPES[result["shape"]]["hidden_size"]
+    gram_flops = 2 * result["samples"] * result["seq_len"] * (d + 1) * (2 * d + 1) * parts["branches"]
+    rate = r["forward"]["float64_gemm_flops"]
+    lw = r["layerwise"]
+    lines = [
+        f"# Scale on a GPU: calibration time and memory ({result['shape']} shape, {result['dtype']}, "
+        f"{result['samples']} x {result['seq_len']} tokens, {result['device']}: {result['gpu']})",
+        "",
+        "Model, batches and float64 statistics on the GPU; wall time synchronized; GPU memory is what torch "
+        "allocated (before = the captured model, peak = during the phase). The layer-wise pipeline writes "
+        "each layer's statistics to a scratch directory on the host when the layer is done, as on the CPU.",
+        "",
+        "| phase | wall s | x one forward | GPU before GiB | GPU peak GiB | peak - before GiB | statistics GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("forward", "basic", "layerwise"):
+        ph = r[name]
+        lines.append(f"| {name} | {ph['seconds']:.2f} | {ph['seconds'] / fwd:.2f} | {_gib(ph['gpu_before'])} | "
+                     f"{_gib(ph['gpu_peak'])} | {_gib(ph['gpu_peak'] - ph['gpu_before'])} | "
+                     f"{_gib(ph.get('stats_bytes', 0))} |")
+    lines += [
+        "",
+        f"Layer-wise vs basic statistics on the GPU: max relative difference "
+        f"{r['equal']['max_relative_difference']:.2e} (target: rtol 1e-10).",
+        "",
+        f"Time: layer-wise {lw['seconds']:.2f} s = {lw['seconds'] / fwd:.2f} x one forward (issue 16's target "
+        f"<= 2.5 x: {'met' if lw['seconds'] <= 2.5 * fwd else 'missed'}); basic {r['basic']['seconds'] / fwd:.2f} x. "
+        f"The statistics' float64 GEMMs ({gram_flops / 1e12:.2f} TFLOP) at this GPU's measured float64 GEMM rate "
+        f"({rate / 1e12:.1f} TFLOP/s) take {gram_flops / rate:.2f} s = {gram_flops / rate / fwd:.2f} x one forward.",
+    ]
+    return "\n".join(lines)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -330,21 +388,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--samples", type=int, default=8, help="calibration sequences (default 8; batches of 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: model, batches and statistics on "
+                                                   "that GPU (no weight-offload phase; default out scale_gpu)")
     p.add_argument("--out", type=Path, default=None, help="results path prefix (default docs/results/scale)")
     p.add_argument("--child", choices=("save", *PHASES), help=argparse.SUPPRESS)
     p.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shape = "tiny" if args.tiny else args.shape
     if args.child:
-        print(json.dumps(child(args.child, shape, args.dtype, args.samples, args.seq_len, args.weights)))
+        print(json.dumps(child(args.child, shape, args.dtype, args.samples, args.seq_len, args.weights,
+                               args.device)))
         return 0
+    gpu = args.device != "cpu"
+    if gpu and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU here; run on a GPU machine or drop --device")
     if args.tiny and args.out is None:
         p.error("--tiny writes a smoke result: pass --out PATH")
     phases = {}
     with tempfile.TemporaryDirectory(prefix="subfit-scale-") as checkpoint:
-        for phase in ("save", *PHASES):  # save: the random model as a checkpoint, for weight offload
+        # save: the random model as a checkpoint, for weight offload (on the CPU only)
+        for phase in [ph for ph in ("save", *PHASES) if not (gpu and ph in ("save", "offload"))]:
             cmd = [sys.executable, __file__, "--child", phase, "--dtype", args.dtype, "--samples",
-                   str(args.samples), "--seq-len", str(args.seq_len), "--weights", checkpoint,
+                   str(args.samples), "--seq-len", str(args.seq_len), "--weights", checkpoint, "--device", args.device,
                    *(["--tiny"] if args.tiny else ["--shape", args.shape])]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -352,14 +417,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             phases[phase] = json.loads(done.stdout.strip().splitlines()[-1])
             print(phase, phases[phase], flush=True)
-    del phases["save"]
+    phases.pop("save", None)
     result = {"command": command_line(), "machine": machine(), "shape": shape, "dtype": args.dtype,
+              "device": args.device, "gpu": torch.cuda.get_device_name(args.device) if gpu else None,
               "samples": args.samples, "seq_len": args.seq_len, "phases": phases,
               "bound_parts": bound_parts(shape, args.dtype, args.samples, args.seq_len)}
-    out = args.out or RESULTS / "scale"
+    out = args.out or RESULTS / ("scale_gpu" if gpu else "scale")
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{out}.md").write_text(f"{markdown(result)}\n\nCommand: `{result['command']}`  \n"
+    Path(f"{out}.md").write_text(f"{(gpu_markdown if gpu else markdown)(result)}\n\nCommand: `{result['command']}`  \n"
                                  f"Machine: {result['machine']}\n")
     print(f"wrote {out}.md")
     return 0

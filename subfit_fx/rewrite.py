@@ -106,7 +106,7 @@ class _Builder:
         if self.fake_mode is not None:
             vals = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])  # nested lists too (view sizes)
             with self.fake_mode:
-                node.meta["val"] = target(*vals[0], **vals[1])
+                node.meta["val"] = _fake_call(target, vals[0], vals[1])
         node.meta["nn_module_stack"] = {}
         return node
 
@@ -204,6 +204,19 @@ def _replace_span(builder: _Builder, r: Replacement, first: Branch, last: Branch
     new = x if r.action == "remove" else builder.add(x, builder.chain(x, r.layers, anchor), anchor)
     end.replace_all_uses_with(new)
     builder.replaced[end] = new
+
+
+def _fake_call(target: object, args: tuple, kwargs: dict) -> object:
+    """The op on fake values, for a new node's metadata. torch 2.11's matmul calls numel() on the
+    symbolic sizes of a `Dim.DYNAMIC` capture (seen on CUDA) and raises; a linear's output shape
+    is known without running it."""
+    try:
+        return target(*args, **kwargs)
+    except RuntimeError as exc:
+        if target is not aten.linear.default or "symbolic sizes" not in str(exc):
+            raise
+        x, w = args[0], args[1]
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 _SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
