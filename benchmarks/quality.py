@@ -110,7 +110,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         try:
-            options[key] = json.loads(value)
+            options[key] = json.loads({"True": "true", "False": "false", "None": "null"}.get(value, value))
         except json.JSONDecodeError:
             options[key] = value
     return method, options

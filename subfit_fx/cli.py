@@ -377,6 +377,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--levels", type=fractions,
                    help="hybrid --strategy joint: fractions of an FFN's channel blocks each judged slimming drops "
                         "(default 0.25,0.5,0.75; counts in between are interpolated)")
+    p.add_argument("--no-replace", dest="replace", action="store_false", default=None,
+                   help="hybrid --strategy joint: no SubFit options (bypasses, removal, span maps): width pruning "
+                        "only, each FFN's slimming level chosen by the output judge")
     p.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                    help="saap / hybrid / flap: one global ranking of raw block scores instead of scores "
                         "standardized within each layer (FLAP's adaptive structure, the default)")

@@ -41,6 +41,11 @@ def build_options(cls: type, values: dict[str, Any], method: str = "this method"
         Traceback (most recent call last):
         ...
         subfit_fx.errors.InputError: unknown option 'atention_rank' for subfit; did you mean 'attention_rank'? ...
+        >>> from subfit_fx.methods.saap import SaapOptions
+        >>> build_options(SaapOptions, {"heads": "False"}, "saap")
+        Traceback (most recent call last):
+        ...
+        subfit_fx.errors.InputError: option 'heads' for saap must be True or False, got 'False'
     """
     valid = [f.name for f in fields(cls)]
     for key in values:
@@ -48,6 +53,10 @@ def build_options(cls: type, values: dict[str, Any], method: str = "this method"
             near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise InputError(f"unknown option '{key}' for {method}; {hint}(valid: {', '.join(valid) or 'none'})")
+    flags = {f.name for f in fields(cls) if f.type in ("bool", bool)}
+    for key in flags & values.keys():
+        if not isinstance(values[key], bool):  # "False" from a config file is truthy: never read it as True
+            raise InputError(f"option '{key}' for {method} must be True or False, got {values[key]!r}")
     return cls(**values)
 
 

@@ -94,6 +94,9 @@ class HybridOptions:
     spans: int | None = None  # strategy "joint": span maps over runs of 2..spans layers, as SubFit's `spans`
     # (None: automatic, SubFit's default; 0: off)
     judge_context: float = 0.0  # strategy "joint": the output judge's context-gain weight, as SubFit's
+    # strategy "joint": False drops SubFit's options (bypasses, removal, span maps): width pruning only,
+    # each FFN's slimming level chosen by the output judge instead of saap's statistics
+    replace: bool = True
 
     def __post_init__(self) -> None:
         for name in ("judge_sequences", "rounds"):
@@ -107,6 +110,9 @@ class HybridOptions:
                              "knapsack) or 'share' (SubFit first, width pruning for the rest)")
         if not 0 <= self.share <= 1:
             raise InputError(f"share must be in [0, 1] (the fraction of the budget SubFit takes), got {self.share}")
+        if not self.replace and (self.strategy != "joint" or not self.levels):
+            raise InputError("replace=False needs strategy='joint' and slimming levels (it leaves width pruning "
+                             "as the only option)")
         if not all(0 < v <= self.max_layer_ratio for v in self.levels):
             raise InputError(f"levels {self.levels} must be fractions in (0, max_layer_ratio={self.max_layer_ratio}]")
         self.saap()  # validates the width-pruning options
@@ -189,14 +195,18 @@ class _Options:
     def __init__(self, ctx: PolicyContext, opts: HybridOptions, sub: SubfitOptions, batches: list) -> None:
         self.ctx, self.sub, self.saap = ctx, sub, opts.saap()
         session = ctx.session
-        stats = session.calibrate(batches, inputs=(sub.bypass_input,), desc="calibrate")
-        self.fitter = BypassFitter(ctx, sub)
-        fits = self.fitter.fits(stats, [b.label for b in ctx.branches if b.kind == "ffn"])
-        self.alts = candidate_forms(ctx, dataclasses.replace(sub, forms="fit-or-remove"), fits, stats)
         self.span_of: dict[tuple[str, str], tuple[str, ...]] = {}
-        for (head, form), (fit, covers) in span_fits(ctx, sub, batches).items():
-            self.alts[head][form] = fit
-            self.span_of[head, form] = covers
+        self.basis_params = 0  # parameters of the FFN bypasses' shared basis (a group cost of the knapsack)
+        self.alts: dict[str, dict] = {b.label: {} for b in ctx.branches}
+        if opts.replace:
+            stats = session.calibrate(batches, inputs=(sub.bypass_input,), desc="calibrate")
+            fitter = BypassFitter(ctx, sub)
+            fits = fitter.fits(stats, [b.label for b in ctx.branches if b.kind == "ffn"])
+            self.basis_params = fitter.basis_params
+            self.alts = candidate_forms(ctx, dataclasses.replace(sub, forms="fit-or-remove"), fits, stats)
+            for (head, form), (fit, covers) in span_fits(ctx, sub, batches).items():
+                self.alts[head][form] = fit
+                self.span_of[head, form] = covers
         sites = width_sites(ctx, self.saap) if opts.levels else {}
         self.inner = session.inner_stats(batches, list(sites), gram=True) if sites else {}
         scores = block_scores(ctx, self.saap, list(sites), self.inner) if sites else {}
@@ -320,7 +330,7 @@ def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     batches, held = judge_split(ctx, sub.judge_sequences)
     space = _Options(ctx, opts, sub, batches)
     judge = OutputJudge(session, held, ctx.causal, context=sub.judge_context)
-    group_costs = {"ffn_basis": space.fitter.basis_params}
+    group_costs = {"ffn_basis": space.basis_params}
     order = [b.label for b in ctx.branches]
     chosen: dict[str, str] = {}
     damage: dict[tuple[str, str], float] = {}

@@ -38,6 +38,22 @@ def test_compress_rejects_a_typo_before_any_work():
         compress(tiny_model("llama"), calib, 0.25, "uidl", progress=False, distance_token="all")
 
 
+@pytest.mark.parametrize("value", ["False", "true", 0, None])
+def test_a_flag_option_takes_only_a_bool(value):
+    """'False' from a config file or a benchmark spec is truthy; it must not silently mean True."""
+    with pytest.raises(InputError, match="option 'replace' for hybrid must be True or False"):
+        method_options("hybrid", {"replace": value})
+    assert method_options("hybrid", {"replace": False}).replace is False
+
+
+def test_cli_no_replace_reaches_the_hybrid_options():
+    from subfit_fx.cli import build_parser, method_options_from_args
+
+    args = build_parser().parse_args(["compress", "builtin:llama", "--calib", "unused", "--method", "hybrid",
+                                      "--no-replace", "--out", "unused"])
+    assert method_options("hybrid", method_options_from_args(args)).replace is False
+
+
 def test_guarded_preset_defaults_and_calibration_holdout():
     assert method_options("subfit-guarded", {}) == GuardedOptions()
     assert GuardedOptions().judge == "statistics" and GuardedOptions().holdout == 0.25

@@ -199,6 +199,18 @@ def test_joint_hybrid_gives_each_branch_one_option_at_the_budget():
     assert {"judged_fit", "judged_remove"} <= set(judged) and any(k.startswith("judged_slim:") for k in judged)
 
 
+def test_joint_hybrid_without_replacements_only_slims_ffns_chosen_by_the_output_judge():
+    model = _model("llama")
+    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", block=16, replace=False, progress=False)
+    assert {r.action for r in c.recipe.replacements} == {"slim"}
+    assert all(label.endswith(".mlp") for label in c.recipe.slimmed_labels())
+    assert abs(c.report.sparsity_actual - 0.3) <= 0.015, c.report.notes
+    judged = next(b["scores"] for b in c.report.branches if b["label"] == "model.layers.1.mlp")
+    assert judged and all(k.startswith("judged_slim:") for k in judged if k.startswith("judged_"))
+    with pytest.raises(subfit_fx.errors.InputError, match="replace=False needs"):
+        subfit_fx.compress(model, _calib(), 0.3, method="hybrid", strategy="share", replace=False, progress=False)
+
+
 @pytest.mark.parametrize("compensation", ["refit", "bias", "none"])
 def test_a_slimming_judged_through_the_inner_input_equals_the_rewritten_model(compensation):
     """What the joint hybrid judges (h replaced by what the compensated slimming stands for) is
