@@ -38,11 +38,12 @@ class ProbeContext:
     def __init__(self, skip_first: bool = False) -> None:
         self.skip_first = skip_first
         self.token_mask: torch.Tensor | None = None  # (batch, seq) bool
+        self._rows: torch.Tensor | None = None  # flat indices of the kept tokens; None: every token counts
 
     def set_batch(self, attention_mask: torch.Tensor | None) -> None:
         """Declare the mask of the next forward: padding (0) is excluded from statistics."""
         if attention_mask is None:
-            self.token_mask = None
+            self.token_mask = self._rows = None
             return
         keep = attention_mask.bool()
         if self.skip_first:
@@ -50,17 +51,19 @@ class ProbeContext:
             first = (attention_mask.long().cumsum(1) == 1) & keep
             keep = keep & ~first
         self.token_mask = keep
+        # the kept rows found once per batch: boolean indexing in every probe would wait for the
+        # device (a GPU sync) three times per branch per batch
+        self._rows = None if bool(keep.all()) else keep.reshape(-1).nonzero().squeeze(1)
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of `t` (batch, seq, width), or (batch * seq, width) where the model flattens tokens
         (OPT's FFN), that count, flattened to (tokens, width)."""
-        if self.token_mask is None:
-            return t.reshape(-1, t.shape[-1])
-        if t.shape[:2] == self.token_mask.shape:
-            return t[self.token_mask]
-        if t.dim() == 2 and t.shape[0] == self.token_mask.numel():
-            return t[self.token_mask.reshape(-1)]
-        return t.reshape(-1, t.shape[-1])
+        flat = t.reshape(-1, t.shape[-1])
+        if self.token_mask is None or self._rows is None:
+            return flat
+        if t.shape[:2] == self.token_mask.shape or (t.dim() == 2 and t.shape[0] == self.token_mask.numel()):
+            return flat.index_select(0, self._rows)
+        return flat
 
 
 class BranchProbe(torch.nn.Module):
