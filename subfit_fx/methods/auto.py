@@ -9,7 +9,9 @@ does not apply, auto says so in the report's notes and runs:
 
 - SubFit (default options) when some FFN branch exposes no prunable channels (fused or Conv1D
   projections: GPT-2, Gemma 2), or when width pruning's statistics would take more than
-  `WIDTH_MEMORY` (models from ~4B parameters on);
+  `WIDTH_MEMORY` (models from ~4B parameters on) and the pipeline does not offload them (the
+  layer-wise pipeline with an offload directory, `--pipeline sequential --offload DIR`, writes
+  each layer's Grams there and maps them back: width pruning then runs at any size);
 - the hybrid (default options) when width pruning cannot reach the budget (every channel block
   that `max_layer_ratio` allows is gone): it replaces whole branches for the rest.
 
@@ -55,11 +57,18 @@ def auto(ctx: PolicyContext) -> Recipe:
         ctx.notes.append(f"auto: width pruning does not apply ({_why(ffn, missing)}); ran subfit")
         return _ran(subfit(dataclasses.replace(ctx, options=SubfitOptions())))
     need = sum(8 * (site.channels + 1) ** 2 for site in sites.values())
-    if need > WIDTH_MEMORY:
+    # the layer-wise pipeline with an offload directory writes each layer's Grams there and maps
+    # them back: they take disk, and memory one layer's at a time
+    on_disk = getattr(ctx.session.pipeline, "offload", None) is not None
+    if need > WIDTH_MEMORY and not on_disk:
         ctx.notes.append(f"auto: width pruning's inner statistics (one float64 Gram per FFN) would take "
                          f"{need / 2**30:.1f} GiB, over {WIDTH_MEMORY / 2**30:.0f} GiB; ran subfit "
-                         "(--method saap runs width pruning anyway)")
+                         "(--pipeline sequential --offload DIR keeps them on disk; --method saap runs width "
+                         "pruning anyway)")
         return _ran(subfit(dataclasses.replace(ctx, options=SubfitOptions())))
+    if need > WIDTH_MEMORY:
+        ctx.notes.append(f"auto: width pruning's inner statistics ({need / 2**30:.1f} GiB) go to the offload "
+                         "directory, memory-mapped back")
     recipe, saved = width_recipe(ctx, SaapOptions())
     if reaches_budget(ctx, saved):
         ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks)")

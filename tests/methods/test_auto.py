@@ -82,3 +82,17 @@ def test_auto_runs_subfit_when_width_statistics_would_not_fit(monkeypatch):
     monkeypatch.setattr(module, "WIDTH_MEMORY", 1000)  # bytes: less than one tiny FFN's Gram
     c = subfit_fx.compress(tiny_model("llama", layers=4), _calib(), 0.25, progress=False)
     assert c.recipe.method == "subfit" and "GiB, over" in _auto_note(c) and "ran subfit" in _auto_note(c)
+
+
+def test_auto_keeps_width_pruning_when_the_layer_wise_pipeline_offloads_its_statistics(monkeypatch, tmp_path):
+    from subfit_fx.pipelines import SessionFactory
+
+    module = importlib.import_module("subfit_fx.methods.auto")
+    monkeypatch.setattr(module, "WIDTH_MEMORY", 1000)
+    model, calib = tiny_model("llama", layers=4), _calib()
+    c = subfit_fx.compress(model, calib, 0.25, progress=False,
+                           session_factory=SessionFactory("sequential", offload=str(tmp_path)))
+    assert c.recipe.method == "saap" and any("go to the offload directory" in n for n in c.report.notes)
+    in_memory = subfit_fx.compress(model, calib, 0.25, "saap", progress=False)
+    for key, t in in_memory.recipe.tensors.items():  # the same recipe as width pruning in memory
+        assert torch.allclose(c.recipe.tensors[key], t, rtol=1e-6, atol=1e-8), key
