@@ -6,6 +6,7 @@ import json
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,3 +43,18 @@ def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path,
 def median(values: list[float]) -> float:
     """Median of a list of timings."""
     return statistics.median(values)
+
+
+def run_child(argv: list[str]) -> dict[str, Any] | None:
+    """Run one measurement in a fresh interpreter (its own peak RSS) and return the JSON of its last line.
+
+    Prints the child's stderr tail and returns None when it fails, so the caller exits non-zero
+    without writing a partial result.
+
+    Example: ``run_child([sys.executable, __file__, "--child", "basic"])``
+    """
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 import transformers as tf
-from _common import RESULTS, command_line, machine  # benchmarks/ is on sys.path when run as a script
+from _common import RESULTS, command_line, machine, run_child  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = {
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -411,11 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--child", phase, "--dtype", args.dtype, "--samples",
                    str(args.samples), "--seq-len", str(args.seq_len), "--weights", checkpoint, "--device", args.device,
                    *(["--tiny"] if args.tiny else ["--shape", args.shape])]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
+            measured = run_child(cmd)
+            if measured is None:
                 return 1
-            phases[phase] = json.loads(done.stdout.strip().splitlines()[-1])
+            phases[phase] = measured
             print(phase, phases[phase], flush=True)
     phases.pop("save", None)
     result = {"command": command_line(), "machine": machine(), "shape": shape, "dtype": args.dtype,

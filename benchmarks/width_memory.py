@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, command_line, machine  # benchmarks/ is on sys.path when run as a script
+from _common import RESULTS, command_line, machine, run_child  # benchmarks/ is on sys.path when run as a script
 
 VARIANTS = ("in-memory", "offload")
 
@@ -131,11 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in VARIANTS:
         cmd = [sys.executable, __file__, "--child", v, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                *(["--tiny"] if args.tiny else [])]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
+        measured = run_child(cmd)
+        if measured is None:
             return 1
-        variants[v] = json.loads(done.stdout.strip().splitlines()[-1])
+        variants[v] = measured
         print(v, {k: variants[v][k] for k in ("method", "seconds", "peak")}, flush=True)
     result = {"command": command_line(), "machine": machine(), "shape": shape, "samples": args.samples,
               "seq_len": args.seq_len, "variants": variants}
