@@ -71,22 +71,25 @@ class BranchStats:
 
     def _update_rows(self, x: torch.Tensor, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
-        ones = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
         for kind, z in inputs.items():
-            zt = torch.cat([z.double(), ones], dim=1)
-            self.gram[kind].addmm_(zt.T, zt)
-            self.cross[kind].addmm_(zt.T, y)
-        out = x + y
-        x_sq, y_sq, out_sq = (x * x).sum(1), (y * y).sum(1), (out * out).sum(1)
-        x_norm, y_norm, out_norm = x_sq.sqrt(), y_sq.sqrt(), out_sq.sqrt()
-        cos = ((x * out).sum(1) / (x_norm * out_norm).clamp_min(1e-30)).clamp(-1, 1)
-        # angle between x and x + y as 2 atan2(|a - b|, |a + b|) on unit vectors: exact near 0,
-        # where arccos(cos) loses half the digits
-        a, b = x / x_norm.clamp_min(1e-30)[:, None], out / out_norm.clamp_min(1e-30)[:, None]
-        angle = 2 * torch.atan2((a - b).norm(dim=1), (a + b).norm(dim=1))
+            z = z.double()
+            _add_biased_gram(self.gram[kind], z, z.sum(0))
+            cross, width = self.cross[kind], z.shape[1]
+            cross[:width].addmm_(z.T, y)
+            cross[width] += y.sum(0)
+        # Every per-token scalar comes from three row dot products: the float64 temporaries of
+        # x + y, unit vectors and their differences cost as much as the Gram GEMMs at d = 2048.
+        xx, yy, xy = (x * x).sum(1), (y * y).sum(1), (x * y).sum(1)
+        x_out = xx + xy  # <x, x + y>
+        out_sq = (x_out + xy + yy).clamp_min(0)
+        x_norm, y_norm, out_norm = xx.sqrt(), yy.sqrt(), out_sq.sqrt()
+        cos = (x_out / (x_norm * out_norm).clamp_min(1e-30)).clamp(-1, 1)
+        # angle between x and x + y from |x ^ (x + y)| = |x ^ y| (Lagrange's identity) and <x, x + y>:
+        # atan2 keeps it accurate near 0, where arccos(cos) loses half the digits
+        angle = torch.atan2((xx * yy - xy * xy).clamp_min(0).sqrt(), x_out)
         s = self.scalars
-        s["y_sq"] += y_sq.sum()
-        s["x_sq"] += x_sq.sum()
+        s["y_sq"] += yy.sum()
+        s["x_sq"] += xx.sum()
         s["out_sq"] += out_sq.sum()
         s["cos_sum"] += cos.sum()
         s["angle_sum"] += (angle / torch.pi).sum()
@@ -203,11 +206,11 @@ class InnerStats:
         batch_sq = torch.zeros(self.channels, dtype=torch.float64, device=h.device)
         for start in range(0, h.shape[0], BranchStats.CHUNK):
             rows = h[start:start + BranchStats.CHUNK].double()
-            self.sum += rows.sum(0)
+            rows_sum = rows.sum(0)
+            self.sum += rows_sum
             batch_sq += (rows * rows).sum(0)
             if self.gram is not None:
-                ht = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64, device=h.device)], dim=1)
-                self.gram.addmm_(ht.T, ht)
+                _add_biased_gram(self.gram, rows, rows_sum)
         self.sq += batch_sq
         mean_sq = batch_sq / h.shape[0]
         self.batch_sq += mean_sq
@@ -276,3 +279,13 @@ class InnerStats:
         mean = self.batch_sq / b
         var = (self.batch_sq2 / b - mean * mean).clamp_min(0)
         return var.sqrt() / mean.clamp_min(1e-30)
+
+
+def _add_biased_gram(gram: torch.Tensor, z: torch.Tensor, column_sums: torch.Tensor) -> None:
+    """Add [z, 1]^T [z, 1] to `gram` in place without building [z, 1]: the copy with a ones
+    column costs a pass over z per update, the GEMM writes straight into the leading block."""
+    width = z.shape[1]
+    gram[:width, :width].addmm_(z.T, z)
+    gram[:width, width] += column_sums
+    gram[width, :width] += column_sums
+    gram[width, width] += z.shape[0]
