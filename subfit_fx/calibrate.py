@@ -560,7 +560,7 @@ class Session:
         for label, s in stats.items():
             if int(s.tokens) == 0:
                 raise CalibrationError("calibration saw no tokens (all padding?); pass non-empty sequences")
-            if not all(bool(torch.isfinite(t).all()) for t in s.tensors().values()):
+            if not s.is_finite():
                 raise CalibrationError(f"inner statistics of '{label}' hold NaN or Inf (non-finite activations); "
                                        "check the model in float32 and the calibration text")
         return stats

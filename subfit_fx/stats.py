@@ -145,7 +145,10 @@ class BranchStats:
             >>> BranchStats.empty(2, 2).is_finite()
             True
         """
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+        # Diagonals suffice: a non-finite input makes its squares' sum (a Gram diagonal, y_sq or
+        # x_sq) non-finite, and every other entry is bounded by them (Cauchy-Schwarz); scanning
+        # whole float64 Grams costs seconds per model.
+        return _all_finite(self.tokens, *self.scalars.values(), *(g.diagonal() for g in self.gram.values()))
 
     def mean(self, key: str) -> float:
         """Per-token mean of one scalar sum (e.g. `cos_sum`).
@@ -242,6 +245,17 @@ class InnerStats:
             out["gram"] = self.gram
         return out
 
+    def is_finite(self) -> bool:
+        """False when any statistic holds NaN or Inf (checked on the sums of squares, as
+        `BranchStats.is_finite`).
+
+        Example:
+            >>> s = InnerStats.empty(2, gram=True); s.update(torch.tensor([[1.0, float("nan")]])); s.is_finite()
+            False
+        """
+        diagonal = () if self.gram is None else (self.gram.diagonal(),)
+        return _all_finite(self.tokens, self.sum, self.sq, self.batch_sq, self.batch_sq2, *diagonal)
+
     def variance(self) -> torch.Tensor:
         """Per-channel variance of h over all tokens.
 
@@ -289,3 +303,7 @@ def _add_biased_gram(gram: torch.Tensor, z: torch.Tensor, column_sums: torch.Ten
     gram[:width, width] += column_sums
     gram[width, :width] += column_sums
     gram[width, width] += z.shape[0]
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
