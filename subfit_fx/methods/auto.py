@@ -15,8 +15,19 @@ does not apply, auto says so in the report's notes and runs:
 - the hybrid (default options) when width pruning cannot reach the budget (every channel block
   that `max_layer_ratio` allows is gone): it replaces whole branches for the rest.
 
-The recipe's method is the policy that ran ("saap", "subfit" or "hybrid"); its options record
-`auto: true`. Auto takes no options: to tune one, name the method (`--method saap --block 128`).
+From `JUDGED_FROM` (30 %) on, the width pruning is allocated by the output judge instead of saap's
+statistics (`hybrid` with `replace=False`: the same channel blocks, each FFN's slimming level
+chosen by its damage at the output, compounding in rounds). On SmolLM2's test half it is the
+better model at 31.25 % (perplexity 1.53x against 1.60x) and 37.5 % (1.75x against 1.86x, choice
+0.500 against 0.480), as on the dev half (docs/results/quality_findings.md, "Session 21"), for
+~8 minutes of judging instead of ~40 s; at 25 % it gains only 1-2 % of perplexity (choice level),
+not worth 12x the time (the demo's 10-minute budget), so saap's own allocation runs below 30 %.
+Where the judge's rounds land farther from the budget than saap's plan (coarse channel blocks of
+tiny FFNs), auto keeps saap's recipe and says so.
+
+The recipe's method is the policy that ran ("saap", "subfit" or "hybrid"; the judged allocation
+is "hybrid" with `replace: false`); its options record `auto: true`. Auto takes no options: to
+tune one, name the method (`--method saap --block 128`).
 
 Example:
     >>> from subfit_fx.methods import check_method
@@ -29,17 +40,21 @@ from __future__ import annotations
 import dataclasses
 
 from subfit_fx.methods.base import NoOptions, PolicyContext
-from subfit_fx.methods.hybrid import HybridOptions, hybrid
+from subfit_fx.methods.hybrid import HybridOptions, hybrid, saved_params
 from subfit_fx.methods.saap import SaapOptions, reaches_budget, width_recipe, width_sites
 from subfit_fx.methods.subfit import SubfitOptions, subfit
 from subfit_fx.recipe import Recipe
+from subfit_fx.selection import BUDGET_TOLERANCE
 
-__all__ = ["WIDTH_MEMORY", "auto"]
+__all__ = ["JUDGED_FROM", "WIDTH_MEMORY", "auto"]
 
 # Width pruning keeps one (channels + 1)^2 float64 Gram per FFN until it plans: 8.0 GiB for a
 # Llama-3.2-1B shape, 14 GiB for 3B, 29 GiB for Llama-2-7B. Beyond this, auto runs SubFit, whose
 # statistics are per branch output (hidden width) and stream through the layer-wise pipeline.
 WIDTH_MEMORY = 16 << 30
+
+# From this target on, the output judge allocates the width pruning (hybrid, replace=False).
+JUDGED_FROM = 0.3
 
 
 def auto(ctx: PolicyContext) -> Recipe:
@@ -70,6 +85,17 @@ def auto(ctx: PolicyContext) -> Recipe:
         ctx.notes.append(f"auto: width pruning's inner statistics ({need / 2**30:.1f} GiB) go to the offload "
                          "directory, memory-mapped back")
     recipe, saved = width_recipe(ctx, SaapOptions())
+    if reaches_budget(ctx, saved) and ctx.target >= JUDGED_FROM - 1e-9:
+        judged = hybrid(dataclasses.replace(ctx, options=HybridOptions(replace=False)))
+        miss, saap_miss = (abs(x / ctx.block_params - ctx.target) for x in (saved_params(ctx, judged), saved))
+        if miss <= max(BUDGET_TOLERANCE, saap_miss):
+            ctx.notes.append(f"auto: ran hybrid with replace=False (width pruning of FFN channel blocks, each "
+                             f"FFN's share chosen by the output judge: the default from {JUDGED_FROM:.0%})")
+            return _ran(judged)
+        # coarse channel blocks (tiny FFNs): the judge's rounds can overshoot where saap's plan lands
+        ctx.notes.append(f"auto: the output judge's allocation landed {miss:.2%} from the target, saap's "
+                         f"{saap_miss:.2%}; ran saap (width pruning of FFN channel blocks)")
+        return _ran(recipe)
     if reaches_budget(ctx, saved):
         ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks)")
         return _ran(recipe)

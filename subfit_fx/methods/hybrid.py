@@ -66,7 +66,7 @@ from subfit_fx.methods.subfit import (
 from subfit_fx.recipe import Recipe, branch_records, recipe_from_fits
 from subfit_fx.selection import BUDGET_TOLERANCE, Candidate, select_jointly, sparsity_of
 
-__all__ = ["HybridOptions", "hybrid", "set_recipe_replacements"]
+__all__ = ["HybridOptions", "hybrid", "saved_params", "set_recipe_replacements"]
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,12 @@ def set_recipe_replacements(ctx: PolicyContext, recipe: Recipe) -> None:
 
 
 def saved_params(ctx: PolicyContext, recipe: Recipe) -> int:
-    """Block parameters `recipe` saves, net of what its bypasses add and keep in use."""
+    """Block parameters `recipe` saves, net of what its bypasses add and keep in use.
+
+    Example:
+        >>> saved_params(ctx, recipe) / ctx.block_params  # the recipe's actual sparsity  # doctest: +SKIP
+        0.251
+    """
     replaced = sum(ctx.session.by_label[label].params for label in recipe.replaced_labels())
     return replaced - recipe.bypass_params() - recipe.kept_params(ctx.branches)
 
