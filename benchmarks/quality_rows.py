@@ -38,7 +38,11 @@ def main() -> None:
             sys.exit(f"rows of {new!r} exist already; rename them first")
         rows = [dict(r, method=new) if r["method"] == old else r for r in rows]
     for spec in args.take:
-        file, method = spec.rsplit(":", 1)
+        # the method spec may hold colons itself (hybrid:replace=False): split after the .json
+        file, sep, method = spec.partition(".json:")
+        if not sep:
+            sys.exit(f"--take {spec!r}: expected FILE.json:METHOD")
+        file += ".json"
         other = json.loads(Path(file).read_text())
         ours, theirs = data["dense"], other["dense"]
         same = ours.keys() == theirs.keys() and all(
