@@ -26,7 +26,17 @@ def command_line() -> str:
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _cpu_model() -> str:
+    # timings move with the processor (the sessions' machines differ): name it where Linux says it
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
 
 
 def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:

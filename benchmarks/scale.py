@@ -359,13 +359,13 @@ def markdown(result: dict[str, Any]) -> str:
         "the statistics' float64 GEMMs (the Gram of [z, 1] and its cross product with the branch output) are "
         f"{gram_flops / 1e12:.2f} TFLOP for {result['samples'] * result['seq_len']} tokens and "
         f"{parts['branches']} branches, which at this machine's float64 GEMM rate ({fwd_rate / 1e9:.0f} GFLOP/s, "
-        f"measured) take {gram_floor:.1f} s = {gram_floor / fwd:.2f} x one forward by themselves: one bfloat16 "
-        f"forward plus those GEMMs is {1 + gram_floor / fwd:.2f} x, so the target leaves next to no room on "
-        f"this CPU. The basic pipeline is at {r['basic']['seconds'] / fwd:.2f} x (the per-token float64 "
-        "scalars and copies besides the GEMMs); the layer-wise one adds writing the statistics to the scratch "
+        f"measured on one update-sized GEMM) take about {gram_floor:.1f} s = {gram_floor / fwd:.2f} x one forward "
+        f"by themselves. The basic pipeline is at {r['basic']['seconds'] / fwd:.2f} x (the GEMMs and the "
+        "per-token float64 scalars); the layer-wise one adds writing the statistics to the scratch "
         f"directory and one segment per layer ({lw['seconds'] / fwd:.2f} x); weight offload adds reading "
-        f"{_gib(off.get('weight_bytes_read', 0))} GiB of weights ({off['seconds'] / fwd:.2f} x). On a GPU "
-        "with fast float64 (H100/H200) the ratios differ (not measured: no GPU was lent).",
+        f"{_gib(off.get('weight_bytes_read', 0))} GiB of weights ({off['seconds'] / fwd:.2f} x). The ratios "
+        "depend on the processor (its bfloat16 forward against its float64 GEMMs: the machine line below); "
+        "on a GPU: scale_gpu.md.",
         "",
         "## Memory plan for 7B-70B (computed from the shapes, GiB)",
         "",
