@@ -77,8 +77,9 @@ class BranchStats:
             cross, width = self.cross[kind], z.shape[1]
             cross[:width].addmm_(z.T, y)
             cross[width] += y.sum(0)
-        # Every per-token scalar comes from three row dot products: the float64 temporaries of
-        # x + y, unit vectors and their differences cost as much as the Gram GEMMs at d = 2048.
+        # Every per-token scalar comes from three row dot products, without float64 temporaries for
+        # x + y, unit vectors and their differences (as costly as the Gram GEMMs at d = 2048 on a
+        # loaded machine; no measurable end-to-end change idle: docs/results/scale_before_s21.md).
         xx, yy, xy = (x * x).sum(1), (y * y).sum(1), (x * y).sum(1)
         x_out = xx + xy  # <x, x + y>
         out_sq = (x_out + xy + yy).clamp_min(0)
