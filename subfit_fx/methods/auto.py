@@ -42,7 +42,7 @@ import dataclasses
 from subfit_fx.methods.base import NoOptions, PolicyContext
 from subfit_fx.methods.hybrid import HybridOptions, hybrid, saved_params
 from subfit_fx.methods.saap import SaapOptions, reaches_budget, width_recipe, width_sites
-from subfit_fx.methods.subfit import SubfitOptions, subfit
+from subfit_fx.methods.subfit import SubfitOptions, judge_split, subfit
 from subfit_fx.recipe import Recipe
 from subfit_fx.selection import BUDGET_TOLERANCE
 
@@ -84,24 +84,40 @@ def auto(ctx: PolicyContext) -> Recipe:
     if need > WIDTH_MEMORY:
         ctx.notes.append(f"auto: width pruning's inner statistics ({need / 2**30:.1f} GiB) go to the offload "
                          "directory, memory-mapped back")
+    if ctx.target >= JUDGED_FROM - 1e-9:
+        judged = _judged(ctx)
+        if judged is not None:
+            return judged
     recipe, saved = width_recipe(ctx, SaapOptions())
-    if reaches_budget(ctx, saved) and ctx.target >= JUDGED_FROM - 1e-9:
-        judged = hybrid(dataclasses.replace(ctx, options=HybridOptions(replace=False)))
-        miss, saap_miss = (abs(x / ctx.block_params - ctx.target) for x in (saved_params(ctx, judged), saved))
-        if miss <= max(BUDGET_TOLERANCE, saap_miss):
-            ctx.notes.append(f"auto: ran hybrid with replace=False (width pruning of FFN channel blocks, each "
-                             f"FFN's share chosen by the output judge: the default from {JUDGED_FROM:.0%})")
-            return _ran(judged)
-        # coarse channel blocks (tiny FFNs): the judge's rounds can overshoot where saap's plan lands
-        ctx.notes.append(f"auto: the output judge's allocation landed {miss:.2%} from the target, saap's "
-                         f"{saap_miss:.2%}; ran saap (width pruning of FFN channel blocks)")
-        return _ran(recipe)
     if reaches_budget(ctx, saved):
         ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks)")
         return _ran(recipe)
     ctx.notes.append(f"auto: width pruning reaches {saved / ctx.block_params:.2%} of block parameters, short of "
                      f"the {ctx.target:.2%} target; ran hybrid (width pruning and branch replacement)")
     return _ran(hybrid(dataclasses.replace(ctx, options=HybridOptions())))
+
+
+def _judged(ctx: PolicyContext) -> Recipe | None:
+    """The judged width allocation, or None where width pruning cannot reach the budget. saap's
+    plan (the guard's yardstick and its fallback) is made from the judge's calibration split, so
+    both plans read one pass of inner statistics."""
+    opts = HybridOptions(replace=False)
+    fit_batches, _ = judge_split(ctx, opts.judge_sequences)
+    with ctx.session.reusing_inner_stats():
+        recipe, saved = width_recipe(dataclasses.replace(ctx, batches=fit_batches), SaapOptions())
+        if not reaches_budget(ctx, saved):
+            return None
+        judged = hybrid(dataclasses.replace(ctx, options=opts))
+    miss, saap_miss = (abs(x / ctx.block_params - ctx.target) for x in (saved_params(ctx, judged), saved))
+    if miss <= max(BUDGET_TOLERANCE, saap_miss):
+        ctx.notes.append(f"auto: ran hybrid with replace=False (width pruning of FFN channel blocks, each "
+                         f"FFN's share chosen by the output judge: the default from {JUDGED_FROM:.0%})")
+        return _ran(judged)
+    # coarse channel blocks (tiny FFNs): the judge's rounds can overshoot where saap's plan lands
+    ctx.notes.append(f"auto: the output judge's allocation landed {miss:.2%} from the target, saap's "
+                     f"{saap_miss:.2%}; ran saap (width pruning of FFN channel blocks, planned on the "
+                     "judge's calibration split)")
+    return _ran(recipe)
 
 
 def _why(ffn: list[str], missing: list[str]) -> str:

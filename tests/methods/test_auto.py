@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import subfit_fx
+from subfit_fx.calibrate import Session
 from subfit_fx.cli import main
 from subfit_fx.errors import InputError
 from subfit_fx.methods import DEFAULT_METHOD
@@ -49,9 +50,14 @@ def _kept(c) -> list:
     return [(r.labels, r.info["kept"]) for r in c.recipe.replacements]
 
 
-def test_auto_lets_the_output_judge_allocate_the_width_pruning_from_judged_from():
+def test_auto_lets_the_output_judge_allocate_the_width_pruning_from_judged_from(monkeypatch):
     model, target = tiny_model("llama", layers=4), max(JUDGED_FROM, 0.33)  # 0.33: four of the eight channel blocks
+    passes = []
+    observe = Session.observe_inner
+    monkeypatch.setattr(Session, "observe_inner", lambda self, *a, **k: (passes.append(1), observe(self, *a, **k))[1])
     c = subfit_fx.compress(model, _calib(), target, progress=False)
+    assert len(passes) == 1  # saap's plan (the guard's yardstick) and the judge's read one pass
+    monkeypatch.undo()
     assert c.recipe.method == "hybrid" and c.recipe.options["replace"] is False
     assert "ran hybrid with replace=False" in _auto_note(c)
     assert {r.action for r in c.recipe.replacements} == {"slim"}
