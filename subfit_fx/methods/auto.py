@@ -21,9 +21,11 @@ chosen by its damage at the output, compounding in rounds). On SmolLM2's test ha
 better model at 31.25 % (perplexity 1.53x against 1.60x) and 37.5 % (1.75x against 1.86x, choice
 0.500 against 0.480), as on the dev half (docs/results/quality_findings.md, "Session 21"), for
 ~8 minutes of judging instead of ~40 s; at 25 % it gains only 1-2 % of perplexity (choice level),
-not worth 12x the time (the demo's 10-minute budget), so saap's own allocation runs below 30 %.
-Where the judge's rounds land farther from the budget than saap's plan (coarse channel blocks of
-tiny FFNs), auto keeps saap's recipe and says so.
+not worth 12x the time (the demo's 10-minute budget), so saap's own allocation runs below 30 %
+(4 judge rounds instead of 8 lose that gain: dev 1.384x against 1.357x, saap 1.389x). Where the
+judge's rounds land farther from the budget than saap's plan (coarse channel blocks of tiny FFNs),
+auto keeps saap's recipe and says so; that plan comes from the judge's calibration split, so the
+two plans share one pass of inner statistics.
 
 The recipe's method is the policy that ran ("saap", "subfit" or "hybrid"; the judged allocation
 is "hybrid" with `replace: false`); its options record `auto: true`. Auto takes no options: to
