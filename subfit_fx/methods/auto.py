@@ -86,40 +86,37 @@ def auto(ctx: PolicyContext) -> Recipe:
     if need > WIDTH_MEMORY:
         ctx.notes.append(f"auto: width pruning's inner statistics ({need / 2**30:.1f} GiB) go to the offload "
                          "directory, memory-mapped back")
-    if ctx.target >= JUDGED_FROM - 1e-9:
-        judged = _judged(ctx)
-        if judged is not None:
-            return judged
-    recipe, saved = width_recipe(ctx, SaapOptions())
-    if reaches_budget(ctx, saved):
-        ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks)")
-        return _ran(recipe)
-    ctx.notes.append(f"auto: width pruning reaches {saved / ctx.block_params:.2%} of block parameters, short of "
-                     f"the {ctx.target:.2%} target; ran hybrid (width pruning and branch replacement)")
-    return _ran(hybrid(dataclasses.replace(ctx, options=HybridOptions())))
-
-
-def _judged(ctx: PolicyContext) -> Recipe | None:
-    """The judged width allocation, or None where width pruning cannot reach the budget. saap's
-    plan (the guard's yardstick and its fallback) is made from the judge's calibration split, so
-    both plans read one pass of inner statistics."""
+    judged = ctx.target >= JUDGED_FROM - 1e-9
     opts = HybridOptions(replace=False)
-    fit_batches, _ = judge_split(ctx, opts.judge_sequences)
+    # from JUDGED_FROM saap's plan is the guard's yardstick and fallback; made on the judge's
+    # calibration split, it shares one pass of inner statistics with the judged allocation
+    plan_ctx = dataclasses.replace(ctx, batches=judge_split(ctx, opts.judge_sequences)[0]) if judged else ctx
     with ctx.session.reusing_inner_stats():
-        recipe, saved = width_recipe(dataclasses.replace(ctx, batches=fit_batches), SaapOptions())
+        recipe, saved = width_recipe(plan_ctx, SaapOptions())
         if not reaches_budget(ctx, saved):
-            return None
-        judged = hybrid(dataclasses.replace(ctx, options=opts))
-    miss, saap_miss = (abs(x / ctx.block_params - ctx.target) for x in (saved_params(ctx, judged), saved))
+            ctx.notes.append(f"auto: width pruning reaches {saved / ctx.block_params:.2%} of block parameters, "
+                             f"short of the {ctx.target:.2%} target; ran hybrid (width pruning and branch "
+                             "replacement)")
+            return _ran(hybrid(dataclasses.replace(ctx, options=HybridOptions())))
+        if judged:
+            return _ran(_judged_or_saap(ctx, opts, recipe, saved))
+    ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks)")
+    return _ran(recipe)
+
+
+def _judged_or_saap(ctx: PolicyContext, opts: HybridOptions, saap: Recipe, saap_saved: int) -> Recipe:
+    """The judged width allocation, unless it lands farther from the budget than saap's plan."""
+    judged = hybrid(dataclasses.replace(ctx, options=opts))
+    miss, saap_miss = (abs(x / ctx.block_params - ctx.target) for x in (saved_params(ctx, judged), saap_saved))
     if miss <= max(BUDGET_TOLERANCE, saap_miss):
         ctx.notes.append(f"auto: ran hybrid with replace=False (width pruning of FFN channel blocks, each "
                          f"FFN's share chosen by the output judge: the default from {JUDGED_FROM:.0%})")
-        return _ran(judged)
+        return judged
     # coarse channel blocks (tiny FFNs): the judge's rounds can overshoot where saap's plan lands
     ctx.notes.append(f"auto: the output judge's allocation landed {miss:.2%} from the target, saap's "
                      f"{saap_miss:.2%}; ran saap (width pruning of FFN channel blocks, planned on the "
                      "judge's calibration split)")
-    return _ran(recipe)
+    return saap
 
 
 def _why(ffn: list[str], missing: list[str]) -> str:
