@@ -392,6 +392,74 @@ class Session:
         self.watch(batches, lambda label, x, y: kept[label].append(maps[label]((x + y).detach())), labels, desc)
         return kept
 
+    def output_sensitivity(self, batches: list[Batch], labels: Iterable[str] | None = None, *, causal: bool,
+                           seed: int = 0, desc: str | None = "output sensitivity") -> dict[str, torch.Tensor]:
+        """How much the model's output moves when each branch's output moves: per branch in
+        `labels` (default: all), the mean over real tokens of g g^T (width x width, float64), g the
+        gradient at the branch's output of a probe loss whose expected g g^T is the output metric.
+
+        Causal LMs: the log-likelihood of next tokens sampled from the model's own prediction, so
+        E[g g^T] is the Fisher information and d^T F d / 2 the KL a small change d of the branch
+        output causes (per token, taking tokens independently). Other models: a random Gaussian
+        projection of the output, so E[g g^T] = J^T J and d^T J^T J d is the squared output change
+        (the output judge's measures, to second order). Same-depth replacements may be set; each
+        batch costs a forward and a backward with no weight gradients.
+
+        Example:
+            >>> from subfit_fx import capture
+            >>> from subfit_fx.zoo import tiny_model
+            >>> s = prepare(capture(tiny_model("llama")), progress=False)
+            >>> ids = torch.randint(0, 128, (2, 8)); mask = torch.ones(2, 8, dtype=torch.long)
+            >>> f = s.output_sensitivity([(ids, mask)], ["model.layers.0.mlp"], causal=True)
+            >>> f["model.layers.0.mlp"].shape
+            torch.Size([64, 64])
+        """
+        self.require_weights("the output sensitivity (a backward pass through the whole model)")
+        labels = list(labels) if labels is not None else [b.label for b in self.branches]
+        gen = torch.Generator().manual_seed(seed)
+        sums: dict[Any, torch.Tensor] = {}
+        leaves: dict[str, torch.Tensor] = {}
+
+        def hook_for(label: str) -> Callable[..., torch.Tensor]:
+            def hook(_module: torch.nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+                leaves[label] = torch.zeros_like(out, requires_grad=True)
+                return out + leaves[label]  # d loss / d leaf = d loss / d branch output
+            return hook
+
+        handles = [self._probes[label].register_forward_hook(hook_for(label)) for label in labels]
+        flags = {p: p.requires_grad for p in self._module.parameters()}
+        try:
+            for p in flags:
+                p.requires_grad_(False)
+            bar = tqdm(self.reducer.shard(list(batches)), desc=desc, leave=False, unit="batch",
+                       disable=not (self.progress and desc))
+            for ids, mask in bar:
+                leaves.clear()
+                self._context.set_batch(mask)
+                with torch.enable_grad():
+                    out = self._module(ids, mask)
+                    keep = (mask > 0) if mask is not None else torch.ones(out.shape[:2], dtype=torch.bool)
+                    if causal:
+                        logp = torch.log_softmax(out[keep].float(), dim=-1)
+                        with torch.no_grad():
+                            picked = torch.multinomial(logp.exp().cpu(), 1, generator=gen).to(logp.device)
+                        loss = logp.gather(-1, picked).sum()
+                    else:
+                        noise = torch.randn(out[keep].shape, generator=gen, dtype=torch.float32)
+                        loss = (out[keep].float() * noise.to(out.device)).sum()
+                    grads = torch.autograd.grad(loss, [leaves[label] for label in labels])
+                for label, grad in zip(labels, grads, strict=True):
+                    g = self.real_tokens(grad).double()
+                    sums[label] = sums.get(label, 0) + g.T @ g
+                    sums["tokens", label] = sums.get(("tokens", label), 0) + torch.tensor(float(g.shape[0]))
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        sums = self.reducer.sums(sums)
+        return {label: (sums[label] / sums["tokens", label].clamp_min(1)).cpu() for label in labels}
+
     # -- statistics -----------------------------------------------------------------------
 
     def reduce_sums(self, sums: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:

@@ -364,6 +364,12 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grouping", choices=("sorted", "contiguous"),
                    help="saap / hybrid / flap: which channels form a block: runs of channels sorted by their own "
                         "importance (sorted, default) or index ranges (contiguous)")
+    p.add_argument("--allocation", choices=("output", "zscore"),
+                   help="saap: how the channel blocks are shared out across layers: by their damage in the "
+                        "model output's metric, one backward pass (output, default), or by within-layer z-scores "
+                        "(zscore; flap's)")
+    p.add_argument("--sensitivity-sequences", type=positive_int,
+                   help="saap --allocation output: calibration sequences of the backward pass (default 16)")
     p.add_argument("--importance", choices=("fused", "vector", "element"),
                    help="saap / hybrid / flap: channel-block importance (default fused; flap element)")
     p.add_argument("--compensation", choices=("refit", "bias", "none"),

@@ -15,21 +15,16 @@ does not apply, auto says so in the report's notes and runs:
 - the hybrid (default options) when width pruning cannot reach the budget (every channel block
   that `max_layer_ratio` allows is gone): it replaces whole branches for the rest.
 
-From `JUDGED_FROM` (30 %) on, the width pruning is allocated by the output judge instead of saap's
-statistics (`hybrid` with `replace=False`: the same channel blocks, each FFN's slimming level
-chosen by its damage at the output, compounding in rounds). On SmolLM2's test half it is the
-better model at 31.25 % (perplexity 1.53x against 1.60x) and 37.5 % (1.75x against 1.86x, choice
-0.500 against 0.480), as on the dev half (docs/results/quality_findings.md, "Session 21"), for
-~8 minutes of judging instead of ~40 s; at 25 % it gains only 1-2 % of perplexity (choice level),
-not worth 12x the time (the demo's 10-minute budget), so saap's own allocation runs below 30 %
-(4 judge rounds instead of 8 lose that gain: dev 1.384x against 1.357x, saap 1.389x). Where the
-judge's rounds land farther from the budget than saap's plan (coarse channel blocks of tiny FFNs),
-auto keeps saap's recipe and says so; that plan comes from the judge's calibration split, so the
-two plans share one pass of inner statistics.
+saap allocates the channel blocks across layers by their damage in the model output's metric
+(`SaapOptions.allocation="output"`: one backward pass over 16 calibration sequences measures how
+much the output moves with each FFN's output; an exact knapsack picks every FFN's width). On the
+dev half it beat the output judge's rounds that auto ran from 30 % until session 23 (`hybrid`
+with `replace=False`: 37.5 % perplexity 1.67x against 1.73x, choice 0.540 against 0.510; 25 %
+1.35x against 1.36x) in a twentieth of their forwards (docs/results/quality_findings.md,
+"Session 23"), so it runs at every sparsity.
 
-The recipe's method is the policy that ran ("saap", "subfit" or "hybrid"; the judged allocation
-is "hybrid" with `replace: false`); its options record `auto: true`. Auto takes no options: to
-tune one, name the method (`--method saap --block 128`).
+The recipe's method is the policy that ran ("saap", "subfit" or "hybrid"); its options record
+`auto: true`. Auto takes no options: to tune one, name the method (`--method saap --block 128`).
 
 Example:
     >>> from subfit_fx.methods import check_method
@@ -42,21 +37,17 @@ from __future__ import annotations
 import dataclasses
 
 from subfit_fx.methods.base import NoOptions, PolicyContext
-from subfit_fx.methods.hybrid import HybridOptions, hybrid, saved_params
+from subfit_fx.methods.hybrid import HybridOptions, hybrid
 from subfit_fx.methods.saap import SaapOptions, reaches_budget, width_recipe, width_sites
-from subfit_fx.methods.subfit import SubfitOptions, judge_split, subfit
+from subfit_fx.methods.subfit import SubfitOptions, subfit
 from subfit_fx.recipe import Recipe
-from subfit_fx.selection import BUDGET_TOLERANCE
 
-__all__ = ["JUDGED_FROM", "WIDTH_MEMORY", "auto"]
+__all__ = ["WIDTH_MEMORY", "auto"]
 
 # Width pruning keeps one (channels + 1)^2 float64 Gram per FFN until it plans: 8.0 GiB for a
 # Llama-3.2-1B shape, 14 GiB for 3B, 29 GiB for Llama-2-7B. Beyond this, auto runs SubFit, whose
 # statistics are per branch output (hidden width) and stream through the layer-wise pipeline.
 WIDTH_MEMORY = 16 << 30
-
-# From this target on, the output judge allocates the width pruning (hybrid, replace=False).
-JUDGED_FROM = 0.3
 
 
 def auto(ctx: PolicyContext) -> Recipe:
@@ -86,37 +77,15 @@ def auto(ctx: PolicyContext) -> Recipe:
     if need > WIDTH_MEMORY:
         ctx.notes.append(f"auto: width pruning's inner statistics ({need / 2**30:.1f} GiB) go to the offload "
                          "directory, memory-mapped back")
-    judged = ctx.target >= JUDGED_FROM - 1e-9
-    opts = HybridOptions(replace=False)
-    # from JUDGED_FROM saap's plan is the guard's yardstick and fallback; made on the judge's
-    # calibration split, it shares one pass of inner statistics with the judged allocation
-    plan_ctx = dataclasses.replace(ctx, batches=judge_split(ctx, opts.judge_sequences)[0]) if judged else ctx
-    with ctx.session.reusing_inner_stats():
-        recipe, saved = width_recipe(plan_ctx, SaapOptions())
-        if not reaches_budget(ctx, saved):
-            ctx.notes.append(f"auto: width pruning reaches {saved / ctx.block_params:.2%} of block parameters, "
-                             f"short of the {ctx.target:.2%} target; ran hybrid (width pruning and branch "
-                             "replacement)")
-            return _ran(hybrid(dataclasses.replace(ctx, options=HybridOptions())))
-        if judged:
-            return _ran(_judged_or_saap(ctx, opts, recipe, saved))
-    ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks)")
+    recipe, saved = width_recipe(ctx, SaapOptions())
+    if not reaches_budget(ctx, saved):
+        ctx.notes.append(f"auto: width pruning reaches {saved / ctx.block_params:.2%} of block parameters, "
+                         f"short of the {ctx.target:.2%} target; ran hybrid (width pruning and branch "
+                         "replacement)")
+        return _ran(hybrid(dataclasses.replace(ctx, options=HybridOptions())))
+    ctx.notes.append("auto: ran saap (width pruning of FFN channel blocks, allocated across layers by the "
+                     "output's sensitivity)")
     return _ran(recipe)
-
-
-def _judged_or_saap(ctx: PolicyContext, opts: HybridOptions, saap: Recipe, saap_saved: int) -> Recipe:
-    """The judged width allocation, unless it lands farther from the budget than saap's plan."""
-    judged = hybrid(dataclasses.replace(ctx, options=opts))
-    miss, saap_miss = (abs(x / ctx.block_params - ctx.target) for x in (saved_params(ctx, judged), saap_saved))
-    if miss <= max(BUDGET_TOLERANCE, saap_miss):
-        ctx.notes.append(f"auto: ran hybrid with replace=False (width pruning of FFN channel blocks, each "
-                         f"FFN's share chosen by the output judge: the default from {JUDGED_FROM:.0%})")
-        return judged
-    # coarse channel blocks (tiny FFNs): the judge's rounds can overshoot where saap's plan lands
-    ctx.notes.append(f"auto: the output judge's allocation landed {miss:.2%} from the target, saap's "
-                     f"{saap_miss:.2%}; ran saap (width pruning of FFN channel blocks, planned on the "
-                     "judge's calibration split)")
-    return saap
 
 
 def _why(ffn: list[str], missing: list[str]) -> str:

@@ -46,7 +46,7 @@ from subfit_fx.errors import InputError
 from subfit_fx.fit import solve_ridge
 from subfit_fx.methods.base import PolicyContext
 from subfit_fx.recipe import Recipe, Replacement, branch_records
-from subfit_fx.selection import BUDGET_TOLERANCE
+from subfit_fx.selection import BUDGET_TOLERANCE, Candidate, select_jointly
 from subfit_fx.stats import InnerStats
 
 __all__ = ["GROUPINGS", "IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores",
@@ -56,6 +56,7 @@ __all__ = ["GROUPINGS", "IMPORTANCES", "BlockScores", "FlapOptions", "SaapOption
 IMPORTANCES = ("fused", "vector", "element")
 GROUPINGS = ("sorted", "contiguous")
 COMPENSATIONS = ("refit", "bias", "none")
+ALLOCATIONS = ("zscore", "output")
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,22 @@ class SaapOptions:
     # attention too, in whole key/value groups (their KV cache goes with them); FFN channels only
     # when False
     heads: bool = False
+    # how the blocks are shared out across layers: "output" (default) weights each slimming's
+    # compensated output error by the model output's sensitivity to that branch
+    # (`Session.output_sensitivity`, one backward pass over `sensitivity_sequences` calibration
+    # sequences) and picks the slimming level of every FFN by an exact knapsack on those damages
+    # (SmolLM2 dev half: 1.35x / 1.67x perplexity at 25 / 37.5 % against 1.39x / 1.88x for
+    # "zscore", and against 1.36x / 1.73x for the output judge's rounds, docs/results/dev_output.md);
+    # "zscore" ranks the within-layer z-scores globally (FLAP's adaptive structure), and is what
+    # runs where the weights are offloaded (no backward pass through the whole model then)
+    allocation: str = "output"
+    sensitivity_sequences: int = 16
 
     def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise InputError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if not isinstance(self.sensitivity_sequences, int) or self.sensitivity_sequences < 1:
+            raise InputError(f"sensitivity_sequences must be a positive integer, got {self.sensitivity_sequences!r}")
         if self.block < 1:
             raise InputError(f"block must be a positive number of channels, got {self.block}")
         if self.importance not in IMPORTANCES:
@@ -311,6 +326,11 @@ def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: li
     if not labels:
         return [], 0
     stats = stats or ctx.session.inner_stats(ctx.batches, labels, gram=True)
+    if opts.allocation == "output" and ctx.session.weights is None:
+        return _plan_by_output(ctx, opts, budget, labels, stats)
+    if opts.allocation == "output":
+        ctx.notes.append("saap: the weights are offloaded, so the output sensitivity (a backward pass through "
+                         "the whole model) is not measured; blocks allocated by z-scores (allocation='zscore')")
     state = _weights(ctx)
     scores = block_scores(ctx, opts, labels, stats)
     blocks = {label: sc.blocks for label, sc in scores.items()}
@@ -339,6 +359,58 @@ def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: li
     slimmings = [slimming_of(ctx, label, stats[label], kept_channels(scores[label], dropped[label],
                                                                       sites[label].channels), opts)
                  for label in labels if dropped.get(label)]
+    return slimmings, saved
+
+
+def _plan_by_output(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: list[str],
+                    stats: dict[str, InnerStats]) -> tuple[list[Slimming], int]:
+    """`plan_slimming` with allocation "output": within each FFN the channels (or, with grouping
+    "contiguous" and for attention, the fixed blocks) go in order of their output-weighted
+    importance (w_j^T F w_j) Var(h_j); every count of dropped blocks is priced by its compensated
+    error in the output metric F, tr(F E[e e^T]) (e = the branch output's error, from the inner
+    Gram), and one exact knapsack picks a count per branch at the least total damage. `importance`,
+    `fluctuation` and `standardize` do not enter: the output metric replaces them."""
+    session = ctx.session
+    sites = width_sites(ctx, opts)
+    fisher = session.output_sensitivity(ctx.batches[:opts.sensitivity_sequences], labels, causal=ctx.causal)
+    state = _weights(ctx)
+    cands: list[Candidate] = []
+    scores: dict[str, BlockScores] = {}
+    for label in labels:
+        site, s, f = sites[label], stats[label], fisher[label]
+        weight = state[site.last_weight].double()
+        bias = state[site.last_bias].double() if site.last_bias else torch.zeros(weight.shape[0], dtype=torch.float64)
+        w_ext = torch.cat([weight, bias[:, None]], 1)
+        fw = f @ weight
+        per = (weight * fw).sum(0) * s.variance()  # (w_j^T F w_j) Var(h_j)
+        if site.kind == "attention" or opts.grouping == "contiguous":  # fixed units, least important first
+            units = _blocks(site.channels, site.unit if site.kind == "attention" else opts.block)
+            blocks = [units[i] for i in torch.stack([per[g].sum() for g in units]).argsort(stable=True)]
+        else:
+            blocks = _blocks(site.channels, opts.block, per.argsort(stable=True))
+        width_in = state[site.producers[0][0]].shape[1]
+        cost = site.params_per_channel(width_in, weight.shape[0])
+        scores[label] = BlockScores(label, blocks, torch.stack([per[g].sum() for g in blocks]), cost)
+        gram = s.gram / s.tokens.clamp_min(1)
+        new_bias = weight.shape[0] if site.last_bias is None and opts.compensation != "none" else 0
+        params = session.by_label[label].params
+        most = int(opts.max_layer_ratio * site.channels) // max(len(blocks[0]), 1)
+        for count in range(1, min(most, len(blocks)) + 1):
+            kept = kept_channels(scores[label], list(range(count)), site.channels)
+            keep1 = torch.cat([kept, torch.tensor([site.channels])])
+            diff = w_ext.clone()
+            diff[:, keep1] -= w_ext @ inner_map(s, kept, opts.compensation, opts.ridge)
+            damage = float(((f @ diff) * (diff @ gram)).sum())
+            saved = round((site.channels - len(kept)) * cost) - new_bias
+            cands.append(Candidate((label, count), max(damage, 0.0), params, params - saved, branch=label))
+    picks = select_jointly(cands, ctx.block_params, budget / ctx.block_params, tolerance=BUDGET_TOLERANCE)
+    by_key = {c.label: c for c in cands}
+    slimmings = [slimming_of(ctx, label, stats[label], kept_channels(scores[label], list(range(count)),
+                                                                      sites[label].channels), opts)
+                 for label, count in picks]
+    saved = sum(by_key[key].saved for key in picks)
+    for label, count in picks:
+        ctx.record_score(label, "slim_output_damage", by_key[label, count].score)
     return slimmings, saved
 
 
@@ -428,6 +500,7 @@ class FlapOptions(SaapOptions):
     compensation: str = "bias"
     fluctuation: bool = False
     standardize: bool = True
+    allocation: str = "zscore"
 
 
 def flap(ctx: PolicyContext) -> Recipe:

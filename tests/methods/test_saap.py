@@ -12,7 +12,7 @@ import transformers as tf
 
 import subfit_fx
 from subfit_fx.branches import count_params
-from subfit_fx.calibrate import prepare
+from subfit_fx.calibrate import Session, prepare
 from subfit_fx.methods.saap import SaapOptions, compensate
 from subfit_fx.stats import InnerStats
 from subfit_fx.zoo import tiny_model
@@ -118,6 +118,10 @@ def test_refit_compensation_beats_bias_beats_none_on_the_statistics():
 def test_options_are_validated():
     with pytest.raises(subfit_fx.SubfitError, match="importance"):
         SaapOptions(importance="magic")
+    with pytest.raises(subfit_fx.SubfitError, match="allocation"):
+        SaapOptions(allocation="judge")
+    with pytest.raises(subfit_fx.SubfitError, match="sensitivity_sequences"):
+        SaapOptions(sensitivity_sequences=0)
     with pytest.raises(subfit_fx.SubfitError, match="max_layer_ratio"):
         SaapOptions(max_layer_ratio=1.5)
     from subfit_fx.methods.hybrid import HybridOptions
@@ -274,7 +278,9 @@ def test_heads_prune_whole_key_value_groups_and_the_kv_cache_shrinks(tmp_path):
     from subfit_fx.exporters.kv_cache import export_onnx_kv
 
     model = _model("llama")  # 4 query heads in 2 key/value groups, head_dim 16
-    c = subfit_fx.compress(model, _calib(), 0.3, method="saap", heads=True, block=16, progress=False)
+    # z-scores: on this random model the output metric prices every key/value group above the FFN blocks
+    c = subfit_fx.compress(model, _calib(), 0.3, method="saap", heads=True, block=16, allocation="zscore",
+                           progress=False)
     assert c.recipe.options["heads"] is True
     assert abs(c.report.sparsity_actual - 0.3) < 0.03, c.report.notes
     attention = {r.labels[0]: r for r in c.recipe.replacements if r.info["kind"] == "attention"}
@@ -331,7 +337,7 @@ def test_blocks_are_runs_of_channels_sorted_by_importance_or_index_ranges(groupi
 
     model, calib = _model("llama"), _calib()
     c = subfit_fx.compress(model, calib, 0.2, method="saap", block=8, importance="element", grouping=grouping,
-                           progress=False)
+                           allocation="zscore", progress=False)
     session = prepare(subfit_fx.capture(model), progress=False)
     stats = session.inner_stats([(calib, torch.ones_like(calib))])
     state = subfit_fx.capture(model).state_dict
@@ -345,3 +351,26 @@ def test_blocks_are_runs_of_channels_sorted_by_importance_or_index_ranges(groupi
             assert set(dropped) == set(order[:len(dropped)].tolist())
         else:  # whole index ranges
             assert set(dropped) == {j for k in {d // 8 for d in dropped} for j in range(8 * k, 8 * k + 8)}
+
+
+@pytest.mark.parametrize("grouping", ["sorted", "contiguous"])
+def test_output_allocation_spares_the_ffn_the_output_is_most_sensitive_to(grouping, monkeypatch):
+    # the same statistics, one FFN's output metric made a million times larger: the knapsack moves
+    # its blocks to the other FFNs and still lands on the budget
+    model, calib = _model("llama"), _calib()
+
+    def kept(c) -> dict[str, int]:
+        assert abs(c.report.sparsity_actual - 0.25) <= 0.015, c.report.notes
+        return {r.labels[0]: len(r.info["kept"]) for r in c.recipe.replacements}
+
+    plain = kept(subfit_fx.compress(model, calib, 0.25, method="saap", block=16, grouping=grouping, progress=False))
+    most = min(plain, key=plain.get)  # the FFN that lost most
+    measure = Session.output_sensitivity
+
+    def weighted(self, *args, **kwargs):
+        return {label: f * (1e6 if label == most else 1.0) for label, f in measure(self, *args, **kwargs).items()}
+
+    monkeypatch.setattr(Session, "output_sensitivity", weighted)
+    spared = kept(subfit_fx.compress(model, calib, 0.25, method="saap", block=16, grouping=grouping, progress=False))
+    assert most not in spared
+    assert sum(spared.values()) <= sum(plain.values()) + 16  # the budget moved, it did not vanish
