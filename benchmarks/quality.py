@@ -264,8 +264,11 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         f"{dense['choice_accuracy']:.3f} (standard error of a choice accuracy near 0.55 over "
         f"{dense['choice_items']} items: {math.sqrt(0.55 * 0.45 / dense['choice_items']):.3f}).", "",
         "Each cell: value (actual sparsity, %). `auto` is the default method with default options (on this model "
-        "it runs `saap` below 30 % and, from 30 %, the same width pruning allocated by the output judge, "
-        "`hybrid:replace=False`: docs/width.md, since sessions 19 and 21); `subfit` was the default before it; "
+        "it runs `saap`, whose channel blocks are shared out across layers by their damage in the output's "
+        "metric since session 23, docs/width.md; `auto (before session 23)` ran saap with z-scores below 30 % "
+        "(`saap:allocation=zscore`) and the output judge's allocation from 30 % (`hybrid:replace=False`); "
+        "`saap` rows are auto's runs where auto ran saap with its defaults, the same recipe); `subfit` was the "
+        "default before sessions 19-23; "
         "`subfit:judge=statistics` is the one-shot statistics-only option row; "
         "`subfit:selection=greedy,rounds=4` is the former default (greedy selection per round; its rows ran "
         "as `subfit` before the knapsack "
