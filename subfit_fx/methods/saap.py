@@ -163,8 +163,10 @@ def block_importance(weight: torch.Tensor, stats: InnerStats, blocks: list[torch
 
 
 def compensate(weight: torch.Tensor, bias: torch.Tensor | None, stats: InnerStats, kept: torch.Tensor,
-               how: str, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """The output map on the kept channels: (weight, bias, per-token squared error).
+               how: str, ridge: float, metric: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The output map on the kept channels: (weight, bias, per-token squared error; with `metric`
+    F (out x out), the error in that metric, tr(F E[e e^T])).
 
     "refit": least squares of the original output on [h_kept, 1] (ridge relative to the mean
     diagonal); "bias": W[:, kept] and b + W[:, dropped] mean(h_dropped) (FLAP); "none": W[:, kept].
@@ -184,7 +186,8 @@ def compensate(weight: torch.Tensor, bias: torch.Tensor | None, stats: InnerStat
     new_ext = torch.zeros_like(w_ext)
     new_ext[:, kept], new_ext[:, n] = new_w, new_b
     diff = w_ext - new_ext
-    error = float((diff * (diff @ gram)).sum())  # E ||(W_ext - W'_ext) [h, 1]||^2
+    weighted = diff if metric is None else metric.double() @ diff
+    error = float((weighted * (diff @ gram)).sum())  # E e^T F e, e = (W_ext - W'_ext) [h, 1]
     bias_out = new_b if (bias is not None or how != "none") else None
     return new_w.to(weight.dtype), None if bias_out is None else bias_out.to(weight.dtype), max(error, 0.0)
 
@@ -233,6 +236,11 @@ def _weights(ctx: PolicyContext) -> _Weights:
     return _Weights(ctx)
 
 
+def _channel_cost(site: ChannelSite, state: _Weights) -> float:
+    """Parameters one channel of `site` costs (producer rows + a column of the last matmul)."""
+    return site.params_per_channel(state[site.producers[0][0]].shape[1], state[site.last_weight].shape[0])
+
+
 @dataclass
 class BlockScores:
     """Channel blocks of one FFN branch and what the policies rank them by."""
@@ -276,8 +284,7 @@ def block_scores(ctx: PolicyContext, opts: SaapOptions, labels: list[str],
             blocks[label] = _blocks(site.channels, opts.block, order)
         imp_el[label] = block_importance(weight, s, blocks[label], "element")
         imp_vec[label] = block_importance(weight, s, blocks[label], "vector")
-        width_in = state[site.producers[0][0]].shape[1]
-        cost[label] = site.params_per_channel(width_in, weight.shape[0])
+        cost[label] = _channel_cost(site, state)
         fluct[label] = float(s.fluctuation().mean())
     mean_el = torch.cat(list(imp_el.values())).mean().clamp_min(1e-30)
     mean_vec = torch.cat(list(imp_vec.values())).mean().clamp_min(1e-30)
@@ -378,31 +385,25 @@ def _plan_by_output(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: 
     scores: dict[str, BlockScores] = {}
     for label in labels:
         site, s, f = sites[label], stats[label], fisher[label]
-        weight = state[site.last_weight].double()
-        bias = state[site.last_bias].double() if site.last_bias else torch.zeros(weight.shape[0], dtype=torch.float64)
-        w_ext = torch.cat([weight, bias[:, None]], 1)
-        fw = f @ weight
-        per = (weight * fw).sum(0) * s.variance()  # (w_j^T F w_j) Var(h_j)
+        weight = state[site.last_weight]
+        bias = state[site.last_bias] if site.last_bias else None
+        w = weight.double()
+        per = (w * (f @ w)).sum(0) * s.variance()  # (w_j^T F w_j) Var(h_j)
         if site.kind == "attention" or opts.grouping == "contiguous":  # fixed units, least important first
             units = _blocks(site.channels, site.unit if site.kind == "attention" else opts.block)
             blocks = [units[i] for i in torch.stack([per[g].sum() for g in units]).argsort(stable=True)]
         else:
             blocks = _blocks(site.channels, opts.block, per.argsort(stable=True))
-        width_in = state[site.producers[0][0]].shape[1]
-        cost = site.params_per_channel(width_in, weight.shape[0])
+        cost = _channel_cost(site, state)
         scores[label] = BlockScores(label, blocks, torch.stack([per[g].sum() for g in blocks]), cost)
-        gram = s.gram / s.tokens.clamp_min(1)
         new_bias = weight.shape[0] if site.last_bias is None and opts.compensation != "none" else 0
         params = session.by_label[label].params
         most = int(opts.max_layer_ratio * site.channels) // max(len(blocks[0]), 1)
         for count in range(1, min(most, len(blocks)) + 1):
             kept = kept_channels(scores[label], list(range(count)), site.channels)
-            keep1 = torch.cat([kept, torch.tensor([site.channels])])
-            diff = w_ext.clone()
-            diff[:, keep1] -= w_ext @ inner_map(s, kept, opts.compensation, opts.ridge)
-            damage = float(((f @ diff) * (diff @ gram)).sum())
+            damage = compensate(weight, bias, s, kept, opts.compensation, opts.ridge, metric=f)[2]
             saved = round((site.channels - len(kept)) * cost) - new_bias
-            cands.append(Candidate((label, count), max(damage, 0.0), params, params - saved, branch=label))
+            cands.append(Candidate((label, count), damage, params, params - saved, branch=label))
     picks = select_jointly(cands, ctx.block_params, budget / ctx.block_params, tolerance=BUDGET_TOLERANCE)
     by_key = {c.label: c for c in cands}
     slimmings = [slimming_of(ctx, label, stats[label], kept_channels(scores[label], list(range(count)),
