@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager, nullcontext
@@ -159,7 +158,6 @@ class Session:
         if weights is not None:
             self.offload_weights(weights)
         self._inner: dict[str, InnerProbe] | None = None  # inserted on the first inner_stats call
-        self._inner_cache: dict[tuple[str, bool], dict[str, InnerStats]] | None = None  # see reusing_inner_stats
         self._closures: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.graph_version = 0  # bumped whenever the probed graph changes
         self.progress = progress and self.reducer.rank == 0  # one progress bar, on rank 0
@@ -615,8 +613,7 @@ class Session:
         """Statistics of the inner input h of each branch in `labels` that has a channel site
         (default: all of them), summed over processes; `gram` adds the Gram of [h, 1]
         (channels^2 floats per branch). The pipeline decides how (`Pipeline.inner`: one pass, or
-        one layer at a time); a pipeline without `inner` gets one pass. Inside
-        `reusing_inner_stats` a repeated request is served from the first.
+        one layer at a time); a pipeline without `inner` gets one pass.
 
         Example:
             >>> s = prepare(capture(tiny_model("llama")), progress=False)  # doctest: +SKIP
@@ -625,49 +622,16 @@ class Session:
         """
         sites = self.channel_sites
         labels = [label for label in (labels if labels is not None else sites) if label in sites]
-        batches = list(batches)
-        key = None
-        if self._inner_cache is not None and not self._any_replacement():
-            key = (_batches_digest(batches), gram)
-        done = self._inner_cache.get(key, {}) if key is not None else {}
-        todo = [label for label in labels if label not in done]
-        stats = {}
-        if todo:
-            strategy = getattr(self.pipeline, "inner", None)
-            stats = (strategy(self, batches, todo, gram, desc) if strategy is not None
-                     else self.observe_inner(batches, todo, gram, desc))
+        strategy = getattr(self.pipeline, "inner", None)
+        stats = (strategy(self, list(batches), labels, gram, desc) if strategy is not None
+                 else self.observe_inner(list(batches), labels, gram, desc))
         for label, s in stats.items():
             if int(s.tokens) == 0:
                 raise CalibrationError("calibration saw no tokens (all padding?); pass non-empty sequences")
             if not s.is_finite():
                 raise CalibrationError(f"inner statistics of '{label}' hold NaN or Inf (non-finite activations); "
                                        "check the model in float32 and the calibration text")
-        merged = {**done, **stats}
-        if key is not None:
-            self._inner_cache[key] = merged  # type: ignore[index]
-        return {label: merged[label] for label in labels if label in merged}
-
-    @contextmanager
-    def reusing_inner_stats(self) -> Iterator[Session]:
-        """Within the block, `inner_stats` of the same batches (by content) with no replacement set
-        runs once per branch and hands back the same statistics again (they are read-only to
-        policies): a policy that plans twice from one calibration, as `auto` does (saap's plan,
-        then the judged allocation), pays one pass. The statistics are released on exit.
-
-        Example:
-            >>> with session.reusing_inner_stats():  # doctest: +SKIP
-            ...     assert session.inner_stats(batches) is not None  # one pass
-            ...     again = session.inner_stats(batches)  # no pass
-        """
-        outer = self._inner_cache
-        self._inner_cache = {} if outer is None else outer
-        try:
-            yield self
-        finally:
-            self._inner_cache = outer
-
-    def _any_replacement(self) -> bool:
-        return any(fn is not None for pair in self.replacements(self._probes) for fn in pair)
+        return stats
 
     def _inner_observers(self, gram: bool) -> tuple[Callable[[list[str]], None],
                                                     Callable[[list[str]], dict[str, InnerStats]]]:
@@ -724,16 +688,6 @@ class Session:
         """
         start, stop = self._inner_observers(gram)  # inserts the inner probes before the graph is split
         yield from self._layer_sweeps(batches, groups, desc, start, stop)
-
-
-def _batches_digest(batches: list[Batch]) -> str:
-    """A content key of calibration batches: the same token ids and masks give the same key."""
-    h = hashlib.sha256()
-    for ids, mask in batches:
-        for t in (ids, mask):
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class ResumableForward:

@@ -57,31 +57,6 @@ def test_inner_statistics_equal_the_last_matmuls_input(arch):
     assert torch.allclose(s.gram[:-1, :-1], h.T @ h)
 
 
-def test_reused_inner_statistics_run_once_per_batches_and_never_under_a_replacement():
-    session = prepare(subfit_fx.capture(_model("llama")), progress=False)
-    data = [(_calib()[:4], torch.ones(4, 24, dtype=torch.long))]
-    copy_of_data = [(ids.clone(), mask.clone()) for ids, mask in data]
-    other = [(_calib()[4:8], torch.ones(4, 24, dtype=torch.long))]
-    passes = []
-    run = session.run
-    session.run = lambda *a, **k: (passes.append(1), run(*a, **k))[1]
-    first = session.inner_stats(data)
-    assert session.inner_stats(data) is not first and len(passes) == 2  # outside the block: a pass each time
-    with session.reusing_inner_stats():
-        again = session.inner_stats(data)
-        label = sorted(again)[0]
-        same = session.inner_stats(copy_of_data, [label])  # the same content, other tensors
-        assert same[label] is again[label] and len(passes) == 3
-        assert torch.equal(again[label].gram, first[label].gram)
-        assert not torch.equal(session.inner_stats(other)[label].gram, again[label].gram) and len(passes) == 4
-        session.set_inner_replacement(label, lambda h: 2 * h)  # a replacement set: a fresh pass
-        under = session.inner_stats(data, [label])[label]
-        assert len(passes) == 5 and under is not again[label]
-        session.clear_replacements()
-    session.inner_stats(data)  # released on exit
-    assert len(passes) == 6
-
-
 @pytest.mark.parametrize("arch", ["llama", "bert", "opt", "phi3"])
 def test_slim_program_equals_the_model_with_dropped_channels_zeroed(arch):
     """compensation='none' keeps W[:, kept]: exactly the dense model with the other columns zero."""
