@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["subfit", "shortgpt"], help="method specs, as quality.py")
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     parser.add_argument("--recipes", type=Path, default=None, help="keep and reuse recipes in this directory")
+    parser.add_argument("--name", default="choice_paired", help="results file stem under docs/results")
     args = parser.parse_args()
     model, tokenizer, text = reference(args.split)
 
@@ -141,7 +142,7 @@ def main() -> None:
     pairs.update({f"{a} vs dense": paired(per_item[a], per_item["dense"]) for a in list(per_item)[1:]})
     data = {"sparsity": args.sparsity, "items": len(per_item["dense"]), "split": args.split, "models": models,
             "pairs": pairs, "outcomes": {k: "".join("1" if x else "0" for x in v) for k, v in per_item.items()}}
-    write_results("choice_paired", data, markdown(data))
+    write_results(args.name, data, markdown(data))
 
 
 if __name__ == "__main__":

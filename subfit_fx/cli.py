@@ -370,6 +370,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                         "(zscore; flap's)")
     p.add_argument("--sensitivity-sequences", type=positive_int,
                    help="saap --allocation output: calibration sequences of the backward pass (default 16)")
+    p.add_argument("--compounding", choices=("none", "midpoint", "mean"),
+                   help="saap --allocation output: measure the output's sensitivity again with a first plan in "
+                        "place (half the budget: midpoint; all of it, averaged with the dense one: mean)")
     p.add_argument("--importance", choices=("fused", "vector", "element"),
                    help="saap / hybrid / flap: channel-block importance (default fused; flap element)")
     p.add_argument("--compensation", choices=("refit", "bias", "none"),

@@ -43,7 +43,7 @@ from subfit_fx.methods.base import OutputJudge, PolicyContext, kept_norm_params
 from subfit_fx.methods.saap import (
     SaapOptions,
     block_scores,
-    inner_map,
+    inner_replacement,
     kept_channels,
     plan_slimming,
     slim_replacements,
@@ -298,17 +298,9 @@ class _Options:
     def _inner_map(self, label: str, option: str) -> object:
         if (label, option) not in self._maps:
             kept = self.kept[label][option]
-            a = inner_map(self.inner[label], kept, self.saap.compensation, self.saap.ridge)
             weight = self.ctx.session.ep.state_dict[self.ctx.session.channel_sites[label].last_weight]
-            n, k = a.shape[0] - 1, len(kept)
-            mix = a[:n, :k].T.to(weight.dtype).to(weight.device).contiguous()  # (kept, channels)
-            shift = a[:n, k].to(weight.dtype).to(weight.device)
-            index = kept.to(weight.device)
-
-            def stands_for(h: torch.Tensor) -> torch.Tensor:
-                return h.index_select(-1, index) @ mix + shift
-
-            self._maps[label, option] = stands_for
+            self._maps[label, option] = inner_replacement(self.inner[label], kept, self.saap.compensation,
+                                                          self.saap.ridge, weight)
         return self._maps[label, option]
 
     def recipe(self, chosen: dict[str, str], options: dict) -> Recipe:

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,13 +51,14 @@ from subfit_fx.selection import BUDGET_TOLERANCE, Candidate, select_jointly
 from subfit_fx.stats import InnerStats
 
 __all__ = ["GROUPINGS", "IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores",
-           "channel_importance", "flap", "inner_map", "kept_channels", "plan_slimming", "reaches_budget", "saap",
-           "slim_replacements", "slimming_of", "width_recipe", "width_sites"]
+           "channel_importance", "flap", "inner_map", "inner_replacement", "kept_channels", "plan_slimming",
+           "reaches_budget", "saap", "slim_replacements", "slimming_of", "width_recipe", "width_sites"]
 
 IMPORTANCES = ("fused", "vector", "element")
 GROUPINGS = ("sorted", "contiguous")
 COMPENSATIONS = ("refit", "bias", "none")
 ALLOCATIONS = ("zscore", "output")
+COMPOUNDINGS = ("none", "midpoint", "mean")
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,19 @@ class SaapOptions:
     # runs where the weights are offloaded (no backward pass through the whole model then)
     allocation: str = "output"
     sensitivity_sequences: int = 16
+    # compounding in the output allocation: the slimmings of a plan change how much the output
+    # moves with each branch, which a sensitivity measured on the dense model misses. "midpoint"
+    # plans half the budget, measures the sensitivity with that plan in place and plans the whole
+    # budget in it; "mean" measures it with the whole first plan in place and plans again in the
+    # mean of the dense and that metric; "none" plans once in the dense model's (one backward pass
+    # over `sensitivity_sequences` sequences each measurement)
+    compounding: str = "none"
 
     def __post_init__(self) -> None:
         if self.allocation not in ALLOCATIONS:
             raise InputError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.compounding not in COMPOUNDINGS:
+            raise InputError(f"unknown compounding {self.compounding!r}; choose one of {', '.join(COMPOUNDINGS)}")
         if not isinstance(self.sensitivity_sequences, int) or self.sensitivity_sequences < 1:
             raise InputError(f"sensitivity_sequences must be a positive integer, got {self.sensitivity_sequences!r}")
         if self.block < 1:
@@ -220,6 +231,29 @@ def inner_map(stats: InnerStats, kept: torch.Tensor, how: str, ridge: float) -> 
         dropped[kept] = False
         out[:n][dropped, -1] = (stats.sum / stats.tokens.clamp_min(1))[dropped]
     return out
+
+
+def inner_replacement(stats: InnerStats, kept: torch.Tensor, how: str, ridge: float,
+                      like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> (A [h_kept, 1])[:channels] for `inner_map` A, in `like`'s dtype and device: what
+    `Session.set_inner_replacement` takes to run a compensated slimming before any rewrite.
+
+    Example:
+        >>> s = InnerStats.empty(3, gram=True); s.update(torch.randn(100, 3) + 2)
+        >>> fn = inner_replacement(s, torch.tensor([0, 1, 2]), "refit", 0.0, torch.zeros(1))
+        >>> h = torch.randn(4, 3); bool(torch.allclose(fn(h), h, atol=1e-4))
+        True
+    """
+    a = inner_map(stats, kept, how, ridge)
+    n, k = a.shape[0] - 1, len(kept)
+    mix = a[:n, :k].T.to(like.dtype).to(like.device).contiguous()  # (kept, channels)
+    shift = a[:n, k].to(like.dtype).to(like.device)
+    index = kept.to(like.device)
+
+    def stands_for(h: torch.Tensor) -> torch.Tensor:
+        return h.index_select(-1, index) @ mix + shift
+
+    return stands_for
 
 
 class _Weights:
@@ -375,11 +409,39 @@ def _plan_by_output(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: 
     "contiguous" and for attention, the fixed blocks) go in order of their output-weighted
     importance (w_j^T F w_j) Var(h_j); every count of dropped blocks is priced by its compensated
     error in the output metric F, tr(F E[e e^T]) (e = the branch output's error, from the inner
-    Gram), and one exact knapsack picks a count per branch at the least total damage. `importance`,
-    `fluctuation` and `standardize` do not enter: the output metric replaces them."""
+    Gram), and one exact knapsack picks a count per branch at the least total damage. With
+    `compounding`, F is measured again with a first plan in place (see `SaapOptions`).
+    `importance`, `fluctuation` and `standardize` do not enter: the output metric replaces them."""
+    session = ctx.session
+    batches = ctx.batches[:opts.sensitivity_sequences]
+    fisher = session.output_sensitivity(batches, labels, causal=ctx.causal)
+    if opts.compounding != "none":
+        first = budget // 2 if opts.compounding == "midpoint" else budget
+        plan = _output_knapsack(ctx, opts, first, labels, stats, fisher)
+        state = _weights(ctx)
+        with session.replaced():
+            for label, (kept, _) in plan.items():
+                like = state[session.channel_sites[label].last_weight]
+                session.set_inner_replacement(label, inner_replacement(stats[label], kept, opts.compensation,
+                                                                       opts.ridge, like))
+            moved = session.output_sensitivity(batches, labels, causal=ctx.causal,
+                                               desc="output sensitivity (compounded)")
+        fisher = moved if opts.compounding == "midpoint" else {k: (fisher[k] + moved[k]) / 2 for k in labels}
+    plan = _output_knapsack(ctx, opts, budget, labels, stats, fisher)
+    slimmings = [slimming_of(ctx, label, stats[label], kept, opts) for label, (kept, _) in plan.items()]
+    saved = 0
+    for label, (_, candidate) in plan.items():
+        saved += candidate.saved
+        ctx.record_score(label, "slim_output_damage", candidate.score)
+    return slimmings, saved
+
+
+def _output_knapsack(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: list[str],
+                     stats: dict[str, InnerStats],
+                     fisher: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, Candidate]]:
+    """The output allocation's plan in the metric `fisher`: branch -> (kept channels, its candidate)."""
     session = ctx.session
     sites = width_sites(ctx, opts)
-    fisher = session.output_sensitivity(ctx.batches[:opts.sensitivity_sequences], labels, causal=ctx.causal)
     state = _weights(ctx)
     cands: list[Candidate] = []
     scores: dict[str, BlockScores] = {}
@@ -406,13 +468,8 @@ def _plan_by_output(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: 
             cands.append(Candidate((label, count), damage, params, params - saved, branch=label))
     picks = select_jointly(cands, ctx.block_params, budget / ctx.block_params, tolerance=BUDGET_TOLERANCE)
     by_key = {c.label: c for c in cands}
-    slimmings = [slimming_of(ctx, label, stats[label], kept_channels(scores[label], list(range(count)),
-                                                                      sites[label].channels), opts)
-                 for label, count in picks]
-    saved = sum(by_key[key].saved for key in picks)
-    for label, count in picks:
-        ctx.record_score(label, "slim_output_damage", by_key[label, count].score)
-    return slimmings, saved
+    return {label: (kept_channels(scores[label], list(range(count)), sites[label].channels), by_key[label, count])
+            for label, count in picks}
 
 
 def kept_channels(scores: BlockScores, dropped: list[int], channels: int) -> torch.Tensor:

@@ -164,10 +164,12 @@ def test_cli_compresses_with_width_pruning_options(tmp_path):
     calib.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     out = tmp_path / "out"
     argv = ["compress", "builtin:llama", "--calib", str(calib), "--samples", "8", "--seq-len", "32",
-            "--method", "saap", "--block", "16", "--compensation", "bias", "--no-fluctuation", "--out", str(out)]
+            "--method", "saap", "--block", "16", "--compensation", "bias", "--no-fluctuation", "--compounding", "mean",
+            "--out", str(out)]
     assert main(argv) == 0
     recipe = subfit_fx.recipe.Recipe.load(out)
     assert recipe.method == "saap" and recipe.options["compensation"] == "bias"
+    assert recipe.options["compounding"] == "mean"
     assert recipe.options["fluctuation"] is False and recipe.slimmed_labels()
     assert main([*argv[:-2], "--importance", "magic", "--out", str(tmp_path / "o2")]) == 2
 
@@ -349,3 +351,24 @@ def test_output_allocation_spares_the_ffn_the_output_is_most_sensitive_to(groupi
     spared = kept(subfit_fx.compress(model, calib, 0.25, method="saap", block=16, grouping=grouping, progress=False))
     assert most not in spared
     assert sum(spared.values()) <= sum(plain.values()) + 16  # the budget moved, it did not vanish
+
+
+@pytest.mark.parametrize("compounding", ["midpoint", "mean"])
+def test_compounding_measures_the_sensitivity_again_with_a_first_plan_in_place(compounding, monkeypatch):
+    model, calib = _model("llama"), _calib()
+    plain = subfit_fx.compress(model, calib, 0.25, method="saap", block=16, progress=False)
+    measure, seen = Session.output_sensitivity, []
+
+    def recording(self, batches, labels, **kwargs):
+        labels = list(labels)
+        seen.append({label for label, (_, inner) in zip(labels, self.replacements(labels)) if inner is not None})
+        return measure(self, batches, labels, **kwargs)
+
+    monkeypatch.setattr(Session, "output_sensitivity", recording)
+    c = subfit_fx.compress(model, calib, 0.25, method="saap", block=16, compounding=compounding, progress=False)
+    assert len(seen) == 2 and not seen[0] and seen[1]  # dense first, then with slimmings in place
+    if compounding == "mean":  # the first plan is the plain one at the whole budget
+        assert seen[1] == {r.labels[0] for r in plain.recipe.replacements}
+    assert abs(c.report.sparsity_actual - 0.25) <= 0.015, c.report.notes
+    with pytest.raises(subfit_fx.SubfitError, match="compounding"):
+        SaapOptions(compounding="twice")
