@@ -394,7 +394,8 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
                         "standardized within each layer (FLAP's adaptive structure, the default)")
     p.add_argument("--heads", action=argparse.BooleanOptionalAction, default=None,
                    help="saap / hybrid / flap: also prune attention, in whole key/value groups (their KV cache goes "
-                        "too); --no-heads: FFN channels only")
+                        "too); --no-heads: FFN channels only (default: saap with --allocation output prunes "
+                        "them, the others do not)")
     p.add_argument("--share", type=float,
                    help="hybrid --strategy share: fraction of the budget SubFit's replacements take (0.5)")
     p.add_argument("--eval-batches", type=positive_int, help="BlockPruner: batches judging each removal (default all)")

@@ -53,9 +53,11 @@ def build_options(cls: type, values: dict[str, Any], method: str = "this method"
             near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise InputError(f"unknown option '{key}' for {method}; {hint}(valid: {', '.join(valid) or 'none'})")
-    flags = {f.name for f in fields(cls) if f.type in ("bool", bool)}
-    for key in flags & values.keys():
-        if not isinstance(values[key], bool):  # "False" from a config file is truthy: never read it as True
+    flags = {f.name: f.type in ("bool | None", bool | None) for f in fields(cls)
+             if f.type in ("bool", bool, "bool | None", bool | None)}  # name -> whether None may stand
+    for key in flags.keys() & values.keys():
+        if not isinstance(values[key], bool) and not (flags[key] and values[key] is None):
+            # "False" from a config file is truthy: never read it as True
             raise InputError(f"option '{key}' for {method} must be True or False, got {values[key]!r}")
     return cls(**values)
 

@@ -372,3 +372,24 @@ def test_compounding_measures_the_sensitivity_again_with_a_first_plan_in_place(c
     assert abs(c.report.sparsity_actual - 0.25) <= 0.015, c.report.notes
     with pytest.raises(subfit_fx.SubfitError, match="compounding"):
         SaapOptions(compounding="twice")
+
+
+@pytest.mark.parametrize("heads", [None, False, True])
+def test_attention_groups_join_the_output_allocation_by_default(heads, monkeypatch):
+    # heads=None (default): the output allocation prices whole key/value groups with the FFN blocks;
+    # explicit False keeps attention out, and z-scores never take it unless asked
+    model, calib = _model("llama"), _calib()
+    measure, priced = Session.output_sensitivity, []
+
+    def recording(self, batches, labels, **kwargs):
+        priced.append({label.rsplit(".", 1)[-1] for label in labels})
+        return measure(self, batches, labels, **kwargs)
+
+    monkeypatch.setattr(Session, "output_sensitivity", recording)
+    options = {} if heads is None else {"heads": heads}
+    c = subfit_fx.compress(model, calib, 0.3, method="saap", block=16, progress=False, **options)
+    assert priced[0] == ({"mlp"} if heads is False else {"mlp", "self_attn"})
+    assert abs(c.report.sparsity_actual - 0.3) <= 0.015, c.report.notes
+    z = subfit_fx.compress(model, calib, 0.3, method="saap", block=16, allocation="zscore", progress=False,
+                           **options)
+    assert all(r.info["kind"] == "ffn" for r in z.recipe.replacements) or heads is True
