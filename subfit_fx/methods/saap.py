@@ -351,8 +351,11 @@ def prunes_heads(ctx: PolicyContext, opts: SaapOptions) -> bool:
         >>> prunes_heads(ctx, SaapOptions(heads=False))  # doctest: +SKIP
         False
     """
-    if opts.heads is not None:
-        return opts.heads
+    return opts.heads if opts.heads is not None else _by_output(ctx, opts)
+
+
+def _by_output(ctx: PolicyContext, opts: SaapOptions) -> bool:
+    """Whether the output allocation runs: asked for, and every weight in memory (a backward pass)."""
     return opts.allocation == "output" and ctx.session.weights is None
 
 
@@ -383,7 +386,7 @@ def plan_slimming(ctx: PolicyContext, opts: SaapOptions, budget: int, labels: li
     if not labels:
         return [], 0
     stats = stats or ctx.session.inner_stats(ctx.batches, labels, gram=True)
-    if opts.allocation == "output" and ctx.session.weights is None:
+    if _by_output(ctx, opts):
         return _plan_by_output(ctx, opts, budget, labels, stats)
     if opts.allocation == "output":
         ctx.notes.append("saap: the weights are offloaded, so the output sensitivity (a backward pass through "
