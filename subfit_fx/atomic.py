@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from subfit_fx.errors import InputError, OutputExistsError
+from subfit_fx.interrupts import raise_if_interrupted
 
 __all__ = ["atomic_dir", "atomic_file", "check_not_input", "check_output", "claim", "relax_permissions"]
 
@@ -182,6 +183,7 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
         try:
             yield tmp
+            raise_if_interrupted()
             relax_permissions(tmp)
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -216,6 +218,7 @@ def atomic_file(path: Path, force: bool = False, companions: Sequence[str] = ())
             yield staged
             if not staged.is_file():
                 raise FileNotFoundError(f"nothing was written to {staged}")
+            raise_if_interrupted()
             for name in companions:
                 if (tmpdir / name).is_file():
                     relax_permissions(tmpdir / name)

@@ -31,6 +31,7 @@ from subfit_fx.channels import ChannelSite, find_channel_sites
 from subfit_fx.data import Batch
 from subfit_fx.errors import CalibrationError, InputError
 from subfit_fx.fit import Fit
+from subfit_fx.interrupts import raise_if_interrupted
 from subfit_fx.passes.probes import BranchProbe, InnerProbe, ProbeContext, insert_inner_probes, insert_probes
 from subfit_fx.passes.segments import Segment, graph_output, initial_values, run_segment, split_graph
 from subfit_fx.rewrite import stream_after
@@ -179,6 +180,7 @@ class Session:
         batches = self.reducer.shard(list(batches))
         bar = tqdm(batches, desc=desc, leave=False, disable=not (self.progress and desc), unit="batch")
         for batch in bar:
+            raise_if_interrupted()
             out = self.forward(batch)
             if each is not None:
                 each(batch, out)
@@ -432,6 +434,7 @@ class Session:
             bar = tqdm(self.reducer.shard(list(batches)), desc=desc, leave=False, unit="batch",
                        disable=not (self.progress and desc))
             for ids, mask in bar:
+                raise_if_interrupted()
                 leaves.clear()
                 self._context.set_batch(mask)
                 with torch.enable_grad():
@@ -555,6 +558,7 @@ class Session:
         def sweep(segment: Segment, keep_inputs: bool) -> list[dict[str, Any]]:
             before = [dict(v) for v in values] if keep_inputs else []
             for batch, v in zip(shard, values, strict=True):
+                raise_if_interrupted()
                 self._context.set_batch(batch[1])
                 with torch.no_grad():
                     run_segment(segment, v)

@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from subfit_fx import interrupts as interrupt_flag
 from subfit_fx.cli_types import fractions, positive_int
 from subfit_fx.errors import InputError, SubfitError
 
@@ -469,7 +470,9 @@ def run_guarded(run: Callable[[], int], argv: Sequence[str]) -> int:
     try:
         with interrupts:
             _quiet_libraries()
-            return run()
+            code = run()
+        # a library swallowed the KeyboardInterrupt; the atomic writers saw the flag and wrote nothing
+        return _interrupted() if interrupts.seen else code
     except KeyboardInterrupt:
         return _interrupted()
     except SubfitError as exc:
@@ -499,6 +502,7 @@ class _Interrupts:
         self._previous: object = None
 
     def __enter__(self) -> _Interrupts:
+        interrupt_flag.clear()
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self._previous = signal.signal(signal.SIGINT, self._handle)
@@ -510,6 +514,7 @@ class _Interrupts:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.seen = True
+        interrupt_flag.note()
         raise KeyboardInterrupt
 
 

@@ -742,3 +742,42 @@ def test_eval_text_that_is_a_fifo_is_named_as_such(tmp_path, capsys):
     """A FIFO was reported as "does not exist" (and opening it would block forever)."""
     assert main(["eval", "builtin:llama", "--text", str(_fifo(tmp_path))]) == 2
     assert_one_line_error(capsys.readouterr().err, "is not a regular file (a FIFO)", "pass a UTF-8 text file")
+
+
+def test_interrupt_that_a_library_swallows_still_exits_130_and_writes_nothing(tmp_path, calib, capsys, monkeypatch,
+                                                                               python_sigint_handler):
+    """A library that catches the TypeError torch made of the KeyboardInterrupt and carries on (a
+    fallback path) must not let the run finish and write its output."""
+    real_export = torch.export.export
+
+    def export(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass  # swallowed: the run goes on with a good capture
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", export)
+    out = tmp_path / "out"
+    assert main(_compress_argv("builtin:llama", calib, out)) == 130
+    assert_one_line_error(capsys.readouterr().err, "no output was written", prefix="subfit-fx: interrupted")
+    assert_no_output(out)
+
+
+def test_atomic_writers_refuse_to_commit_after_an_interrupt(tmp_path):
+    from subfit_fx import interrupts
+    from subfit_fx.atomic import atomic_dir, atomic_file
+
+    interrupts.note()
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "a.txt").write_text("x")
+        with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "f.onnx") as staged:
+            staged.write_text("x")
+    finally:
+        interrupts.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with atomic_dir(tmp_path / "d") as tmp:  # cleared: writes again
+        (tmp / "a.txt").write_text("x")
+    assert (tmp_path / "d" / "a.txt").read_text() == "x"
