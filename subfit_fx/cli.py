@@ -381,9 +381,10 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fluctuation", dest="fluctuation", action="store_false", default=None,
                    help="saap / hybrid: one global ranking, no protection of fluctuating layers")
     p.add_argument("--max-layer-ratio", type=float, help="saap / hybrid: most of a layer's channels to drop (0.75)")
-    p.add_argument("--strategy", choices=("joint", "share"),
-                   help="hybrid: every option judged and chosen by one knapsack (joint, default), or SubFit "
-                        "first for --share of the budget and width pruning for the rest (share)")
+    p.add_argument("--strategy", choices=("joint", "share", "output"),
+                   help="hybrid: every option judged at the output and chosen by one knapsack (joint, default), "
+                        "every option priced in the output metric, no judge forwards (output), or SubFit first "
+                        "for --share of the budget and width pruning for the rest (share)")
     p.add_argument("--levels", type=fractions,
                    help="hybrid --strategy joint: fractions of an FFN's channel blocks each judged slimming drops "
                         "(default 0.25,0.5,0.75; counts in between are interpolated)")

@@ -45,6 +45,7 @@ from subfit_fx.methods.saap import (
     block_scores,
     inner_replacement,
     kept_channels,
+    output_slim_candidates,
     plan_slimming,
     slim_replacements,
     slimming_of,
@@ -65,8 +66,11 @@ from subfit_fx.methods.subfit import (
 )
 from subfit_fx.recipe import Recipe, branch_records, recipe_from_fits
 from subfit_fx.selection import BUDGET_TOLERANCE, Candidate, select_jointly, sparsity_of
+from subfit_fx.stats import BranchStats
 
-__all__ = ["HybridOptions", "hybrid", "saved_params", "set_recipe_replacements"]
+__all__ = ["STRATEGIES", "HybridOptions", "bypass_damage", "hybrid", "saved_params", "set_recipe_replacements"]
+
+STRATEGIES = ("joint", "share", "output")
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class HybridOptions:
     fluctuation: bool = True
     max_layer_ratio: float = 0.75
     standardize: bool = True
-    heads: bool = False
+    heads: bool | None = None  # attention key/value groups slimmed too; None: strategy "output" only
     judge_sequences: int = 4  # strategy "joint": held-out sequences the output judge runs for every option
     # strategy "joint": the budget is reached in this many rounds, re-judging in each. Default:
     # SubFit's `default_rounds`, 8 for models of 12+ layers, where many small slimmings compound (SmolLM2
@@ -105,14 +109,15 @@ class HybridOptions:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name}={value!r} must be a positive integer")
-        if self.strategy not in ("joint", "share"):
-            raise InputError(f"strategy={self.strategy!r} is invalid; use 'joint' (every option judged, one "
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"strategy={self.strategy!r} is invalid; use 'output' (every option priced in the "
+                             "output metric, one knapsack), 'joint' (every option judged at the output, one "
                              "knapsack) or 'share' (SubFit first, width pruning for the rest)")
         if not 0 <= self.share <= 1:
             raise InputError(f"share must be in [0, 1] (the fraction of the budget SubFit takes), got {self.share}")
         if not self.replace and (self.strategy != "joint" or not self.levels):
             raise InputError("replace=False needs strategy='joint' and slimming levels (it leaves width pruning "
-                             "as the only option)")
+                             "as the only option; strategy 'output' with replace=False is `--method saap`)")
         if not all(0 < v <= self.max_layer_ratio for v in self.levels):
             raise InputError(f"levels {self.levels} must be fractions in (0, max_layer_ratio={self.max_layer_ratio}]")
         self.saap()  # validates the width-pruning options
@@ -125,9 +130,10 @@ class HybridOptions:
             >>> HybridOptions(block=32).saap().block
             32
         """
+        heads = self.heads if self.heads is not None else (None if self.strategy == "output" else False)
         return SaapOptions(block=self.block, grouping=self.grouping, importance=self.importance,
                            compensation=self.compensation, fluctuation=self.fluctuation,
-                           max_layer_ratio=self.max_layer_ratio, standardize=self.standardize, heads=self.heads)
+                           max_layer_ratio=self.max_layer_ratio, standardize=self.standardize, heads=heads)
 
 
 def set_recipe_replacements(ctx: PolicyContext, recipe: Recipe) -> None:
@@ -166,7 +172,99 @@ def hybrid(ctx: PolicyContext) -> Recipe:
     opts = ctx.options_as(HybridOptions)
     if opts.strategy == "joint":
         return _joint(ctx, opts)
+    if opts.strategy == "output":
+        return _priced(ctx, opts)
     return _share(ctx, opts)
+
+
+@torch.no_grad()
+def bypass_damage(fit: Fit, stats: BranchStats, input_kind: str, output_moment: torch.Tensor,
+                  metric: torch.Tensor) -> float:
+    """The error of bypass `fit` in the output metric F, per token: E[(y - f(z))^T F (y - f(z))],
+    from the branch statistics (E[z1 z1^T], E[z1 y^T], z1 = [z, 1]) and `output_moment` E[y y^T].
+
+    Example:
+        >>> from subfit_fx.fit import removal
+        >>> s = BranchStats.empty(2, 2); z = torch.randn(50, 2); s.update(z, {"normalized": z}, 2 * z)
+        >>> m = 4 * z.double().T @ z.double() / 50
+        >>> round(bypass_damage(removal(m, 0.0, 2), s, "normalized", m, torch.eye(2, dtype=torch.float64))
+        ...       - float(m.trace()), 9)
+        0.0
+    """
+    n = stats.tokens.clamp_min(1)
+    gram, cross = stats.gram[input_kind] / n, stats.cross[input_kind] / n  # E[z1 z1^T], E[z1 y^T]
+    f = metric.double()
+    base = float((f * output_moment).sum())
+    if not fit.layers:
+        return max(base, 0.0)
+    width = gram.shape[0]
+    affine = torch.eye(width, dtype=torch.float64)  # the bypass as one affine map [A b] of z1
+    for weight, bias in fit.layers:
+        step = torch.zeros(weight.shape[0] + 1, affine.shape[0], dtype=torch.float64)
+        step[:-1, :-1] = weight.double()
+        if bias is not None:
+            step[:-1, -1] = bias.double()
+        step[-1, -1] = 1.0
+        affine = step @ affine
+    a = affine[:-1]  # (out, in + 1)
+    fa = f @ a
+    error = base - 2 * float((fa * cross.T).sum()) + float((fa * (a @ gram)).sum())
+    return max(error, 0.0)
+
+
+def _priced(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
+    """strategy="output": saap's output allocation with SubFit's options added. Every branch with a
+    channel site may keep, drop any count of its channel blocks (compensated), take SubFit's bypass
+    or go; each option is priced by its error in the output metric F of that branch
+    (`Session.output_sensitivity`), tr(F E[e e^T]), and one exact multiple-choice knapsack picks an
+    option per branch at the least total damage. Cost: one calibration pass for branch
+    statistics, one for inner statistics, one forward and backward of `sensitivity_sequences`
+    sequences; no judge forwards."""
+    session, saap_opts = ctx.session, opts.saap()
+    if session.weights is not None:
+        raise InputError("hybrid strategy 'output' needs every weight in memory (a backward pass through the "
+                         "whole model); use strategy='joint' for offloaded weights")
+    sites = width_sites(ctx, saap_opts)
+    labels = [b.label for b in ctx.branches if b.label in sites]
+    sub = SubfitOptions()
+    stats = session.calibrate(ctx.batches, inputs=(sub.bypass_input,), desc="calibrate")
+    fitter = BypassFitter(ctx, sub)
+    fits = fitter.fits({lb: stats[lb] for lb in labels}, [lb for lb in labels if sites[lb].kind == "ffn"])
+    forms = candidate_forms(ctx, dataclasses.replace(sub, forms="fit-or-remove"), fits, stats)
+    inner = session.inner_stats(ctx.batches, labels, gram=True)
+    fisher = session.output_sensitivity(ctx.batches[:saap_opts.sensitivity_sequences], labels, causal=ctx.causal)
+    cands, scores = output_slim_candidates(ctx, saap_opts, labels, inner, fisher)
+    state = session.ep.state_dict
+    for label in labels:
+        site, branch = sites[label], session.by_label[label]
+        w_ext = state[site.last_weight].double()
+        if site.last_bias:
+            w_ext = torch.cat([w_ext, state[site.last_bias].double()[:, None]], 1)
+        else:
+            w_ext = torch.cat([w_ext, torch.zeros(w_ext.shape[0], 1, dtype=torch.float64)], 1)
+        moment = w_ext @ (inner[label].gram / inner[label].tokens.clamp_min(1)) @ w_ext.T  # E[y y^T]
+        for form, fit in forms[label].items():
+            damage = bypass_damage(fit, stats[label], sub.bypass_input, moment, fisher[label])
+            saved = branch.params - fit.params - (kept_norm_params(branch, sub.bypass_input) if fit.layers else 0)
+            ctx.record_score(label, f"priced_{form}", damage)
+            cands.append(Candidate((label, form), damage, branch.params, branch.params - saved,
+                                   "ffn_basis" if fit.form == "shared" else None, branch=label))
+    group_costs = {"ffn_basis": fitter.basis_params}
+    picks = select_jointly(cands, ctx.block_params, ctx.target, group_costs, tolerance=BUDGET_TOLERANCE)
+    chosen = {label: option for label, option in picks}
+    replaced = {label: forms[label][o] for label, o in chosen.items() if isinstance(o, str)}
+    first = recipe_from_fits("hybrid", ctx.branches, replaced, dict.fromkeys(replaced, sub.bypass_input))
+    slimmings = [slimming_of(ctx, label, inner[label], kept_channels(scores[label], list(range(o)),
+                                                                     sites[label].channels), saap_opts)
+                 for label, o in chosen.items() if not isinstance(o, str)]
+    replacements, tensors = slim_replacements(ctx, slimmings, prefix="s")
+    order = {b.label: i for i, b in enumerate(ctx.branches)}
+    merged = sorted([*first.replacements, *replacements], key=lambda r: order[r.labels[0]])
+    ctx.notes.append(f"hybrid (output metric): {len(replaced)} branches replaced "
+                     f"({', '.join(f'{lb} {o}' for lb, o in chosen.items() if isinstance(o, str)) or 'none'}), "
+                     f"{len(slimmings)} slimmed")
+    return Recipe("hybrid", branch_records(ctx.branches), merged, {**first.tensors, **tensors},
+                  options={**first.options, **asdict(sub), **asdict(opts)})
 
 
 def _share(ctx: PolicyContext, opts: HybridOptions) -> Recipe:

@@ -51,7 +51,8 @@ from subfit_fx.selection import BUDGET_TOLERANCE, Candidate, select_jointly
 from subfit_fx.stats import InnerStats
 
 __all__ = ["GROUPINGS", "IMPORTANCES", "BlockScores", "FlapOptions", "SaapOptions", "Slimming", "block_scores",
-           "channel_importance", "flap", "inner_map", "inner_replacement", "kept_channels", "plan_slimming",
+           "channel_importance", "flap", "inner_map", "inner_replacement", "kept_channels", "output_slim_candidates",
+           "plan_slimming",
            "prunes_heads", "reaches_budget", "saap", "slim_replacements", "slimming_of", "width_recipe", "width_sites"]
 
 IMPORTANCES = ("fused", "vector", "element")
@@ -459,6 +460,24 @@ def _output_knapsack(ctx: PolicyContext, opts: SaapOptions, budget: int, labels:
                      stats: dict[str, InnerStats],
                      fisher: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, Candidate]]:
     """The output allocation's plan in the metric `fisher`: branch -> (kept channels, its candidate)."""
+    cands, scores = output_slim_candidates(ctx, opts, labels, stats, fisher)
+    picks = select_jointly(cands, ctx.block_params, budget / ctx.block_params, tolerance=BUDGET_TOLERANCE)
+    by_key = {c.label: c for c in cands}
+    sites = ctx.session.channel_sites
+    return {label: (kept_channels(scores[label], list(range(count)), sites[label].channels), by_key[label, count])
+            for label, count in picks}
+
+
+@torch.no_grad()
+def output_slim_candidates(ctx: PolicyContext, opts: SaapOptions, labels: list[str], stats: dict[str, InnerStats],
+                           fisher: dict[str, torch.Tensor]) -> tuple[list[Candidate], dict[str, BlockScores]]:
+    """Every slimming of the branches in `labels` priced in the output metric `fisher`: a candidate
+    per count of dropped blocks (key (label, count), score tr(F E[e e^T]) of its compensated error),
+    and each branch's blocks in the order they go (`kept_channels(scores[label], range(count), ...)`).
+
+    Example:
+        >>> cands, scores = output_slim_candidates(ctx, SaapOptions(), labels, stats, fisher)  # doctest: +SKIP
+    """
     session = ctx.session
     sites = width_sites(ctx, opts)
     state = _weights(ctx)
@@ -485,10 +504,7 @@ def _output_knapsack(ctx: PolicyContext, opts: SaapOptions, budget: int, labels:
             damage = compensate(weight, bias, s, kept, opts.compensation, opts.ridge, metric=f)[2]
             saved = round((site.channels - len(kept)) * cost) - new_bias
             cands.append(Candidate((label, count), damage, params, params - saved, branch=label))
-    picks = select_jointly(cands, ctx.block_params, budget / ctx.block_params, tolerance=BUDGET_TOLERANCE)
-    by_key = {c.label: c for c in cands}
-    return {label: (kept_channels(scores[label], list(range(count)), sites[label].channels), by_key[label, count])
-            for label, count in picks}
+    return cands, scores
 
 
 def kept_channels(scores: BlockScores, dropped: list[int], channels: int) -> torch.Tensor:

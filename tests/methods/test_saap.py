@@ -393,3 +393,41 @@ def test_attention_groups_join_the_output_allocation_by_default(heads, monkeypat
     z = subfit_fx.compress(model, calib, 0.3, method="saap", block=16, allocation="zscore", progress=False,
                            **options)
     assert all(r.info["kind"] == "ffn" for r in z.recipe.replacements) or heads is True
+
+
+def test_bypass_damage_is_the_bypass_error_in_the_output_metric():
+    from subfit_fx.fit import Fit
+    from subfit_fx.methods.hybrid import bypass_damage
+    from subfit_fx.stats import BranchStats
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    y = torch.tanh(z @ torch.randn(6, 6, generator=g, dtype=torch.float64)) + 0.3
+    stats = BranchStats.empty(6, 6)
+    stats.update(z, {"normalized": z}, y)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    metric = a @ a.T  # a positive semi-definite output metric
+    moment = y.T @ y / len(y)
+    layers = [(torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)),
+              (torch.randn(6, 3, generator=g, dtype=torch.float64), None)]
+    low_rank = Fit("lowrank", layers, 0.0, 0)
+    for fit in (low_rank, Fit("remove", [], 0.0, 0, width_out=6)):
+        e = y - fit.apply(z)
+        direct = float(((e @ metric) * e).sum(1).mean())
+        assert bypass_damage(fit, stats, "normalized", moment, metric) == pytest.approx(direct, rel=1e-9)
+
+
+def test_output_hybrid_prices_every_option_and_gives_each_branch_one_at_the_budget():
+    model = _model("llama")
+    ids = _calib()[:2]
+    for target in (0.3, 0.55):
+        c = subfit_fx.compress(model, _calib(), target, method="hybrid", strategy="output", block=16, progress=False)
+        assert c.recipe.options["strategy"] == "output"
+        labels = [r.labels[0] for r in c.recipe.replacements]
+        assert len(labels) == len(set(labels))  # one option per branch
+        assert abs(c.report.sparsity_actual - target) <= 0.015, c.report.notes
+        priced = next(b["scores"] for b in c.report.branches if b["label"] == "model.layers.1.mlp")
+        assert {"priced_fit", "priced_remove"} <= set(priced) and priced["priced_fit"] <= priced["priced_remove"]
+        assert torch.isfinite(_logits(c.module(), ids)).all()
+    # at a deep cut, whole branches go next to slimmed ones
+    assert {"slim"} < {r.action for r in c.recipe.replacements}
