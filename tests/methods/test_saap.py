@@ -13,6 +13,7 @@ import transformers as tf
 import subfit_fx
 from subfit_fx.branches import count_params
 from subfit_fx.calibrate import Session, prepare
+from subfit_fx.methods.hybrid import HybridOptions
 from subfit_fx.methods.saap import SaapOptions, compensate
 from subfit_fx.stats import InnerStats
 from subfit_fx.zoo import tiny_model
@@ -195,7 +196,7 @@ def test_flap_drops_single_channels_by_standardized_fluctuation_with_bias_compen
 
 def test_joint_hybrid_gives_each_branch_one_option_at_the_budget():
     model = _model("llama")
-    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", block=16, progress=False)
+    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", strategy="joint", block=16, progress=False)
     assert c.recipe.options["strategy"] == "joint"
     labels = [r.labels[0] for r in c.recipe.replacements]
     assert len(labels) == len(set(labels)) and c.recipe.slimmed_labels()
@@ -287,7 +288,8 @@ def test_heads_prune_whole_key_value_groups_and_the_kv_cache_shrinks(tmp_path):
 
 def test_joint_hybrid_with_heads_judges_attention_slimming():
     model = _model("llama")
-    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", heads=True, block=16, progress=False)
+    c = subfit_fx.compress(model, _calib(), 0.3, method="hybrid", strategy="joint", heads=True, block=16,
+                           progress=False)
     assert abs(c.report.sparsity_actual - 0.3) <= 0.015, c.report.notes
     judged = next(b["scores"] for b in c.report.branches if b["label"] == "model.layers.1.self_attn")
     assert "judged_slim:1/2" in judged and {"judged_fit", "judged_remove"} <= set(judged)
@@ -298,14 +300,17 @@ def test_width_pruning_on_the_layer_wise_pipeline_gives_the_same_recipe(method, 
     from subfit_fx.pipelines import SessionFactory
 
     model = tiny_model("llama", layers=4)
-    basic = subfit_fx.compress(model, _calib(), 0.25, method, block=16, progress=False)
+    # the joint strategy's judge reruns segments (its equality is what this asserts); "output" runs whole passes
+    opts = {"strategy": "joint"} if method == "hybrid" else {}
+    basic = subfit_fx.compress(model, _calib(), 0.25, method, block=16, progress=False, **opts)
     # inner statistics one layer at a time, each finished layer's written to disk and mapped back
     layerwise = subfit_fx.compress(model, _calib(), 0.25, method, block=16, progress=False,
-                                   session_factory=SessionFactory("sequential", offload=tmp_path))
+                                   session_factory=SessionFactory("sequential", offload=tmp_path), **opts)
     assert [r.labels for r in layerwise.recipe.replacements] == [r.labels for r in basic.recipe.replacements]
     assert any(r.action == "slim" for r in basic.recipe.replacements)
     for name, tensor in basic.recipe.tensors.items():
         assert torch.equal(layerwise.recipe.tensors[name], tensor), name
+
 
 
 @pytest.mark.parametrize("grouping", ["sorted", "contiguous"])
@@ -421,7 +426,7 @@ def test_output_hybrid_prices_every_option_and_gives_each_branch_one_at_the_budg
     model = _model("llama")
     ids = _calib()[:2]
     for target in (0.3, 0.55):
-        c = subfit_fx.compress(model, _calib(), target, method="hybrid", strategy="output", block=16, progress=False)
+        c = subfit_fx.compress(model, _calib(), target, method="hybrid", block=16, progress=False)  # the default
         assert c.recipe.options["strategy"] == "output"
         labels = [r.labels[0] for r in c.recipe.replacements]
         assert len(labels) == len(set(labels))  # one option per branch
@@ -431,3 +436,7 @@ def test_output_hybrid_prices_every_option_and_gives_each_branch_one_at_the_budg
         assert torch.isfinite(_logits(c.module(), ids)).all()
     # at a deep cut, whole branches go next to slimmed ones
     assert {"slim"} < {r.action for r in c.recipe.replacements}
+    # an option only the joint strategy reads selects it, or is refused next to strategy "output"
+    assert HybridOptions(spans=2).strategy == "joint" and HybridOptions(replace=False).strategy == "joint"
+    with pytest.raises(subfit_fx.errors.InputError, match="levels: read only by strategy 'joint'"):
+        HybridOptions(strategy="output", levels=(0.5,))
