@@ -510,6 +510,7 @@ class _Interrupts:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        interrupt_flag.clear()  # `seen` keeps the answer; library calls after this run start clean
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
 

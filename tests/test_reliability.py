@@ -763,6 +763,9 @@ def test_interrupt_that_a_library_swallows_still_exits_130_and_writes_nothing(tm
     assert main(_compress_argv("builtin:llama", calib, out)) == 130
     assert_one_line_error(capsys.readouterr().err, "no output was written", prefix="subfit-fx: interrupted")
     assert_no_output(out)
+    from subfit_fx import interrupts
+
+    assert not interrupts.interrupted()  # a library call after the CLI run is not stopped by its Ctrl-C
 
 
 def test_atomic_writers_refuse_to_commit_after_an_interrupt(tmp_path):
