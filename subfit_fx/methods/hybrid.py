@@ -8,7 +8,7 @@ each option is priced by its error in the output metric F of the branch (the Fis
 at the branch output, `Session.output_sensitivity`): tr(F E[e e^T]), e the branch output's error,
 from the inner Gram for slimmings and from the branch statistics for bypasses (`bypass_damage`).
 One exact multiple-choice knapsack picks an option per branch at the least total damage. It
-needs every weight in memory (a backward pass); with offloaded weights the hybrid runs "joint".
+needs every weight in memory (a backward pass); the hybrid is not offloadable (neither is "joint").
 On the dev half of SmolLM2 at 25 % it beat "joint" (next-token retention 0.917 against 0.879,
 choice 0.550 against 0.515, perplexity 1.33x both) without judge forwards (docs/width.md).
 
@@ -121,8 +121,8 @@ class HybridOptions:
     replace: bool = True
 
     def __post_init__(self) -> None:
+        given = [name for name in JOINT_ONLY if getattr(self, name) != _FIELD_DEFAULTS[name]]
         if self.strategy is None:
-            given = [name for name in JOINT_ONLY if getattr(self, name) != _FIELD_DEFAULTS[name]]
             object.__setattr__(self, "strategy", "joint" if given else "output")
         for name in ("judge_sequences", "rounds"):
             value = getattr(self, name)
@@ -143,11 +143,9 @@ class HybridOptions:
             raise InputError(f"levels {self.levels} must be fractions in (0, max_layer_ratio={self.max_layer_ratio}]")
         self.saap()  # validates the width-pruning options
         SubfitOptions(spans=self.spans, judge_context=self.judge_context)  # validates both
-        if self.strategy == "output":
-            given = [name for name in JOINT_ONLY if getattr(self, name) != _FIELD_DEFAULTS[name]]
-            if given:
-                raise InputError(f"{', '.join(given)}: read only by strategy 'joint'; add strategy='joint' "
-                                 "(--strategy joint) or drop {'it' if len(given) == 1 else 'them'}")
+        if self.strategy == "output" and given:
+            raise InputError(f"{', '.join(given)}: read only by strategy 'joint'; add strategy='joint' "
+                             f"(--strategy joint) or drop {'it' if len(given) == 1 else 'them'}")
 
     def saap(self) -> SaapOptions:
         """The width-pruning options (attention groups too where `heads`; None: strategy "output").
@@ -264,11 +262,9 @@ def _priced(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     state = session.ep.state_dict
     for label in labels:
         site, branch = sites[label], session.by_label[label]
-        w_ext = state[site.last_weight].double()
-        if site.last_bias:
-            w_ext = torch.cat([w_ext, state[site.last_bias].double()[:, None]], 1)
-        else:
-            w_ext = torch.cat([w_ext, torch.zeros(w_ext.shape[0], 1, dtype=torch.float64)], 1)
+        weight = state[site.last_weight].double()
+        bias = state[site.last_bias].double() if site.last_bias else weight.new_zeros(weight.shape[0])
+        w_ext = torch.cat([weight, bias[:, None]], 1)  # y = [W, b] [h, 1]
         moment = w_ext @ (inner[label].gram / inner[label].tokens.clamp_min(1)) @ w_ext.T  # E[y y^T]
         for form, fit in forms[label].items():
             damage = bypass_damage(fit, stats[label], sub.bypass_input, moment, fisher[label])
@@ -284,14 +280,10 @@ def _priced(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     slimmings = [slimming_of(ctx, label, inner[label], kept_channels(scores[label], list(range(o)),
                                                                      sites[label].channels), saap_opts)
                  for label, o in chosen.items() if not isinstance(o, str)]
-    replacements, tensors = slim_replacements(ctx, slimmings, prefix="s")
-    order = {b.label: i for i, b in enumerate(ctx.branches)}
-    merged = sorted([*first.replacements, *replacements], key=lambda r: order[r.labels[0]])
     ctx.notes.append(f"hybrid (output metric): {len(replaced)} branches replaced "
                      f"({', '.join(f'{lb} {o}' for lb, o in chosen.items() if isinstance(o, str)) or 'none'}), "
                      f"{len(slimmings)} slimmed")
-    return Recipe("hybrid", branch_records(ctx.branches), merged, {**first.tensors, **tensors},
-                  options={**first.options, **asdict(sub), **asdict(opts)})
+    return _with_slimmings(ctx, first, slimmings, {**first.options, **asdict(sub), **asdict(opts)})
 
 
 def _share(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
@@ -310,11 +302,15 @@ def _share(ctx: PolicyContext, opts: HybridOptions) -> Recipe:
     if saved < rest:
         ctx.notes.append(f"width pruning could take only {saved:,} of the {rest:,} parameters left after SubFit "
                          f"(max_layer_ratio={opts.max_layer_ratio}); the budget is missed by the difference")
+    return _with_slimmings(ctx, first, slimmings, {**first.options, **asdict(opts)})
+
+
+def _with_slimmings(ctx: PolicyContext, first: Recipe, slimmings: list, options: dict) -> Recipe:
+    """The hybrid's recipe: `first`'s branch replacements and `slimmings`, in model order."""
     replacements, tensors = slim_replacements(ctx, slimmings, prefix="s")
     order = {b.label: i for i, b in enumerate(ctx.branches)}
     merged = sorted([*first.replacements, *replacements], key=lambda r: order[r.labels[0]])
-    return Recipe("hybrid", branch_records(ctx.branches), merged, {**first.tensors, **tensors},
-                  options={**first.options, **asdict(opts)})
+    return Recipe("hybrid", branch_records(ctx.branches), merged, {**first.tensors, **tensors}, options=options)
 
 
 class _Options:
@@ -437,10 +433,7 @@ class _Options:
         first = merge_spans(first, spans, {b.label: b.layer for b in ctx.branches})
         slimmings = [slimming_of(ctx, label, self.inner[label], self.kept[label][o], self.saap)
                      for label, o in chosen.items() if o != SPANNED and o not in self.alts[label]]
-        replacements, tensors = slim_replacements(ctx, slimmings, prefix="s")
-        order = {b.label: i for i, b in enumerate(ctx.branches)}
-        merged = sorted([*first.replacements, *replacements], key=lambda r: order[r.labels[0]])
-        return Recipe("hybrid", branch_records(ctx.branches), merged, {**first.tensors, **tensors}, options=options)
+        return _with_slimmings(ctx, first, slimmings, options)
 
 
 def _joint(ctx: PolicyContext, opts: HybridOptions) -> Recipe:

@@ -438,5 +438,5 @@ def test_output_hybrid_prices_every_option_and_gives_each_branch_one_at_the_budg
     assert {"slim"} < {r.action for r in c.recipe.replacements}
     # an option only the joint strategy reads selects it, or is refused next to strategy "output"
     assert HybridOptions(spans=2).strategy == "joint" and HybridOptions(replace=False).strategy == "joint"
-    with pytest.raises(subfit_fx.errors.InputError, match="levels: read only by strategy 'joint'"):
+    with pytest.raises(subfit_fx.errors.InputError, match=r"levels: read only by strategy 'joint'.* or drop it$"):
         HybridOptions(strategy="output", levels=(0.5,))
