@@ -11,7 +11,7 @@ Two phases, so the slow, untimed part can share the machine and the timed part n
 `--phase prepare` compresses and exports (cached under $SUBFIT_FX_CACHE/quality_speed; a rerun
 reuses the files), `--phase measure` times them; the default runs both.
 
-    python benchmarks/quality_speed.py [--methods subfit shortgpt ...] [--sparsity 0.25]
+    python benchmarks/quality_speed.py [--methods subfit shortgpt ...] [--sparsity 0.25] [--recipes DIR]
 
 Writes docs/results/quality_speed.{json,md,png}.
 """
@@ -49,6 +49,9 @@ parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-o
 parser.add_argument("--phase", choices=("all", "prepare", "measure"), default="all")
 parser.add_argument("--quality", type=Path, default=RESULTS / "quality.json", help="quality results to join")
 parser.add_argument("--name", default="quality_speed", help="results file stem under docs/results")
+parser.add_argument("--recipes", type=Path, default=None,
+                    help="load a method's compressed model from DIR/<spec> where choice_paired.py --recipes saved "
+                         "one (same calibration), instead of compressing it again")
 
 
 def _slug(spec: str, sparsity: float) -> str:
@@ -68,10 +71,14 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
         info_path = work / f"{_slug(spec, args.sparsity)}.json"
         if info_path.is_file():
             continue
-        method, options = parse_spec(spec)
+        saved = args.recipes / spec.replace("/", "_") if args.recipes is not None else None
         t = time.perf_counter()
-        c = subfit_fx.compress(model, calib, args.sparsity, method, progress=False, **options)
-        compress_s = time.perf_counter() - t
+        if saved is not None and (saved / "recipe.json").is_file():
+            c, compress_s = subfit_fx.load(saved, model=model), None  # compressed by choice_paired.py
+        else:
+            method, options = parse_spec(spec)
+            c = subfit_fx.compress(model, calib, args.sparsity, method, progress=False, **options)
+            compress_s = time.perf_counter() - t
         onnx_path = work / f"{_slug(spec, args.sparsity)}.onnx"
         t = time.perf_counter()
         result = export_onnx_kv(c, onnx_path, force=True)
