@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
-from quality import calibration, parse_spec, reference
+from quality import calibration, parse_spec, recipe_dir, reference, saved_compression
 
 import subfit_fx
 from subfit_fx.data import tokenize_text
@@ -120,11 +120,10 @@ def main() -> None:
     models["dense"] = {"accuracy": sum(per_item["dense"]) / len(per_item["dense"]), **ppl}
     print("dense", models["dense"], flush=True)
     for spec in args.methods:
-        where = args.recipes / spec.replace("/", "_") if args.recipes else None
+        where = recipe_dir(args.recipes, spec)
         compress_s = None
-        if where is not None and (where / "recipe.json").is_file():
-            c = subfit_fx.load(where, model=model)
-        else:
+        c = saved_compression(args.recipes, spec, model, args.sparsity)
+        if c is None:
             method, options = parse_spec(spec)
             t = time.perf_counter()
             c = subfit_fx.compress(model, calibration(tokenizer, 64, 256), args.sparsity, method, progress=False,

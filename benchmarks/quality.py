@@ -116,6 +116,25 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return method, options
 
 
+def saved_compression(root: Path | None, spec: str, model: Any, sparsity: float) -> Any:
+    """The compressed model that choice_paired.py --recipes ROOT saved for `spec` (ROOT/<spec>, same
+    calibration as every quality script), or None where there is none; a saved one of another target
+    sparsity is refused rather than timed or scored under this one."""
+    where = recipe_dir(root, spec)
+    if where is None or not (where / "recipe.json").is_file():
+        return None
+    c = subfit_fx.load(where, model=model)
+    if not math.isclose(c.report.sparsity_target, sparsity):
+        sys.exit(f"error: {where} holds a {c.report.sparsity_target:.2%} compression, not {sparsity:.2%}; "
+                 "pass another --recipes directory or --sparsity")
+    return c
+
+
+def recipe_dir(root: Path | None, spec: str) -> Path | None:
+    """Where choice_paired.py --recipes ROOT keeps `spec`'s compressed model (None without ROOT)."""
+    return root / spec.replace("/", "_") if root is not None else None
+
+
 def run_one(model, tokenizer, calib, text, method, sparsity, args, options, name: str | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     c = subfit_fx.compress(model, calib, sparsity, method, progress=False, **options)

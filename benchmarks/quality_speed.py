@@ -32,7 +32,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results
-from quality import one_sparsity_parser, parse_spec, setup
+from quality import one_sparsity_parser, parse_spec, saved_compression, setup
 
 import subfit_fx
 from subfit_fx.exporters.artifacts import model_bytes
@@ -71,11 +71,9 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
         info_path = work / f"{_slug(spec, args.sparsity)}.json"
         if info_path.is_file():
             continue
-        saved = args.recipes / spec.replace("/", "_") if args.recipes is not None else None
         t = time.perf_counter()
-        if saved is not None and (saved / "recipe.json").is_file():
-            c, compress_s = subfit_fx.load(saved, model=model), None  # compressed by choice_paired.py
-        else:
+        c, compress_s = saved_compression(args.recipes, spec, model, args.sparsity), None
+        if c is None:
             method, options = parse_spec(spec)
             c = subfit_fx.compress(model, calib, args.sparsity, method, progress=False, **options)
             compress_s = time.perf_counter() - t
