@@ -10,6 +10,9 @@ paired difference gets a 95 % interval.
     python benchmarks/choice_paired.py [--sparsity 0.25] [--items 1000] [--methods subfit shortgpt]
                                        [--split test] [--recipes DIR]
 
+A spec may also set the calibration: `auto:calib_len=512,calib_samples=32` calibrates on 32 x 512
+tokens instead of 64 x 256 (those two options go to the benchmark, not to the method).
+
 --recipes DIR keeps each compressed model and its per-item outcomes in DIR/<spec> and reuses them
 on the next run (the calibration is the same for both splits). Writes docs/results/choice_paired.{json,md}.
 """
@@ -125,12 +128,17 @@ def main() -> None:
         c = saved_compression(args.recipes, spec, model, args.sparsity)
         if c is None:
             method, options = parse_spec(spec)
+            calib = calibration(tokenizer, options.pop("calib_samples", 64), options.pop("calib_len", 256))
             t = time.perf_counter()
-            c = subfit_fx.compress(model, calibration(tokenizer, 64, 256), args.sparsity, method, progress=False,
-                                   **options)
+            c = subfit_fx.compress(model, calib, args.sparsity, method, progress=False, **options)
             compress_s = time.perf_counter() - t
             if where is not None:
+                # save replaces the directory; outcomes placed there by hand (reused from an earlier
+                # run of the same items) survive it
+                seeded = {f.name: f.read_bytes() for f in where.glob("choice-*")} if where.is_dir() else {}
                 c.save(where, force=True)
+                for name, data in seeded.items():
+                    (where / name).write_bytes(data)
         per_item[spec], ppl = outcomes(c.module(), where)
         models[spec] = {"accuracy": sum(per_item[spec]) / len(per_item[spec]), **ppl,
                         "sparsity_actual": c.report.sparsity_actual, "compress_s": compress_s,
