@@ -14,7 +14,10 @@ A spec may also set the calibration: `auto:calib_len=512,calib_samples=32` calib
 tokens instead of 64 x 256 (those two options go to the benchmark, not to the method).
 
 --recipes DIR keeps each compressed model and its per-item outcomes in DIR/<spec> and reuses them
-on the next run (the calibration is the same for both splits). Writes docs/results/choice_paired.{json,md}.
+on the next run (the calibration is the same for both splits). --reuse RESULTS.json brings in the
+models of an earlier run of this script on the same split and items (their outcomes, perplexity and
+sparsity, without compressing them again); its dense outcomes must equal this run's, so the items
+are the same. Writes docs/results/choice_paired.{json,md}.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def markdown(data: dict) -> str:
         acc = m["accuracy"]
         sparsity = f"{m['sparsity_actual']:.1%}" if "sparsity_actual" in m else "-"
         compress = f"{m['compress_s']:.0f}" if m.get("compress_s") is not None else "-"
-        lines.append(f"| {name} | {acc:.3f} | {math.sqrt(acc * (1 - acc) / n):.3f} | "
+        shown = f"{name} (outcomes from {Path(m['from']).name})" if "from" in m else name
+        lines.append(f"| {shown} | {acc:.3f} | {math.sqrt(acc * (1 - acc) / n):.3f} | "
                      f"{m['perplexity'] / dense['perplexity']:.3f} | "
                      f"{m['next_token_accuracy'] / dense['next_token_accuracy']:.3f} | {sparsity} | {compress} |")
     lines += ["", "| A vs B | A - B | 95 % interval | only A right | only B right | McNemar p |",
@@ -92,7 +96,15 @@ def main() -> None:
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     parser.add_argument("--recipes", type=Path, default=None, help="keep and reuse recipes in this directory")
     parser.add_argument("--name", default="choice_paired", help="results file stem under docs/results")
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[],
+                        help="results JSON of earlier runs on the same split and items whose models join the pairs")
     args = parser.parse_args()
+    earlier = [json.loads(path.read_text()) for path in args.reuse]
+    for path, data in zip(args.reuse, earlier):
+        if (data["split"], data["items"]) != (args.split, args.items) or not math.isclose(data["sparsity"],
+                                                                                          args.sparsity):
+            sys.exit(f"error: {path} scored {data['items']} {data['split']} items at {data['sparsity']:.2%}, not "
+                     f"{args.items} {args.split} items at {args.sparsity:.2%}; pass a matching results file")
     model, tokenizer, text = reference(args.split)
 
     ids = tokenize_text(text, tokenizer)[:8192]
@@ -122,6 +134,14 @@ def main() -> None:
     per_item["dense"], ppl = outcomes(subfit_fx.capture(model).module(), dense_dir)
     models["dense"] = {"accuracy": sum(per_item["dense"]) / len(per_item["dense"]), **ppl}
     print("dense", models["dense"], flush=True)
+    for path, data in zip(args.reuse, earlier):
+        if data["outcomes"]["dense"] != "".join("1" if x else "0" for x in per_item["dense"]):
+            sys.exit(f"error: {path} has other dense outcomes than this run (other items or another evaluation); "
+                     "pass a results file of the same items")
+        for spec, m in data["models"].items():
+            if spec != "dense" and spec not in args.methods:
+                per_item[spec] = [c == "1" for c in data["outcomes"][spec]]
+                models[spec] = {**m, "from": str(path)}
     for spec in args.methods:
         where = recipe_dir(args.recipes, spec)
         compress_s = None
