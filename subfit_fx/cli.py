@@ -312,8 +312,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-first", action="store_true", help="leave the first token out of statistics")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of sequences held out for scoring")
     p.add_argument("--heal", type=int, default=0, metavar="EPOCHS",
-                   help="after the policy, train only the bypass weights this many passes over the calibration "
-                        "data against the dense model's output (default 0: training-free)")
+                   help="after the policy, train only the recipe's tensors (bypasses, refitted output projections of "
+                        "slimmed branches) this many passes over the calibration data against the dense "
+                        "model's output (default 0: training-free)")
     p.add_argument("--heal-lr", type=float, default=None, help="Adam learning rate of --heal (default 3e-4)")
     p.add_argument("--judge", choices=("output", "statistics"),
                    help="SubFit: judge candidates at the model's output on held-out sequences (output, default) "
