@@ -53,7 +53,7 @@ class HealResult:
 
     def note(self) -> str:
         """One line for the report."""
-        return (f"healed: {len(self.tensors)} bypass tensors trained {self.steps} steps against the dense output; "
+        return (f"healed: {len(self.tensors)} recipe tensors trained {self.steps} steps against the dense output; "
                 f"calibration loss {self.first_epoch_loss:.4g} (first epoch) -> {self.last_epoch_loss:.4g} (last)")
 
 
