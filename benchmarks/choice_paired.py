@@ -41,6 +41,16 @@ from subfit_fx.data import tokenize_text
 from subfit_fx.evaluation import choice_correctness, perplexity_and_accuracy
 
 
+def encode(outcomes: list[bool]) -> str:
+    """Per-item outcomes as the results files keep them: one '1' or '0' per item."""
+    return "".join("1" if x else "0" for x in outcomes)
+
+
+def decode(bits: str) -> list[bool]:
+    """The inverse of `encode`."""
+    return [c == "1" for c in bits]
+
+
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value: the discordant items are Binomial(n, 1/2) if neither
     model is better."""
@@ -115,17 +125,17 @@ def main() -> None:
         kept = where / f"choice-{args.split}-{args.items}.json" if where is not None else None
         if kept is not None and kept.is_file():
             data = json.loads(kept.read_text())
-            return [c == "1" for c in data["outcomes"]], data["perplexity"]
+            return decode(data["outcomes"]), data["perplexity"]
         outcomes_only = kept.with_suffix(".txt") if kept is not None else None  # from a run before perplexity
         with torch.no_grad():
             if outcomes_only is not None and outcomes_only.is_file():
-                out = [c == "1" for c in outcomes_only.read_text().strip()]
+                out = decode(outcomes_only.read_text().strip())
             else:
                 out = choice_correctness(module, tokenizer, text, args.items, 0, progress=False)
             ppl = perplexity_and_accuracy(module, ids, 256, progress=False)
         if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_text(json.dumps({"outcomes": "".join("1" if x else "0" for x in out), "perplexity": ppl}))
+            kept.write_text(json.dumps({"outcomes": encode(out), "perplexity": ppl}))
         return out, ppl
 
     models: dict[str, dict] = {}
@@ -135,12 +145,12 @@ def main() -> None:
     models["dense"] = {"accuracy": sum(per_item["dense"]) / len(per_item["dense"]), **ppl}
     print("dense", models["dense"], flush=True)
     for path, data in zip(args.reuse, earlier):
-        if data["outcomes"]["dense"] != "".join("1" if x else "0" for x in per_item["dense"]):
+        if data["outcomes"]["dense"] != encode(per_item["dense"]):
             sys.exit(f"error: {path} has other dense outcomes than this run (other items or another evaluation); "
                      "pass a results file of the same items")
         for spec, m in data["models"].items():
             if spec != "dense" and spec not in args.methods:
-                per_item[spec] = [c == "1" for c in data["outcomes"][spec]]
+                per_item[spec] = decode(data["outcomes"][spec])
                 models[spec] = {**m, "from": str(path)}
     for spec in args.methods:
         where = recipe_dir(args.recipes, spec)
@@ -168,7 +178,7 @@ def main() -> None:
              for a, b in itertools.combinations(list(per_item)[1:], 2)}
     pairs.update({f"{a} vs dense": paired(per_item[a], per_item["dense"]) for a in list(per_item)[1:]})
     data = {"sparsity": args.sparsity, "items": len(per_item["dense"]), "split": args.split, "models": models,
-            "pairs": pairs, "outcomes": {k: "".join("1" if x else "0" for x in v) for k, v in per_item.items()}}
+            "pairs": pairs, "outcomes": {k: encode(v) for k, v in per_item.items()}}
     write_results(args.name, data, markdown(data))
 
 
