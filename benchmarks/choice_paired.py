@@ -27,14 +27,13 @@ import itertools
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
-from quality import calibration, parse_spec, recipe_dir, reference, saved_compression
+from quality import calibration, compressed, parse_spec, recipe_dir, reference
 
 import subfit_fx
 from subfit_fx.data import tokenize_text
@@ -153,23 +152,10 @@ def main() -> None:
                 per_item[spec] = decode(data["outcomes"][spec])
                 models[spec] = {**m, "from": str(path)}
     for spec in args.methods:
-        where = recipe_dir(args.recipes, spec)
-        compress_s = None
-        c = saved_compression(args.recipes, spec, model, args.sparsity)
-        if c is None:
-            method, options = parse_spec(spec)
-            calib = calibration(tokenizer, options.pop("calib_samples", 64), options.pop("calib_len", 256))
-            t = time.perf_counter()
-            c = subfit_fx.compress(model, calib, args.sparsity, method, progress=False, **options)
-            compress_s = time.perf_counter() - t
-            if where is not None:
-                # save replaces the directory; outcomes placed there by hand (reused from an earlier
-                # run of the same items) survive it
-                seeded = {f.name: f.read_bytes() for f in where.glob("choice-*")} if where.is_dir() else {}
-                c.save(where, force=True)
-                for name, data in seeded.items():
-                    (where / name).write_bytes(data)
-        per_item[spec], ppl = outcomes(c.module(), where)
+        _, options = parse_spec(spec)
+        calib = calibration(tokenizer, options.get("calib_samples", 64), options.get("calib_len", 256))
+        c, compress_s = compressed(args.recipes, spec, model, calib, args.sparsity)
+        per_item[spec], ppl = outcomes(c.module(), recipe_dir(args.recipes, spec))
         models[spec] = {"accuracy": sum(per_item[spec]) / len(per_item[spec]), **ppl,
                         "sparsity_actual": c.report.sparsity_actual, "compress_s": compress_s,
                         "replaced": c.report.replaced}

@@ -135,10 +135,33 @@ def recipe_dir(root: Path | None, spec: str) -> Path | None:
     return root / spec.replace("/", "_") if root is not None else None
 
 
-def run_one(model, tokenizer, calib, text, method, sparsity, args, options, name: str | None = None) -> dict[str, Any]:
+def compressed(root: Path | None, spec: str, model: Any, calib: list, sparsity: float,
+               method: str | None = None, options: dict[str, Any] | None = None) -> tuple[Any, float | None]:
+    """(compressed model, compress seconds) for `spec` (or `method` with `options`, named `spec`):
+    the one saved under ROOT/<spec> by an earlier run (seconds None: not timed here), else
+    compressed now and saved there when ROOT is given. Files an earlier run placed beside a saved
+    model (choice outcomes reused from another run of the same items) survive the save."""
+    c = saved_compression(root, spec, model, sparsity)
+    if c is not None:
+        return c, None
+    if method is None:
+        method, options = parse_spec(spec)
+    options = {k: v for k, v in (options or {}).items()
+               if k not in ("calib_samples", "calib_len")}  # the caller built `calib` from these already
     t = time.perf_counter()
     c = subfit_fx.compress(model, calib, sparsity, method, progress=False, **options)
     compress_s = time.perf_counter() - t
+    where = recipe_dir(root, spec)
+    if where is not None:
+        seeded = {f.name: f.read_bytes() for f in where.glob("choice-*")} if where.is_dir() else {}
+        c.save(where, force=True)
+        for name, data in seeded.items():
+            (where / name).write_bytes(data)
+    return c, compress_s
+
+
+def run_one(model, tokenizer, calib, text, method, sparsity, args, options, name: str | None = None) -> dict[str, Any]:
+    c, compress_s = compressed(getattr(args, "recipes", None), name or method, model, calib, sparsity, method, options)
     t = time.perf_counter()
     metrics = evaluate(c.module(), tokenizer, text, causal=True, seq_len=args.seq_len, max_tokens=args.eval_tokens,
                        choice_items_count=args.choice_items, progress=False)
@@ -149,6 +172,17 @@ def run_one(model, tokenizer, calib, text, method, sparsity, args, options, name
             "replaced": r.replaced, "replaced_forms": forms, "kv_fraction_kept": r.kv_fraction_kept,
             "params_after": r.params_after,
             "selection_map": r.selection_map(), "compress_s": compress_s, **metrics}
+
+
+def seconds(value: float | None) -> str:
+    """A timing cell: '-' for a compressed model loaded from --recipes (not timed in that run)."""
+    return "-" if value is None else f"{value:.0f}"
+
+
+def trained(spec: str) -> bool:
+    """Whether a method spec trains weights on the calibration text (healing): its rows are shown
+    but kept out of the training-free default's comparisons."""
+    return "heal=" in spec.partition(":")[2]
 
 
 def plot(rows: list[dict], dense: dict, path: Path) -> None:
@@ -234,10 +268,11 @@ def verdicts(rows: list[dict], dense: dict) -> list[str]:
         + ", ".join(f"{100 * s:g} %" for s in every if s not in checked) + ")")
     out.append(f"- default ({ours}) best perplexity of all baselines {where}: **{'met' if best_all else 'missed'}**.")
     beaten = sorted({f"{r['method']} at {100 * s:g} %" for s in checked for r in rows
-                     if r["sparsity_target"] == s and r["method"] != ours
+                     if r["sparsity_target"] == s and r["method"] != ours and not trained(r["method"])
                      and abs(r["sparsity_actual"] - at[ours, s]["sparsity_actual"]) <= 0.015
                      and r["perplexity"] < at[ours, s]["perplexity"]})
-    out.append(f"- default ({ours}) best perplexity of every method here (baselines, option rows, other policies) "
+    out.append(f"- default ({ours}) best perplexity of every training-free method here (baselines, option rows, "
+               "other policies; not the `heal=` rows, trained on the calibration text) "
                f"at matched actual sparsity {where}: **{'met' if not beaten else 'missed'}**"
                f"{' (better: ' + ', '.join(beaten) + ')' if beaten else ''}.")
     out.append(f"- default ({ours}) choice accuracy not below any baseline's by more than one standard error "
@@ -271,7 +306,7 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
     at25 = {r["method"]: r for r in rows if r["sparsity_target"] == 0.25}
     maps = [f"### {m} at 25 % (actual {100 * r['sparsity_actual']:.1f} %)\n\n```\n{r['selection_map']}\n```\n"
             for m, r in at25.items()]
-    times = [f"| {r['method']} | {100 * r['sparsity_target']:g} % | {r['compress_s']:.0f} | {r['eval_s']:.0f} |"
+    times = [f"| {r['method']} | {100 * r['sparsity_target']:g} % | {seconds(r['compress_s'])} | {r['eval_s']:.0f} |"
              for r in rows]
     md = "\n".join([
         "# Quality at matched parameter budgets (SmolLM2-135M-Instruct)", "",
@@ -297,7 +332,10 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         "selection joined the default in session 14) and `subfit:spans=0` the one before it, without span maps "
         "(quality_findings.md). The baselines of the SubFit "
         f"targets are METHOD.md's ({', '.join(BASELINES)}); `saap`, `flap` and `hybrid` are the width-pruning "
-        "policies of docs/width.md, with their own targets (issue 18).", "",
+        "policies of docs/width.md, with their own targets (issue 18). Rows with `heal=N` (`auto:heal=2`: the "
+        "default's recipe, then N epochs of training its tensors against the dense model's next-token "
+        "distribution on the calibration text, `--heal`) are the only ones that train weights; the verdicts "
+        "compare the training-free default with training-free rows.", "",
         *verdicts(rows, dense), "",
         "## Perplexity / dense (lower is better; best per column in bold)", "",
         *table(rows, dense, "perplexity", ".2f", "perplexity"), "",
@@ -334,6 +372,9 @@ def main() -> None:
     parser.add_argument("--split", choices=("test", "dev"), default="test")
     parser.add_argument("--name", default="quality", help="results file stem under docs/results")
     parser.add_argument("--resume", action="store_true", help="keep finished rows of docs/results/NAME.json")
+    parser.add_argument("--recipes", type=Path, default=None,
+                        help="reuse compressed models saved here by an earlier run (choice_paired.py --recipes), "
+                             "keep new ones here")
     args = parser.parse_args()
     model_dir, model, tokenizer, text, calib, dense = setup(args, args.split)
     print(f"dense: {json.dumps(dense)}", flush=True)
@@ -351,7 +392,8 @@ def main() -> None:
             rows.append(row)
             print(f"{spec:24s} {sparsity:.4f}: ppl {row['perplexity']:.2f} "
                   f"({row['perplexity'] / dense['perplexity']:.2f}x) choice {row['choice_accuracy']:.3f} "
-                  f"actual {row['sparsity_actual']:.3f} [{row['compress_s']:.0f}s + {row['eval_s']:.0f}s]", flush=True)
+                  f"actual {row['sparsity_actual']:.3f} [{seconds(row['compress_s'])}s + {row['eval_s']:.0f}s]",
+                  flush=True)
             write(args, model_dir, rows, dense)
     print(write(args, model_dir, rows, dense))
 

@@ -32,9 +32,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results
-from quality import one_sparsity_parser, parse_spec, saved_compression, setup
+from quality import compressed, one_sparsity_parser, setup
 
-import subfit_fx
 from subfit_fx.exporters.artifacts import model_bytes
 from subfit_fx.exporters.bench import decode_step, interleaved, kv_bytes_per_token, matmul_weight_params, prefill_step
 from subfit_fx.exporters.kv_cache import export_onnx_kv
@@ -50,8 +49,9 @@ parser.add_argument("--phase", choices=("all", "prepare", "measure"), default="a
 parser.add_argument("--quality", type=Path, default=RESULTS / "quality.json", help="quality results to join")
 parser.add_argument("--name", default="quality_speed", help="results file stem under docs/results")
 parser.add_argument("--recipes", type=Path, default=None,
-                    help="load a method's compressed model from DIR/<spec> where choice_paired.py --recipes saved "
-                         "one (same calibration), instead of compressing it again")
+                    help="load a method's compressed model from DIR/<spec> where an earlier run (this script, "
+                         "quality.py or choice_paired.py --recipes) saved one, same calibration, instead of "
+                         "compressing it again; new ones are saved there")
 
 
 def _slug(spec: str, sparsity: float) -> str:
@@ -71,12 +71,7 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
         info_path = work / f"{_slug(spec, args.sparsity)}.json"
         if info_path.is_file():
             continue
-        t = time.perf_counter()
-        c, compress_s = saved_compression(args.recipes, spec, model, args.sparsity), None
-        if c is None:
-            method, options = parse_spec(spec)
-            c = subfit_fx.compress(model, calib, args.sparsity, method, progress=False, **options)
-            compress_s = time.perf_counter() - t
+        c, compress_s = compressed(args.recipes, spec, model, calib, args.sparsity)
         onnx_path = work / f"{_slug(spec, args.sparsity)}.onnx"
         t = time.perf_counter()
         result = export_onnx_kv(c, onnx_path, force=True)
