@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
-from quality import calibration, compressed, parse_spec, recipe_dir, reference
+from quality import calibration, compressed, parse_spec, recipe_dir, reference, seconds
 
 import subfit_fx
 from subfit_fx.data import tokenize_text
@@ -83,7 +83,7 @@ def markdown(data: dict) -> str:
     for name, m in data["models"].items():
         acc = m["accuracy"]
         sparsity = f"{m['sparsity_actual']:.1%}" if "sparsity_actual" in m else "-"
-        compress = f"{m['compress_s']:.0f}" if m.get("compress_s") is not None else "-"
+        compress = seconds(m.get("compress_s"))
         shown = f"{name} (outcomes from {Path(m['from']).name})" if "from" in m else name
         lines.append(f"| {shown} | {acc:.3f} | {math.sqrt(acc * (1 - acc) / n):.3f} | "
                      f"{m['perplexity'] / dense['perplexity']:.3f} | "
