@@ -299,6 +299,43 @@ def width_verdicts(at: dict) -> list[str]:
     return out
 
 
+def paired_checks(rows: list[dict], split: str) -> list[str]:
+    """Continuation-choice pairs of choice_paired.py runs on the same split (docs/results/choice_paired*.json)
+    between models that are rows of this table - the same spec at the same target, with the same selection and
+    actual sparsity - so a choice verdict that turns on a few of 200 items can be read against many paired ones.
+    A pair that several files hold (outcomes reused by a later run) is cited from the run that scored both."""
+    at = {(r["method"], r["sparsity_target"]): r for r in rows}
+    found: dict[tuple, tuple[int, str]] = {}
+    for path in sorted(RESULTS.glob("choice_paired*.json")):
+        data = json.loads(path.read_text())
+        if data.get("split") != split:
+            continue
+        models = data["models"]
+
+        def same(spec: str, sparsity: float = data["sparsity"], models: dict = models) -> bool:
+            row, model = at.get((spec, sparsity)), models.get(spec, {})
+            return (row is not None and sorted(row["replaced"]) == sorted(model.get("replaced", []))
+                    and abs(row["sparsity_actual"] - model.get("sparsity_actual", -1.0)) < 1e-6)
+
+        for name, pair in data["pairs"].items():
+            a, b = name.split(" vs ")
+            if b == "dense" or not (same(a) and same(b)):
+                continue
+            key = (data["sparsity"], frozenset((a, b)))
+            reused = int("from" in models[a] or "from" in models[b])
+            low, high = pair["ci95"]
+            line = (f"- {100 * data['sparsity']:g} %, {data['items']} items ({path.stem}.md): {a} "
+                    f"{models[a]['accuracy']:.3f} vs {b} {models[b]['accuracy']:.3f}: {pair['difference']:+.3f} "
+                    f"[{low:+.3f}, {high:+.3f}], McNemar p = {pair['p_mcnemar']:.2g}.")
+            if key not in found or reused < found[key][0]:
+                found[key] = (reused, line)
+    if not found:
+        return []
+    lines = [line for _, (_, line) in sorted(found.items(), key=lambda kv: (kv[0][0], kv[1][1]))]
+    return ["Paired continuation-choice checks of these rows (benchmarks/choice_paired.py: the same models on more "
+            "items, one difference per pair with its 95 % interval):", "", *lines, ""]
+
+
 def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: dict) -> str:
     png = RESULTS / f"{args.name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -337,6 +374,7 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         "distribution on the calibration text, `--heal`) are the only ones that train weights; the verdicts "
         "compare the training-free default with training-free rows.", "",
         *verdicts(rows, dense), "",
+        *paired_checks(rows, args.split),
         "## Perplexity / dense (lower is better; best per column in bold)", "",
         *table(rows, dense, "perplexity", ".2f", "perplexity"), "",
         "## Next-token accuracy retention (accuracy / dense)", "",
