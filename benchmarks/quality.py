@@ -311,15 +311,13 @@ def paired_checks(rows: list[dict], split: str) -> list[str]:
         if data.get("split") != split:
             continue
         models = data["models"]
-
-        def same(spec: str, sparsity: float = data["sparsity"], models: dict = models) -> bool:
-            row, model = at.get((spec, sparsity)), models.get(spec, {})
-            return (row is not None and sorted(row["replaced"]) == sorted(model.get("replaced", []))
-                    and abs(row["sparsity_actual"] - model.get("sparsity_actual", -1.0)) < 1e-6)
-
+        rows_here = {spec for spec, model in models.items()  # this file's models that are rows of the table
+                     if (row := at.get((spec, data["sparsity"]))) is not None
+                     and sorted(row["replaced"]) == sorted(model.get("replaced", []))
+                     and abs(row["sparsity_actual"] - model.get("sparsity_actual", -1.0)) < 1e-6}
         for name, pair in data["pairs"].items():
             a, b = name.split(" vs ")
-            if b == "dense" or not (same(a) and same(b)):
+            if not {a, b} <= rows_here:
                 continue
             key = (data["sparsity"], frozenset((a, b)))
             reused = int("from" in models[a] or "from" in models[b])
