@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/subfit-fx demo
 
 test: $(STAMP)
-	$(PY) -m pytest -x -p no:cacheprovider -n 2
+	$(PY) -m pytest -x -p no:cacheprovider -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check subfit_fx tests examples benchmarks

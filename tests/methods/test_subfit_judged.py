@@ -37,7 +37,7 @@ def _divergence(model: torch.nn.Module, held: torch.Tensor, replacements: dict) 
     return judge()
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=st.sampled_from(["llama", "gpt2", "bert", "qwen2"]), sparsity=st.sampled_from([0.2, 0.3, 0.4]),
        seed=st.integers(0, 3))
 # found by this property: budget repair swapped in a fit judged in an early round although a later
