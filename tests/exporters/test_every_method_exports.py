@@ -12,7 +12,7 @@ from subfit_fx.zoo import tiny_model
 
 METHODS = ("auto", "subfit", "subfit-guarded", "shortgpt", "uidl", "replaceme", "llm-drop", "blockpruner")
 # The default on both architectures, every other method on one of them in turn (an export costs
-# seconds): each architecture still meets removed branches, fitted bypasses and replaced blocks.
+# seconds): each architecture still meets removed branches and fitted bypasses.
 CASES = [("auto", "gpt2")] + [(method, ("llama", "gpt2")[i % 2]) for i, method in enumerate(METHODS)]
 
 

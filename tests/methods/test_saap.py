@@ -134,10 +134,10 @@ def test_slimmed_model_exports_to_onnx_with_and_without_cache(tmp_path):
 
     On phi3, whose fused gate_up projection is slimmed in slices; a slimmed llama's KV-cache export
     is checked below, with pruned key/value groups (test_heads_prune_whole_key_value_groups...)."""
-    arch = "phi3"
     from subfit_fx.exporters.kv_cache import export_onnx_kv
     from subfit_fx.exporters.onnx_export import export_onnx
 
+    arch = "phi3"
     c = subfit_fx.compress(_model(arch), _calib(), 0.2, method="saap", block=16, progress=False)
     plain = export_onnx(c, tmp_path / "plain.onnx")
     cached = export_onnx_kv(c, tmp_path / "kv.onnx")
