@@ -137,12 +137,11 @@ def test_slimmed_model_exports_to_onnx_with_and_without_cache(tmp_path):
     from subfit_fx.exporters.kv_cache import export_onnx_kv
     from subfit_fx.exporters.onnx_export import export_onnx
 
-    arch = "phi3"
-    c = subfit_fx.compress(_model(arch), _calib(), 0.2, method="saap", block=16, progress=False)
+    c = subfit_fx.compress(_model("phi3"), _calib(), 0.2, method="saap", block=16, progress=False)
     plain = export_onnx(c, tmp_path / "plain.onnx")
     cached = export_onnx_kv(c, tmp_path / "kv.onnx")
     assert plain.parity is not None and cached.parity is not None
-    dense = export_onnx(_model(arch), tmp_path / "dense.onnx", validate=False)
+    dense = export_onnx(_model("phi3"), tmp_path / "dense.onnx", validate=False)
     assert plain.bytes < dense.bytes
 
 
