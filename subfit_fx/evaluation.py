@@ -238,16 +238,19 @@ def _choices_correct(module: Module, tokenizer: Any, items: list[ChoiceItem], ma
 
 
 def choice_correctness(module: Module, tokenizer: Any, text: str, n_items: int = 100, seed: int = 0, *,
-                       max_len: int | None = None, items_per_batch: int = 8, progress: bool = True) -> list[bool]:
+                       max_len: int | None = None, items_per_batch: int = 8, first: int | None = None,
+                       progress: bool = True) -> list[bool]:
     """Per-item outcomes of the continuation-choice task (`continuation_choice` is their mean), in
     the order of `choice_items(text, n_items, seed)`: what a paired comparison of two models on the
-    same items needs (McNemar's test counts the items only one of them gets right).
+    same items needs (McNemar's test counts the items only one of them gets right). `first` scores
+    only the first items of that list (a spot check of outcomes kept from an earlier run: the
+    items of a smaller `n_items` are other items).
 
     Example:
         >>> choice_correctness(module, tokenizer, text, n_items=3, seed=0)  # doctest: +SKIP
         [True, False, True]
     """
-    items = choice_items(text, n_items, seed)
+    items = choice_items(text, n_items, seed)[:first]
     if not items:  # every passage lacked distinct distractors (a text of repeated sentences), or n_items 0
         raise InputError("the evaluation text yields no continuation-choice items (its sentences repeat, or "
                          "no items were asked for); use a text with varied sentences")

@@ -142,6 +142,8 @@ def test_choice_correctness_is_per_item_in_item_order():
     assert outcomes == [item.answer == 0 for item in choice_items(text, 6, 0)]
     assert sum(outcomes) / len(outcomes) == continuation_choice(uniform, tok, text, n_items=6, seed=0,
                                                                 progress=False)
+    # `first` is a prefix of the same items, not the items of a smaller n_items
+    assert choice_correctness(uniform, tok, text, n_items=6, seed=0, first=2, progress=False) == outcomes[:2]
 
 
 def test_continuation_choice_deterministic_in_unit_interval(llama_module):
