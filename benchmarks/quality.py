@@ -154,6 +154,7 @@ def compressed(root: Path | None, spec: str, model: Any, calib: list, sparsity: 
     where = recipe_dir(root, spec)
     if where is not None:
         seeded = {f.name: f.read_bytes() for f in where.glob("choice-*")} if where.is_dir() else {}
+        where.parent.mkdir(parents=True, exist_ok=True)  # a new --recipes root (save makes only the last level)
         c.save(where, force=True)
         for name, data in seeded.items():
             (where / name).write_bytes(data)
