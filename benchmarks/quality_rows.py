@@ -6,6 +6,9 @@ recomputed; each row keeps the command that produced it.
 
     python benchmarks/quality_rows.py --rename subfit=subfit:spans=0 --take /tmp/run/quality.json:subfit \
         --sparsities 0.25 0.1875
+
+--rename-at S [S ...] renames only the rows at those target sparsities (a default that changed at
+some sparsities only).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="quality", help="results file stem under docs/results")
     parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="rename a method's rows")
+    parser.add_argument("--rename-at", nargs="+", type=float, default=None,
+                        help="--rename only the rows at these target sparsities (default: all)")
     parser.add_argument("--take", action="append", default=[], metavar="FILE:METHOD",
                         help="rows of METHOD from another results file (same dense reference), replacing ours")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None,
@@ -36,7 +41,8 @@ def main() -> None:
         old, new = spec.split("=", 1)
         if any(r["method"] == new for r in rows):
             sys.exit(f"rows of {new!r} exist already; rename them first")
-        rows = [dict(r, method=new) if r["method"] == old else r for r in rows]
+        rows = [dict(r, method=new) if r["method"] == old and (args.rename_at is None or r["sparsity_target"]
+                                                                in args.rename_at) else r for r in rows]
     for spec in args.take:
         # the method spec may hold colons itself (hybrid:replace=False): split after the .json
         file, sep, method = spec.partition(".json:")
