@@ -356,7 +356,8 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         "Each cell: value (actual sparsity, %). `auto` is the default method with default options (on this model "
         "it runs `saap`, whose channel blocks are shared out across layers by their damage in the output's "
         "metric since session 23, and whose knapsack prices whole key/value groups of attention too since "
-        "session 25, docs/width.md; `auto (before session 25)` and `saap:heads=False` are the FFN-only runs of "
+        "session 25, docs/width.md, only above 25 % sparsity since session 35: `auto (sessions 25-34)` are the "
+        "rows with groups at 12.5-25 %; `auto (before session 25)` and `saap:heads=False` are the FFN-only runs of "
         "sessions 23-24; `auto (before session 23)` ran saap with z-scores below 30 % "
         "(`saap:allocation=zscore`) and the output judge's allocation from 30 % (`hybrid:replace=False`); "
         "`saap` rows are auto's runs where auto ran saap with its defaults, the same recipe; where a row's "
@@ -369,7 +370,7 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         "(quality_findings.md). The baselines of the SubFit "
         f"targets are METHOD.md's ({', '.join(BASELINES)}); `saap`, `flap` and `hybrid` are the width-pruning "
         "policies of docs/width.md, with their own targets (issue 18). Rows with `heal=N` (`auto:heal=2`: the "
-        "default's recipe, then N epochs of training its tensors against the dense model's next-token "
+        "default's recipe (at 25 %, the one of sessions 25-34), then N epochs of training its tensors against the dense model's next-token "
         "distribution on the calibration text, `--heal`) are the only ones that train weights; the verdicts "
         "compare the training-free default with training-free rows.", "",
         *verdicts(rows, dense), "",

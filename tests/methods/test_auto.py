@@ -14,6 +14,7 @@ import subfit_fx
 from subfit_fx.cli import main
 from subfit_fx.errors import InputError
 from subfit_fx.methods import DEFAULT_METHOD
+from subfit_fx.methods.auto import HEADS_ABOVE
 from subfit_fx.selection import BUDGET_TOLERANCE
 from subfit_fx.zoo import tiny_model
 
@@ -39,9 +40,25 @@ def test_auto_prunes_width_where_the_ffn_channels_are_exposed(arch, target):
     assert c.recipe.options["allocation"] == "output"
     assert {r.action for r in c.recipe.replacements} == {"slim"}
     assert abs(c.report.sparsity_actual - target) <= BUDGET_TOLERANCE
-    # the same recipe as naming the method (same calibration, defaults)
-    named = subfit_fx.compress(tiny_model(arch, layers=4), _calib(), target, "saap", progress=False)
+    # the same recipe as naming the method (same calibration, defaults; attention whole up to HEADS_ABOVE)
+    whole = {"heads": False} if target <= HEADS_ABOVE else {}
+    named = subfit_fx.compress(tiny_model(arch, layers=4), _calib(), target, "saap", progress=False, **whole)
     assert _kept(c) == _kept(named)
+
+
+def test_auto_prices_key_value_groups_only_above_heads_above():
+    """Up to HEADS_ABOVE auto keeps attention whole, though the knapsack would take key/value
+    groups of this model there (as it does above)."""
+    def kinds(c) -> set[str]:
+        return {r.info["kind"] for r in c.recipe.replacements}
+
+    low = subfit_fx.compress(tiny_model("bert", layers=4), _calib(), HEADS_ABOVE, progress=False)
+    assert kinds(low) == {"ffn"} and low.recipe.options["heads"] is False
+    assert "attention stays whole up to 25% sparsity" in _auto_note(low)
+    priced = subfit_fx.compress(tiny_model("bert", layers=4), _calib(), HEADS_ABOVE, "saap", progress=False)
+    assert "attention" in kinds(priced)
+    high = subfit_fx.compress(tiny_model("bert", layers=4), _calib(), 0.33, progress=False)
+    assert "attention" in kinds(high) and "key/value groups" in _auto_note(high)
 
 
 def _kept(c) -> list:
