@@ -370,9 +370,9 @@ def write(args: argparse.Namespace, model_dir: Path, rows: list[dict], dense: di
         "(quality_findings.md). The baselines of the SubFit "
         f"targets are METHOD.md's ({', '.join(BASELINES)}); `saap`, `flap` and `hybrid` are the width-pruning "
         "policies of docs/width.md, with their own targets (issue 18). Rows with `heal=N` (`auto:heal=2`: the "
-        "default's recipe (at 25 %, the one of sessions 25-34), then N epochs of training its tensors against the dense model's next-token "
-        "distribution on the calibration text, `--heal`) are the only ones that train weights; the verdicts "
-        "compare the training-free default with training-free rows.", "",
+        "default's recipe (at 25 %, the one of sessions 25-34), then N epochs of training its tensors against "
+        "the dense model's next-token distribution on the calibration text, `--heal`) are the only ones that "
+        "train weights; the verdicts compare the training-free default with training-free rows.", "",
         *verdicts(rows, dense), "",
         *paired_checks(rows, args.split),
         "## Perplexity / dense (lower is better; best per column in bold)", "",
