@@ -98,9 +98,9 @@ def auto(ctx: PolicyContext) -> Recipe:
                          f"short of the {ctx.target:.2%} target; ran hybrid (width pruning and branch "
                          "replacement)")
         return _ran(hybrid(dataclasses.replace(ctx, options=HybridOptions())))
-    units = ("FFN channel blocks and key/value groups" if len(sites) > len(ffn) else
-             f"FFN channel blocks; attention stays whole up to {HEADS_ABOVE:.0%} sparsity" if opts.heads is False
-             else "FFN channel blocks")
+    units = "FFN channel blocks" + (" and key/value groups" if len(sites) > len(ffn) else "")
+    if opts.heads is False:
+        units += f"; attention stays whole up to {HEADS_ABOVE:.0%} sparsity"
     ctx.notes.append(f"auto: ran saap (width pruning of {units}, allocated across layers by the output's "
                      "sensitivity)")
     return _ran(recipe)
